@@ -1,0 +1,27 @@
+"""Quantize a model to bitsandbytes 4-bit or 8-bit inside a Lightning Trainer, ready for LoRA."""
+
+from .config import QuantizationConfig
+from .quantize import QuantizationError, quantize_model
+from .replace import (
+    replace_8bit_linear,
+    replace_with_bnb_linear,
+    set_module_8bit_tensor_to_device,
+    set_module_quantized_tensor_to_device,
+)
+from .report import ModuleReport, QuantizationReport
+from .skip import get_keys_to_not_convert
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QuantizationConfig",
+    "QuantizationError",
+    "QuantizationReport",
+    "ModuleReport",
+    "get_keys_to_not_convert",
+    "quantize_model",
+    "replace_with_bnb_linear",
+    "set_module_quantized_tensor_to_device",
+    "replace_8bit_linear",
+    "set_module_8bit_tensor_to_device",
+]

@@ -1,0 +1,92 @@
+"""The one place that imports bitsandbytes and knows its layer and parameter types."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from types import ModuleType
+
+import torch
+from torch import nn
+
+MIN_BITSANDBYTES = "0.45"
+
+
+def require_bitsandbytes() -> ModuleType:
+    """Import bitsandbytes, or say how to install it."""
+    try:
+        return importlib.import_module("bitsandbytes")
+    except ImportError as error:
+        raise ImportError(
+            f"bnb_lightning needs bitsandbytes>={MIN_BITSANDBYTES} to quantize, but it could not be imported "
+            f"({error}). Install it with `pip install 'bitsandbytes>={MIN_BITSANDBYTES}'`."
+        ) from error
+
+
+def check_device_supported(device: torch.device | str) -> torch.device:
+    """Fail early when bitsandbytes has no kernels for ``device``."""
+    device = torch.device(device)
+    bnb = require_bitsandbytes()
+    supported = set(getattr(bnb, "supported_torch_devices", {"cpu", "cuda"}))
+    if device.type == "meta":
+        raise ValueError(
+            "cannot quantize onto the meta device: quantization needs real weights. Pass device='cuda' or "
+            "'cpu', or use replace_with_bnb_linear() to build empty layers for loading a checkpoint."
+        )
+    if device.type not in supported:
+        raise RuntimeError(
+            f"bitsandbytes {getattr(bnb, '__version__', '?')} has no backend for device '{device.type}'; "
+            f"quantize on one of {sorted(supported)}, or install a bitsandbytes build with {device.type} support."
+        )
+    return device
+
+
+def conv1d_class() -> type | None:
+    """transformers' ``Conv1D`` if transformers is already loaded (a model using it implies it is)."""
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    return getattr(pytorch_utils, "Conv1D", None)
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """``nn.Linear`` itself (not a subclass with its own forward) or transformers' ``Conv1D``."""
+    conv1d = conv1d_class()
+    return type(module) is nn.Linear or (conv1d is not None and type(module) is conv1d)
+
+
+def is_bnb_linear(module: nn.Module) -> bool:
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+def is_quantized_parameter(parameter: torch.Tensor) -> bool:
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
+        return False
+    if isinstance(parameter, bnb.nn.Params4bit):
+        return bool(parameter.bnb_quantized)
+    return isinstance(parameter, bnb.nn.Int8Params) and parameter.dtype == torch.int8
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an ``nn.Linear`` or a ``Conv1D`` (whose weight is transposed)."""
+    if type(module) is not nn.Linear and module.__class__.__name__ == "Conv1D":
+        in_features, out_features = module.weight.shape
+        return in_features, out_features
+    return module.in_features, module.out_features
+
+
+def module_nbytes(module: nn.Module) -> int:
+    """Bytes a linear layer holds: weight and bias, plus the quantization statistics of a bnb layer."""
+    total = sum(t.data.nbytes for t in (module.weight, getattr(module, "bias", None)) if t is not None)
+    quant_state = getattr(module.weight, "quant_state", None)
+    if quant_state is not None:
+        total += sum(
+            v.nbytes for v in quant_state.as_dict(packed=False).values() if isinstance(v, torch.Tensor)
+        )
+    # LLM.int8 keeps its row scales on the weight until the first forward, on the layer's state after.
+    scb = getattr(module.weight, "SCB", None)
+    if scb is None and hasattr(module, "state"):
+        scb = getattr(module.state, "SCB", None)
+    if isinstance(scb, torch.Tensor):
+        total += scb.nbytes
+    return total

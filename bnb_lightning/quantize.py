@@ -1,0 +1,274 @@
+"""`quantize_model`: quantize a model that is already in memory, layer by layer, onto a device."""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backend import (
+    check_device_supported,
+    conv1d_class,
+    is_bnb_linear,
+    is_plain_linear,
+    is_quantized_parameter,
+    linear_shape,
+    module_nbytes,
+    require_bitsandbytes,
+)
+from .config import QuantizationConfig
+from .replace import as_quantization_config, new_bnb_linear
+from .report import ALREADY_QUANTIZED, CONVERTED, SKIPPED, ModuleReport, QuantizationReport
+from .skip import KEEP_IN_FP32, NOT_TARGETED, USER_SKIP, default_skips, keep_in_fp32_patterns, matches_any
+
+# Set on each layer this package creates, so a second call knows the layer is its own.
+_OWN_LAYER = "_bnb_lightning_quantized"
+
+
+class QuantizationError(RuntimeError):
+    """Quantizing one layer failed; the message says what state the model was left in."""
+
+
+def plan(model: nn.Module, config: QuantizationConfig) -> dict[str, str | None]:
+    """For every linear layer: ``None`` to convert it, or the reason to keep it in full precision."""
+    skips: dict[str, str] = {} if config.replace_default_skips else default_skips(model)
+    fp32_patterns = keep_in_fp32_patterns(model)
+    decisions: dict[str, str | None] = {}
+    for name, module in model.named_modules():
+        if not name or not is_plain_linear(module):
+            continue
+        reason = next((why for skipped, why in skips.items() if _selects(skipped, name)), None)
+        if reason is None and matches_any(name, config.skip_modules):
+            reason = USER_SKIP
+        if reason is None and matches_any(name, fp32_patterns):
+            reason = KEEP_IN_FP32
+        if (
+            reason is None
+            and config.target_modules is not None
+            and not matches_any(name, config.target_modules)
+        ):
+            reason = NOT_TARGETED
+        decisions[name] = reason
+    return decisions
+
+
+def _selects(skipped_name: str, name: str) -> bool:
+    return name == skipped_name or name.startswith(skipped_name + ".")
+
+
+def _warn_unmatched_patterns(model: nn.Module, config: QuantizationConfig) -> None:
+    names = [name for name, _ in model.named_modules() if name]
+    for field_name, patterns in (
+        ("skip_modules", config.skip_modules),
+        ("target_modules", config.target_modules),
+    ):
+        for pattern in patterns or ():
+            if not any(matches_any(name, [pattern]) for name in names):
+                warnings.warn(
+                    f"{field_name} pattern {pattern!r} matches no module of {type(model).__name__}; "
+                    f"it has no effect. Module names look like {names[:3]}; check the spelling.",
+                    stacklevel=3,
+                )
+
+
+def estimated_nbytes(module: nn.Module, config: QuantizationConfig) -> int:
+    """Bytes ``module`` will take once quantized with ``config`` (weight, statistics, bias)."""
+    in_features, out_features = linear_shape(module)
+    count = in_features * out_features
+    bias = module.bias.nbytes if getattr(module, "bias", None) is not None else 0
+    if config.bits == 8:
+        return count + out_features * 4 + bias
+    blocks = math.ceil(count / 64)
+    quant_map = 16 * 4
+    if config.double_quant:
+        statistics = blocks + math.ceil(blocks / 256) * 4 + 256 * 4 + quant_map
+    else:
+        statistics = blocks * 4 + quant_map
+    return (count + 1) // 2 + statistics + bias
+
+
+def _quantized_weight(module: nn.Module, layer: nn.Module, config: QuantizationConfig, device: torch.device):
+    bnb = require_bitsandbytes()
+    weight = module.weight.detach()
+    if type(module) is conv1d_class():
+        weight = weight.T
+    if config.bits == 4:
+        return bnb.nn.Params4bit(
+            weight,
+            requires_grad=False,
+            blocksize=layer.weight.blocksize,
+            compress_statistics=config.double_quant,
+            quant_type=config.quant_type,
+            quant_storage=config.quant_storage,
+            module=layer,
+        ).to(device)
+    if config.has_fp16_weights:
+        return bnb.nn.Int8Params(weight.to(device), requires_grad=False, has_fp16_weights=True)
+    # Int8Params.to() only quantizes weights coming from the CPU; _quantize is the same step for any device.
+    return bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)._quantize(device)
+
+
+def _convert(module: nn.Module, config: QuantizationConfig, device: torch.device) -> nn.Module:
+    weight_dtype = module.weight.dtype
+    compute_dtype = config.compute_dtype or (weight_dtype if weight_dtype.is_floating_point else None)
+    layer = new_bnb_linear(module, config, compute_dtype)
+    layer.weight = _quantized_weight(module, layer, config, device)
+    if module.bias is not None:
+        layer.bias = nn.Parameter(module.bias.detach().to(device), requires_grad=False)
+    setattr(layer, _OWN_LAYER, True)
+    return layer
+
+
+def _move_rest(model: nn.Module, device: torch.device) -> None:
+    """Move parameters and buffers that stay in full precision, keeping their objects (ties survive)."""
+    for parameter in model.parameters():
+        if not is_quantized_parameter(parameter) and parameter.device != device:
+            parameter.data = parameter.data.to(device)
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.device != device:
+                module._buffers[name] = buffer.to(device)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for parameter in model.parameters():
+        if parameter.device.type != "meta":
+            return parameter.device
+    return torch.device("cpu")
+
+
+def quantize_model(
+    model: nn.Module,
+    config: QuantizationConfig | Any = None,
+    device: torch.device | str | int | None = None,
+    *,
+    dry_run: bool = False,
+) -> QuantizationReport:
+    """Quantize the linear layers of ``model`` in place, one layer at a time, onto ``device``.
+
+    Each layer's full-precision weight is moved to ``device``, quantized there and dropped before
+    the next layer, so the device never holds the full-precision model: its peak is the quantized
+    model plus one layer. Modules kept in full precision (tied weights, output embeddings, last
+    module, ``skip_modules``) keep their very tensor objects, so ties survive. Quantized weights are
+    frozen. A second call changes nothing. A model quantized by someone else (for example
+    transformers' ``from_pretrained(quantization_config=...)``) is left alone, with a warning.
+
+    Args:
+        model: any ``nn.Module`` with its weights in memory (not on the meta device).
+        config: a :class:`QuantizationConfig`, a transformers ``BitsAndBytesConfig``, or a dict
+            of either. Default: NF4 with double quantization.
+        device: where the quantized model lives; ``None`` keeps each weight on its current device.
+        dry_run: only report what would happen; the model is not touched.
+
+    Returns:
+        A :class:`QuantizationReport`: each layer converted or skipped and why, bytes before and
+        after, seconds.
+
+    Raises:
+        QuantizationError: a layer failed to quantize. If the original weights were not on the
+            accelerator, the model is restored; otherwise the message lists the converted layers.
+
+    Example::
+
+        report = quantize_model(model, QuantizationConfig(bits=4, compute_dtype="bf16"), device="cuda")
+        print(report)
+    """
+    config = as_quantization_config(config)
+    target = check_device_supported(_model_device(model) if device is None else _as_device(device))
+    report = QuantizationReport(
+        bits=config.bits,
+        quant_type=config.quant_type if config.bits == 4 else None,
+        device=str(target),
+        dry_run=dry_run,
+    )
+    layers = dict(model.named_modules())
+    bnb_layers = {name: layer for name, layer in layers.items() if is_bnb_linear(layer)}
+    foreign = [name for name, layer in bnb_layers.items() if not getattr(layer, _OWN_LAYER, False)]
+    for name, layer in bnb_layers.items():
+        size = module_nbytes(layer)
+        report.modules.append(ModuleReport(name, type(layer).__name__, ALREADY_QUANTIZED, "", size, size))
+    if foreign:
+        warnings.warn(
+            f"{type(model).__name__} is already quantized by bitsandbytes outside bnb_lightning "
+            f"({len(foreign)} layers, e.g. {foreign[0]!r}; typically from_pretrained(quantization_config=...)). "
+            "bnb_lightning leaves it as it is. To let bnb_lightning quantize it, load the model without "
+            "quantization_config.",
+            stacklevel=2,
+        )
+        return report
+
+    decisions = plan(model, config)
+    _warn_unmatched_patterns(model, config)
+    if not decisions and not bnb_layers:
+        warnings.warn(
+            f"{type(model).__name__} has no nn.Linear or Conv1D layer, so nothing was quantized. "
+            "bnb_lightning quantizes linear layers only; check that the model is built before quantization.",
+            stacklevel=2,
+        )
+    to_convert = [name for name, reason in decisions.items() if reason is None]
+    on_meta = [name for name in to_convert if layers[name].weight.device.type == "meta"]
+    if on_meta:
+        raise ValueError(
+            f"{len(on_meta)} layers have no weights yet (meta device), e.g. {on_meta[0]!r}. quantize_model needs "
+            "the weights in memory: load them first, or use replace_with_bnb_linear() with "
+            "set_module_quantized_tensor_to_device() to fill empty layers from a checkpoint."
+        )
+
+    start = time.perf_counter()
+    replaced: list[tuple[str, nn.Module]] = []
+    for name, reason in decisions.items():
+        original = layers[name]
+        before = module_nbytes(original)
+        if reason is not None:
+            report.modules.append(
+                ModuleReport(name, type(original).__name__, SKIPPED, reason, before, before)
+            )
+            continue
+        if dry_run:
+            after = estimated_nbytes(original, config)
+        else:
+            try:
+                layer = _convert(original, config, target)
+            except Exception as error:
+                _rollback_or_explain(model, replaced, name, error, target)
+            model.set_submodule(name, layer)
+            # Keeping the original lets a failure restore the model; on the accelerator that would
+            # hold the full-precision model there, so it is dropped and a failure says what changed.
+            keep = original.weight.device.type == "cpu" or original.weight.device != target
+            replaced.append((name, original if keep else None))
+            after = module_nbytes(layer)
+        report.modules.append(ModuleReport(name, type(original).__name__, CONVERTED, "", before, after))
+    if not dry_run:
+        if device is not None:
+            _move_rest(model, target)
+        report.seconds = time.perf_counter() - start
+    return report
+
+
+def _rollback_or_explain(
+    model: nn.Module,
+    replaced: list[tuple[str, nn.Module | None]],
+    failed: str,
+    error: Exception,
+    device: torch.device,
+) -> None:
+    if all(original is not None for _, original in replaced):
+        for name, original in reversed(replaced):
+            model.set_submodule(name, original)
+        raise QuantizationError(
+            f"quantizing {failed!r} onto {device} failed: {error}. The model was restored to its original, "
+            "unquantized state; fix the cause (see above) and call quantize_model again."
+        ) from error
+    converted = [name for name, _ in replaced]
+    raise QuantizationError(
+        f"quantizing {failed!r} onto {device} failed: {error}. {len(converted)} layers were already converted "
+        f"and their full-precision weights freed: {converted}. Reload the model before trying again."
+    ) from error
+
+
+def _as_device(device: torch.device | str | int) -> torch.device:
+    return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
