@@ -68,26 +68,37 @@ class QuantizationReport:
             line += f" in {self.seconds:.2f} s"
         return line
 
-    def __str__(self) -> str:
-        header = ("module", "type", "action", "reason", "before", "after")
+    def compact(self) -> str:
+        """The table grouped by what happened and why: a few lines even for hundreds of layers."""
+        groups: dict[tuple[str, str, str], list[ModuleReport]] = {}
+        for m in self.modules:
+            groups.setdefault((m.action, m.reason, m.layer_type), []).append(m)
         rows = [
-            (
-                m.name,
-                m.layer_type,
-                m.action,
-                m.reason,
-                _format_bytes(m.bytes_before),
-                _format_bytes(m.bytes_after),
-            )
-            for m in self.modules
+            (action, reason, layer_type, str(len(members)), *_sizes(members))
+            for (action, reason, layer_type), members in groups.items()
         ]
-        widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
-        lines = [
-            "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-            for row in [header, *rows]
-        ]
-        lines.insert(1, "  ".join("-" * width for width in widths))
-        return "\n".join([*lines, self.summary()])
+        return _table(("action", "reason", "type", "layers", "before", "after"), rows, self.summary())
+
+    def __str__(self) -> str:
+        rows = [(m.name, m.layer_type, m.action, m.reason, *_sizes([m])) for m in self.modules]
+        return _table(("module", "type", "action", "reason", "before", "after"), rows, self.summary())
+
+
+def _sizes(members: list[ModuleReport]) -> tuple[str, str]:
+    return (
+        _format_bytes(sum(m.bytes_before for m in members)),
+        _format_bytes(sum(m.bytes_after for m in members)),
+    )
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], footer: str) -> str:
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join([*lines, footer])
 
 
 def _format_bytes(count: int) -> str:
