@@ -1,6 +1,8 @@
 """Quantize a model to bitsandbytes 4-bit or 8-bit inside a Lightning Trainer, ready for LoRA."""
 
+from .callback import BnbQuantization
 from .config import QuantizationConfig
+from .prepare import count_parameters, inject_adapters, prepare_for_kbit_training
 from .quantize import QuantizationError, quantize_model
 from .replace import (
     replace_8bit_linear,
@@ -14,6 +16,10 @@ from .skip import get_keys_to_not_convert
 __version__ = "0.1.0"
 
 __all__ = [
+    "BnbQuantization",
+    "count_parameters",
+    "inject_adapters",
+    "prepare_for_kbit_training",
     "QuantizationConfig",
     "QuantizationError",
     "QuantizationReport",

@@ -1,0 +1,167 @@
+"""`BnbQuantization`: the Lightning callback that quantizes the model during ``setup``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
+
+from .backend import check_device_supported, is_bnb_linear, is_plain_linear
+from .config import QuantizationConfig, compute_dtype_for_precision
+from .prepare import count_parameters, inject_adapters, prepare_for_kbit_training
+from .quantize import quantize_model
+from .replace import as_quantization_config
+from .report import QuantizationReport
+
+_SUPPORTED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
+_REFUSED_PRECISION_PLUGINS = {
+    "BitsandbytesPrecision": "it quantizes every linear layer itself (the lm_head too); remove the plugin "
+    "and let BnbQuantization do the quantization",
+    "TransformerEnginePrecision": "it replaces linear layers with Transformer Engine layers; use "
+    "precision='bf16-true' or 'bf16-mixed' instead",
+    "DoublePrecision": "bitsandbytes does not quantize float64 weights; use precision='32-true', "
+    "'bf16-true' or 'bf16-mixed'",
+}
+
+
+class BnbQuantization(Callback):
+    r"""Quantize the LightningModule's linear layers with bitsandbytes when the Trainer sets up.
+
+    The model is quantized once, on ``trainer.strategy.root_device``, layer by layer, before the
+    strategy moves it or builds optimizers. If the module builds its model in ``setup`` or
+    ``configure_model``, quantization happens right after that. The lm_head, output embeddings and
+    tied weights stay in full precision. With ``peft_config``, adapters are injected afterwards and
+    only they train.
+
+    Args:
+        config: a :class:`~bnb_lightning.QuantizationConfig` (or a dict of its fields, or a
+            transformers ``BitsAndBytesConfig``). Default: NF4 with double quantization, compute
+            dtype from the Trainer's precision.
+        peft_config: a PEFT config, e.g. ``peft.LoraConfig(r=16, target_modules="all-linear")``.
+        gradient_checkpointing: ``True``/``False`` turns checkpointing of the transformers model on
+            or off (always non-reentrant); ``None`` keeps the model's own setting.
+        upcast_to_float32: cast full-precision half parameters (norms, embeddings) to float32 like
+            PEFT's ``prepare_model_for_kbit_training``. Off by default: it costs speed and memory.
+
+    Example::
+
+        trainer = Trainer(
+            precision="bf16-true",
+            callbacks=[BnbQuantization(peft_config=LoraConfig(r=16, target_modules="all-linear"))],
+        )
+    """
+
+    def __init__(
+        self,
+        config: QuantizationConfig | dict[str, Any] | None = None,
+        peft_config: Any = None,
+        gradient_checkpointing: bool | None = None,
+        upcast_to_float32: bool = False,
+    ) -> None:
+        self.config = as_quantization_config(config)
+        if peft_config is not None and not _is_peft_config(peft_config):
+            raise TypeError(
+                f"peft_config must be a PEFT config such as peft.LoraConfig(...), got {type(peft_config).__name__}."
+            )
+        if gradient_checkpointing not in (None, True, False):
+            raise TypeError(
+                f"gradient_checkpointing must be True, False or None, got {gradient_checkpointing!r}."
+            )
+        if not isinstance(upcast_to_float32, bool):
+            raise TypeError(f"upcast_to_float32 must be True or False, got {upcast_to_float32!r}.")
+        self.peft_config = peft_config
+        self.gradient_checkpointing = gradient_checkpointing
+        self.upcast_to_float32 = upcast_to_float32
+        self.report: QuantizationReport | None = None
+        self._done = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._done:
+            return
+        config = self._config_for(trainer)
+        if _has_linear_layers(pl_module):
+            self._quantize(trainer, pl_module, config)
+            return
+        # The model does not exist yet: Lightning calls this hook before the module's own `setup`
+        # and `configure_model`. Wrap this instance's `configure_model` (not the class) so the
+        # model is quantized right after it is built; the wrapper removes itself when it runs.
+        original = pl_module.configure_model
+
+        def configure_model_then_quantize() -> None:
+            del pl_module.configure_model
+            original()
+            if not self._done:
+                self._quantize(trainer, pl_module, config)
+
+        pl_module.configure_model = configure_model_then_quantize
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # precision='16-true' casts everything, adapters included, to float16, where Adam's update
+        # underflows to NaN. Trainable parameters go back to float32 (PEFT's choice too); the
+        # optimizer holds the same Parameter objects and has no state yet, so this is safe here.
+        if str(trainer.precision) == "16-true":
+            for parameter in pl_module.parameters():
+                if parameter.requires_grad and parameter.dtype == torch.float16:
+                    parameter.data = parameter.data.float()
+
+    def _config_for(self, trainer: pl.Trainer) -> QuantizationConfig:
+        plugin = type(trainer.precision_plugin).__name__
+        if plugin in _REFUSED_PRECISION_PLUGINS:
+            raise RuntimeError(
+                f"BnbQuantization cannot work with the {plugin} precision plugin: "
+                f"{_REFUSED_PRECISION_PLUGINS[plugin]}."
+            )
+        strategy = type(trainer.strategy).__name__
+        if strategy not in _SUPPORTED_STRATEGIES:
+            raise RuntimeError(
+                f"BnbQuantization does not support strategy {strategy} yet; it supports a single device and "
+                "DDP. Use Trainer(strategy='auto') on one device or strategy='ddp' on several."
+            )
+        check_device_supported(trainer.strategy.root_device)
+        config = self.config
+        precision_dtype = compute_dtype_for_precision(trainer.precision)
+        storage = config.quant_storage
+        if config.bits == 4 and storage.is_floating_point and "true" in str(trainer.precision):
+            if storage != (precision_dtype or storage):
+                raise ValueError(
+                    f"quant_storage={storage} would be cast to {precision_dtype} by precision "
+                    f"'{trainer.precision}', corrupting the packed 4-bit weights. Use quant_storage='uint8' "
+                    "or a quant_storage equal to the precision's dtype."
+                )
+        if config.compute_dtype is None and precision_dtype is not None:
+            config = config.replace(compute_dtype=precision_dtype)
+        return config
+
+    def _quantize(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, config: QuantizationConfig
+    ) -> None:
+        self.report = quantize_model(pl_module, config, device=trainer.strategy.root_device)
+        self._done = True
+        rank_zero_info(self.report.compact())
+        checkpointing = prepare_for_kbit_training(
+            pl_module,
+            gradient_checkpointing=self.gradient_checkpointing,
+            upcast_to_float32=self.upcast_to_float32,
+        )
+        if self.peft_config is not None:
+            inject_adapters(pl_module, self.peft_config)
+            # Adapters are created on the CPU; the strategy moves them with the rest of the module.
+        if checkpointing:
+            rank_zero_info("bnb_lightning: gradient checkpointing is on (non-reentrant).")
+        rank_zero_info(f"bnb_lightning: {count_parameters(pl_module)}")
+
+
+def _has_linear_layers(module: nn.Module) -> bool:
+    return any(is_plain_linear(m) or is_bnb_linear(m) for m in module.modules())
+
+
+def _is_peft_config(value: Any) -> bool:
+    try:
+        from peft import PeftConfig
+    except ImportError:
+        return False
+    return isinstance(value, PeftConfig)

@@ -1,0 +1,125 @@
+"""Lean preparation of a quantized model for adapter training, and adapter injection.
+
+Unlike PEFT's ``prepare_model_for_kbit_training``, nothing is upcast to float32 by default:
+norms and embeddings stay in the model's dtype, which keeps training at half-precision speed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backend import is_quantized_parameter
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    trainable: int
+    total: int
+
+    def __str__(self) -> str:
+        share = 100 * self.trainable / self.total if self.total else 0.0
+        return f"trainable parameters: {self.trainable:,} of {self.total:,} ({share:.4f}%)"
+
+
+def _logical_numel(parameter: torch.Tensor) -> int:
+    # A packed 4-bit weight holds two values per byte; count the weights it stands for.
+    quant_state = getattr(parameter, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        return math.prod(quant_state.shape)
+    return parameter.numel()
+
+
+def count_parameters(model: nn.Module) -> ParameterCount:
+    """Trainable and total parameters, counting each quantized weight by its unpacked size."""
+    parameters = list(model.parameters())
+    return ParameterCount(
+        trainable=sum(_logical_numel(p) for p in parameters if p.requires_grad),
+        total=sum(_logical_numel(p) for p in parameters),
+    )
+
+
+def transformers_models(model: nn.Module) -> list[nn.Module]:
+    """The outermost transformers ``PreTrainedModel`` instances inside ``model`` (or ``model`` itself)."""
+    found: list[nn.Module] = []
+    prefixes: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in prefixes):
+            continue
+        if hasattr(module, "gradient_checkpointing_enable") and hasattr(module, "enable_input_require_grads"):
+            found.append(module)
+            prefixes.append(f"{name}." if name else "")
+    return found
+
+
+def prepare_for_kbit_training(
+    model: nn.Module,
+    gradient_checkpointing: bool | None = None,
+    upcast_to_float32: bool = False,
+) -> bool:
+    """Get a quantized model ready for adapter training, without the float32 upcast.
+
+    Args:
+        model: the quantized model (a LightningModule, a transformers model, any ``nn.Module``).
+        gradient_checkpointing: ``True`` turns it on for the transformers models inside ``model``,
+            ``False`` turns it off, ``None`` keeps the user's choice. When on, it is made
+            non-reentrant, and the input embeddings' output requires grad so the frozen base
+            still passes gradients to the adapters.
+        upcast_to_float32: cast the full-precision half parameters (norms, embeddings) to float32,
+            as PEFT's ``prepare_model_for_kbit_training`` does. Slower and larger; off by default.
+
+    Returns:
+        Whether gradient checkpointing is on.
+    """
+    if upcast_to_float32:
+        for parameter in model.parameters():
+            if not is_quantized_parameter(parameter) and parameter.dtype in (torch.float16, torch.bfloat16):
+                parameter.data = parameter.data.float()
+    checkpointing = False
+    for hf_model in transformers_models(model):
+        enabled = getattr(hf_model, "is_gradient_checkpointing", False)
+        wanted = enabled if gradient_checkpointing is None else gradient_checkpointing
+        if wanted:
+            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # The frozen base gives activations that need no grad; the adapters behind them do.
+            hf_model.enable_input_require_grads()
+        elif enabled:
+            hf_model.gradient_checkpointing_disable()
+        checkpointing = checkpointing or wanted
+    if gradient_checkpointing and not transformers_models(model):
+        raise ValueError(
+            f"gradient_checkpointing=True needs a transformers model inside {type(model).__name__} to turn it on; "
+            "for other models, wrap your blocks in torch.utils.checkpoint.checkpoint(..., use_reentrant=False) "
+            "and leave gradient_checkpointing=None."
+        )
+    return checkpointing
+
+
+def inject_adapters(model: nn.Module, peft_config: Any) -> nn.Module:
+    """Add PEFT adapters (e.g. LoRA) to ``model`` in place; afterwards only adapters require grad.
+
+    Adapters go into the transformers model inside ``model`` when there is exactly one (so
+    ``target_modules="all-linear"`` and model-type defaults work), otherwise into ``model``.
+    Parameters outside that root are frozen too.
+
+    Returns:
+        The module the adapters were injected into.
+    """
+    from peft import inject_adapter_in_model
+
+    roots = transformers_models(model)
+    root = roots[0] if len(roots) == 1 else model
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    inject_adapter_in_model(peft_config, root)
+    if not any(p.requires_grad for p in root.parameters()):
+        raise ValueError(
+            f"the peft config added no trainable parameter to {type(root).__name__}: its target_modules "
+            f"{getattr(peft_config, 'target_modules', None)!r} match no layer. Pass module names that exist, "
+            "e.g. target_modules=['q_proj', 'v_proj'] or 'all-linear'."
+        )
+    return root
