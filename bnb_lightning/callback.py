@@ -5,19 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from .backend import check_device_supported, is_bnb_linear, is_plain_linear
 from .config import QuantizationConfig, compute_dtype_for_precision
-from .prepare import count_parameters, inject_adapters, prepare_for_kbit_training
+from .prepare import cast_to_float32, count_parameters, inject_adapters, prepare_for_kbit_training
 from .quantize import quantize_model
 from .replace import as_quantization_config
 from .report import QuantizationReport
 
-_SUPPORTED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
 _REFUSED_PRECISION_PLUGINS = {
     "BitsandbytesPrecision": "it quantizes every linear layer itself (the lm_head too); remove the plugin "
     "and let BnbQuantization do the quantization",
@@ -44,8 +42,10 @@ class BnbQuantization(Callback):
         peft_config: a PEFT config, e.g. ``peft.LoraConfig(r=16, target_modules="all-linear")``.
         gradient_checkpointing: ``True``/``False`` turns checkpointing of the transformers model on
             or off (always non-reentrant); ``None`` keeps the model's own setting.
-        upcast_to_float32: cast full-precision half parameters (norms, embeddings) to float32 like
-            PEFT's ``prepare_model_for_kbit_training``. Off by default: it costs speed and memory.
+        upcast_to_float32: cast full-precision half parameters (norms, embeddings, adapters) to
+            float32 when training starts, like PEFT's ``prepare_model_for_kbit_training``. Off by
+            default: it costs speed and memory. The trainable parameters (adapters) are float32
+            anyway, except under ``precision="bf16-true"``.
 
     Example::
 
@@ -100,13 +100,15 @@ class BnbQuantization(Callback):
         pl_module.configure_model = configure_model_then_quantize
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # precision='16-true' casts everything, adapters included, to float16, where Adam's update
-        # underflows to NaN. Trainable parameters go back to float32 (PEFT's choice too); the
-        # optimizer holds the same Parameter objects and has no state yet, so this is safe here.
-        if str(trainer.precision) == "16-true":
-            for parameter in pl_module.parameters():
-                if parameter.requires_grad and parameter.dtype == torch.float16:
-                    parameter.data = parameter.data.float()
+        # Runs after the precision plugin converted the module, which would undo a cast made in
+        # `setup`. The optimizer holds these same Parameter objects and has no state yet.
+        if self.upcast_to_float32:
+            cast_to_float32(pl_module)
+        elif str(trainer.precision) != "bf16-true":
+            # Optimizer steps on half-precision parameters lose small updates (bfloat16) or turn
+            # to NaN (float16, where Adam's eps underflows): what trains stays in float32, as in
+            # PEFT. Under bf16-true the user asked for bfloat16 throughout, and gets it.
+            cast_to_float32(pl_module, trainable_only=True)
 
     def _config_for(self, trainer: pl.Trainer) -> QuantizationConfig:
         plugin = type(trainer.precision_plugin).__name__
@@ -115,11 +117,10 @@ class BnbQuantization(Callback):
                 f"BnbQuantization cannot work with the {plugin} precision plugin: "
                 f"{_REFUSED_PRECISION_PLUGINS[plugin]}."
             )
-        strategy = type(trainer.strategy).__name__
-        if strategy not in _SUPPORTED_STRATEGIES:
+        if not _is_supported_strategy(trainer.strategy):
             raise RuntimeError(
-                f"BnbQuantization does not support strategy {strategy} yet; it supports a single device and "
-                "DDP. Use Trainer(strategy='auto') on one device or strategy='ddp' on several."
+                f"BnbQuantization does not support strategy {type(trainer.strategy).__name__} yet; it supports "
+                "a single device and DDP. Use Trainer(strategy='auto') on one device or strategy='ddp' on several."
             )
         check_device_supported(trainer.strategy.root_device)
         config = self.config
@@ -157,6 +158,13 @@ class BnbQuantization(Callback):
 
 def _has_linear_layers(module: nn.Module) -> bool:
     return any(is_plain_linear(m) or is_bnb_linear(m) for m in module.modules())
+
+
+def _is_supported_strategy(strategy: Any) -> bool:
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+
+    # DeepSpeed subclasses DDPStrategy but shards and casts parameters its own way.
+    return isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not isinstance(strategy, DeepSpeedStrategy)
 
 
 def _is_peft_config(value: Any) -> bool:

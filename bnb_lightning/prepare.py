@@ -56,6 +56,36 @@ def transformers_models(model: nn.Module) -> list[nn.Module]:
     return found
 
 
+def cast_to_float32(model: nn.Module, trainable_only: bool = False) -> None:
+    """Cast half-precision parameters that are not quantized to float32, keeping the Parameter objects."""
+    for parameter in model.parameters():
+        if trainable_only and not parameter.requires_grad:
+            continue
+        if not is_quantized_parameter(parameter) and parameter.dtype in (torch.float16, torch.bfloat16):
+            parameter.data = parameter.data.float()
+
+
+def _checkpointing_enabled(hf_model: nn.Module) -> bool:
+    # transformers 5.x renamed gradient checkpointing to activation checkpointing; the old names warn.
+    for flag in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(hf_model), flag):
+            return bool(getattr(hf_model, flag))
+    return False
+
+
+def _set_checkpointing(hf_model: nn.Module, enabled: bool) -> None:
+    kwargs = {"use_reentrant": False}
+    if hasattr(hf_model, "activation_checkpointing_enable"):
+        if enabled:
+            hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            hf_model.activation_checkpointing_disable()
+    elif enabled:
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        hf_model.gradient_checkpointing_disable()
+
+
 def prepare_for_kbit_training(
     model: nn.Module,
     gradient_checkpointing: bool | None = None,
@@ -76,19 +106,17 @@ def prepare_for_kbit_training(
         Whether gradient checkpointing is on.
     """
     if upcast_to_float32:
-        for parameter in model.parameters():
-            if not is_quantized_parameter(parameter) and parameter.dtype in (torch.float16, torch.bfloat16):
-                parameter.data = parameter.data.float()
+        cast_to_float32(model)
     checkpointing = False
     for hf_model in transformers_models(model):
-        enabled = getattr(hf_model, "is_gradient_checkpointing", False)
+        enabled = _checkpointing_enabled(hf_model)
         wanted = enabled if gradient_checkpointing is None else gradient_checkpointing
         if wanted:
-            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _set_checkpointing(hf_model, True)
             # The frozen base gives activations that need no grad; the adapters behind them do.
             hf_model.enable_input_require_grads()
         elif enabled:
-            hf_model.gradient_checkpointing_disable()
+            _set_checkpointing(hf_model, False)
         checkpointing = checkpointing or wanted
     if gradient_checkpointing and not transformers_models(model):
         raise ValueError(

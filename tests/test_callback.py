@@ -1,0 +1,296 @@
+"""BnbQuantization under a real Lightning Trainer on CPU: quantize at setup, LoRA trains, base stays put."""
+
+from __future__ import annotations
+
+import logging
+
+import bitsandbytes as bnb
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import TiedMLP, tiny_llama
+from lightning.pytorch.strategies import ModelParallelStrategy
+from peft import LoraConfig
+from torch.utils.data import DataLoader
+
+from bnb_lightning import BnbQuantization, QuantizationConfig
+
+BNB_LAYERS = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+
+
+class CausalLM(pl.LightningModule):
+    """A tiny Llama trained on a fixed batch of tokens; `build` says where the model is created."""
+
+    def __init__(self, build: str = "init", lr: float = 1e-2):
+        super().__init__()
+        self.build, self.lr, self.losses = build, lr, []
+        self.model = tiny_llama().train() if build == "init" else None
+
+    def setup(self, stage: str) -> None:
+        if self.build == "setup" and self.model is None:
+            self.model = tiny_llama().train()
+
+    def configure_model(self) -> None:
+        if self.build == "configure_model" and self.model is None:
+            self.model = tiny_llama().train()
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model(input_ids=batch, labels=batch).loss
+        self.losses.append(loss.item())
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.model(input_ids=batch, labels=batch).loss)
+
+    def test_step(self, batch, batch_idx):
+        self.log("test_loss", self.model(input_ids=batch, labels=batch).loss)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+class SnapshotBase(pl.Callback):
+    """Copies the quantized base's state right after BnbQuantization ran (it comes first in the list)."""
+
+    def setup(self, trainer, pl_module, stage):
+        if not hasattr(self, "base"):
+            self.base = base_state(pl_module)
+
+
+def base_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # state_dict() gives bitsandbytes' canonical packing, whatever CPU layout a forward chose.
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if "lora_" not in k}
+
+
+def batches(n: int = 4, seq: int = 16):
+    # A repeated pattern, so the loss can fall within a few steps.
+    data = torch.arange(n * seq).remainder(7).view(n, seq)
+    return DataLoader(list(data), batch_size=2)
+
+
+def trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
+    options = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=12,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    options.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **options)
+
+
+def lora(**kwargs) -> LoraConfig:
+    return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **kwargs)
+
+
+def bnb_layer_names(module: torch.nn.Module) -> list[str]:
+    return [name for name, m in module.named_modules() if isinstance(m, BNB_LAYERS)]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fit_trains_only_adapters_and_leaves_base_bitwise_unchanged(tmp_path, bits):
+    module = CausalLM()
+    snapshot = SnapshotBase()
+    callback = BnbQuantization(QuantizationConfig(bits=bits), peft_config=lora())
+    trainer(tmp_path, [callback, snapshot]).fit(module, batches())
+
+    assert len(bnb_layer_names(module.model)) == 14
+    assert module.model.lm_head.weight is module.model.model.embed_tokens.weight
+    assert module.losses[-1] < module.losses[0] - 0.5, module.losses
+    after = base_state(module)
+    assert after.keys() == snapshot.base.keys()
+    changed = [k for k in after if not torch.equal(after[k], snapshot.base[k])]
+    assert changed == []
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    lora_b = [p for n, p in module.named_parameters() if "lora_B" in n]
+    assert all(p.abs().sum() > 0 for p in lora_b)  # LoRA B starts at zero: these were trained
+
+
+@pytest.mark.parametrize(
+    ("precision", "compute_dtype", "param_dtype"),
+    [
+        ("32-true", torch.float32, torch.float32),
+        ("bf16-true", torch.bfloat16, torch.bfloat16),
+        ("16-true", torch.float16, torch.float16),
+        ("bf16-mixed", torch.bfloat16, torch.float32),
+    ],
+)
+def test_each_precision_keeps_quantized_weights_intact(tmp_path, precision, compute_dtype, param_dtype):
+    module = CausalLM()
+    snapshot = SnapshotBase()
+    trainer(tmp_path, [BnbQuantization(peft_config=lora()), snapshot], precision=precision).fit(
+        module, batches()
+    )
+
+    layers = [m for m in module.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and {m.compute_dtype for m in layers} == {compute_dtype}
+    assert {m.weight.dtype for m in layers} == {torch.uint8}
+    assert module.model.model.norm.weight.dtype == param_dtype
+    assert all(torch.isfinite(torch.tensor(module.losses)))
+    assert module.losses[-1] < module.losses[0]
+    after = base_state(module)
+    # The precision plugin may cast full-precision tensors; the packed weights and their statistics not.
+    packed = [
+        k
+        for k in after
+        if ".weight" in k and any(k.startswith(f"model.{n}.") for n in bnb_layer_names(module.model))
+    ]
+    assert packed and all(torch.equal(after[k], snapshot.base[k]) for k in packed)
+    trainable_dtypes = {p.dtype for p in module.parameters() if p.requires_grad}
+    # Adapters train in float32 (Adam fails on float16, loses small steps in bfloat16), except
+    # under bf16-true, which asks for bfloat16 throughout.
+    assert trainable_dtypes == ({torch.bfloat16} if precision == "bf16-true" else {torch.float32})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-true"])
+def test_cuda_precisions(tmp_path, precision):
+    module = CausalLM()
+    snapshot = SnapshotBase()
+    trainer(
+        tmp_path, [BnbQuantization(peft_config=lora()), snapshot], accelerator="cuda", precision=precision
+    ).fit(module, batches())
+    layer = module.model.model.layers[0].self_attn.q_proj.base_layer
+    assert layer.weight.device.type == "cuda" and layer.weight.dtype == torch.uint8
+    assert module.losses[-1] < module.losses[0]
+    after = base_state(module)
+    assert all(torch.equal(after[k].cpu(), snapshot.base[k].cpu()) for k in after if k.endswith("weight"))
+
+
+@pytest.mark.parametrize("build", ["setup", "configure_model"])
+def test_model_built_later_is_quantized_before_optimizers(tmp_path, build):
+    module = CausalLM(build=build)
+    fit = trainer(tmp_path, [BnbQuantization(peft_config=lora())])
+    fit.fit(module, batches())
+
+    assert len(bnb_layer_names(module.model)) == 14
+    assert "configure_model" not in vars(module)  # the instance wrapper removed itself
+    optimized = {id(p) for group in fit.optimizers[0].param_groups for p in group["params"]}
+    adapters = {id(p) for n, p in module.named_parameters() if "lora_" in n}
+    assert optimized == adapters
+    assert module.losses[-1] < module.losses[0]
+
+
+def test_quantizes_once_across_fit_validate_test(tmp_path):
+    module = CausalLM()
+    callback = BnbQuantization(peft_config=lora())
+    fit = trainer(tmp_path, [callback], limit_val_batches=1, limit_test_batches=1)
+    fit.fit(module, batches(), batches())
+    report, layers = callback.report, bnb_layer_names(module)
+    fit.validate(module, batches())
+    fit.test(module, batches())
+    assert callback.report is report
+    assert bnb_layer_names(module) == layers
+    # Adapters were injected once: no LoRA layer wraps another LoRA layer.
+    assert all(isinstance(m.base_layer, BNB_LAYERS) for m in module.modules() if hasattr(m, "lora_A"))
+
+
+def test_plain_module_with_tied_weights(tmp_path):
+    class TiedLM(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net, self.losses = TiedMLP(), []
+
+        def training_step(self, batch, batch_idx):
+            logits = self.net(batch[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+            self.losses.append(loss.item())
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+    module = TiedLM()
+    callback = BnbQuantization(peft_config=LoraConfig(r=4, target_modules=["up", "down"]))
+    trainer(tmp_path, [callback]).fit(module, batches())
+    assert isinstance(module.net.up.base_layer, bnb.nn.Linear4bit)
+    assert type(module.net.head) is torch.nn.Linear
+    assert module.net.head.weight is module.net.embed.weight
+    assert callback.report.skipped == {"net.head": "tied weights"}
+    assert module.losses[-1] < module.losses[0]
+
+
+def test_summary_and_parameter_counts_are_logged(tmp_path, caplog):
+    logger = logging.getLogger("lightning.pytorch")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+            trainer(tmp_path, [BnbQuantization(peft_config=lora())], max_steps=1).fit(CausalLM(), batches())
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "converted 14 linear layers to 4-bit nf4 on cpu" in caplog.text
+    assert "tied weights" in caplog.text
+    assert "trainable parameters:" in caplog.text
+
+
+def test_gradient_checkpointing_is_non_reentrant(tmp_path):
+    module = CausalLM()
+    trainer(tmp_path, [BnbQuantization(peft_config=lora(), gradient_checkpointing=True)]).fit(
+        module, batches()
+    )
+    assert module.model.model.layers[0]._gradient_checkpointing_func.keywords["use_reentrant"] is False
+    assert module.losses[-1] < module.losses[0]
+
+
+@pytest.mark.parametrize("upcast", [False, True])
+def test_no_float32_upcast_unless_asked(tmp_path, upcast):
+    module = CausalLM()
+    callback = BnbQuantization(peft_config=lora(), upcast_to_float32=upcast)
+    trainer(tmp_path, [callback], precision="bf16-true", max_steps=2).fit(module, batches())
+    expected = torch.float32 if upcast else torch.bfloat16
+    assert module.model.model.norm.weight.dtype == expected
+    assert module.model.model.embed_tokens.weight.dtype == expected
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_default_model_checkpoint_saves(tmp_path, bits):
+    module = CausalLM()
+    fit = trainer(
+        tmp_path,
+        [BnbQuantization(QuantizationConfig(bits=bits), peft_config=lora())],
+        enable_checkpointing=True,
+    )
+    fit.fit(module, batches())
+    paths = list(tmp_path.rglob("*.ckpt"))
+    assert len(paths) == 1
+    state = torch.load(paths[0], weights_only=False)["state_dict"]
+    marker = ".weight.absmax" if bits == 4 else ".SCB"
+    assert any(k.endswith(marker) for k in state)
+
+
+def test_refuses_double_precision(tmp_path):
+    with pytest.raises(RuntimeError, match="DoublePrecision.*float64.*32-true"):
+        trainer(tmp_path, [BnbQuantization()], precision="64-true").fit(CausalLM(), batches())
+
+
+def test_refuses_unsupported_strategy(tmp_path):
+    with pytest.raises(RuntimeError, match="ModelParallelStrategy.*single device and DDP"):
+        trainer(tmp_path, [BnbQuantization()], strategy=ModelParallelStrategy()).fit(CausalLM(), batches())
+
+
+def test_refuses_float_storage_the_precision_would_cast(tmp_path):
+    callback = BnbQuantization(QuantizationConfig(quant_storage="bfloat16"))
+    with pytest.raises(ValueError, match="quant_storage=torch.bfloat16 would be cast to torch.float16"):
+        trainer(tmp_path, [callback], precision="16-true").fit(CausalLM(), batches())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"peft_config": {"r": 8}}, "peft_config must be a PEFT config"),
+        ({"gradient_checkpointing": "yes"}, "gradient_checkpointing must be True, False or None"),
+        ({"upcast_to_float32": 1}, "upcast_to_float32 must be True or False"),
+        ({"config": {"bits": 3}}, "bits=3 is not supported"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        BnbQuantization(**kwargs)
