@@ -35,6 +35,7 @@ class CausalLM(pl.LightningModule):
             self.model = tiny_llama().train()
 
     def training_step(self, batch, batch_idx):
+        self.packed_devices = {p.device.type for p in self.parameters() if p.dtype == torch.uint8}
         loss = self.model(input_ids=batch, labels=batch).loss
         self.losses.append(loss.item())
         self.log("train_loss", loss)
@@ -154,11 +155,16 @@ def test_each_precision_keeps_quantized_weights_intact(tmp_path, precision, comp
 def test_cuda_precisions(tmp_path, precision):
     module = CausalLM()
     snapshot = SnapshotBase()
-    trainer(
+    fit = trainer(
         tmp_path, [BnbQuantization(peft_config=lora()), snapshot], accelerator="cuda", precision=precision
-    ).fit(module, batches())
-    layer = module.model.model.layers[0].self_attn.q_proj.base_layer
-    assert layer.weight.device.type == "cuda" and layer.weight.dtype == torch.uint8
+    )
+    fit.fit(module, batches())
+    # The quantized weights survive Lightning's move back to the CPU and onto the GPU again.
+    fit.validate(module, batches())
+    assert torch.isfinite(fit.callback_metrics["val_loss"])
+    # Trained on the GPU; Lightning moves the module back to the CPU when fit ends.
+    assert module.packed_devices == {"cuda"}
+    assert module.model.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.uint8
     assert module.losses[-1] < module.losses[0]
     after = base_state(module)
     assert all(torch.equal(after[k].cpu(), snapshot.base[k].cpu()) for k in after if k.endswith("weight"))
@@ -294,3 +300,14 @@ def test_refuses_float_storage_the_precision_would_cast(tmp_path):
 def test_bad_arguments_fail_at_construction(kwargs, message):
     with pytest.raises((TypeError, ValueError), match=message):
         BnbQuantization(**kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's BitsandbytesPrecision needs CUDA")
+def test_refuses_a_second_quantization_plugin(tmp_path):
+    from lightning.pytorch.plugins import BitsandbytesPrecision
+
+    plugin = BitsandbytesPrecision("nf4-dq", dtype=torch.bfloat16)
+    fit = trainer(tmp_path, [BnbQuantization()], accelerator="cuda", plugins=[plugin])
+    with pytest.raises(RuntimeError, match="BitsandbytesPrecision.*remove the plugin"):
+        fit.fit(CausalLM(), batches())

@@ -1,0 +1,77 @@
+"""On a CUDA GPU: layer-by-layer quantization never puts the full-precision model on the device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bnb_lightning import QuantizationConfig, quantize_model
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def llama_on_cpu(hidden: int = 1024, layers: int = 8):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 128,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_peak_device_memory_is_quantized_size_plus_one_layer(bits):
+    model = llama_on_cpu()
+    full_bytes = sum(p.nbytes for p in model.parameters())
+    largest_layer = max(m.weight.nbytes for m in model.modules() if type(m) is torch.nn.Linear)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+
+    report = quantize_model(model, QuantizationConfig(bits=bits), device="cuda")
+
+    torch.cuda.synchronize()
+    footprint = torch.cuda.memory_allocated() - start
+    peak = torch.cuda.max_memory_allocated() - start
+    print(
+        f"\n{bits}-bit: full bf16 {full_bytes / 2**20:.1f} MiB, on device {footprint / 2**20:.1f} MiB, "
+        f"peak {peak / 2**20:.1f} MiB (peak/footprint {peak / footprint:.3f}), largest layer "
+        f"{largest_layer / 2**20:.1f} MiB, {report.seconds:.2f} s"
+    )
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    # Everything on the device is accounted for: the model minus its linear weights plus their quantized form.
+    assert footprint <= full_bytes - report.bytes_before + report.bytes_after + 2**20
+    # One layer's weights in flight (its bf16 copy and bitsandbytes' working buffers), never more.
+    assert peak - footprint <= 3 * largest_layer
+
+
+def test_quantized_model_trains_on_gpu():
+    from peft import LoraConfig
+
+    from bnb_lightning import inject_adapters
+
+    model = llama_on_cpu(hidden=256, layers=2)
+    quantize_model(model, QuantizationConfig(bits=4, compute_dtype="bf16"), device="cuda")
+    inject_adapters(model, LoraConfig(r=8, target_modules="all-linear"))
+    model.cuda().train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    tokens = torch.arange(4 * 64, device="cuda").remainder(11).view(4, 64)
+    losses = []
+    for _ in range(20):
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1.0, losses
