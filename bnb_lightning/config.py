@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -54,6 +55,15 @@ def _as_patterns(value: Any, field: str) -> tuple[str, ...]:
         value = [value]
     if not isinstance(value, Sequence) or not all(isinstance(v, str) and v for v in value):
         raise TypeError(f"{field} must be a list of module-name patterns (non-empty strings), got {value!r}.")
+    for pattern in value:
+        # A pattern is also a regular expression; a broken one would silently match by suffix only.
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(
+                f"{field} pattern {pattern!r} is not a valid regular expression ({error}); escape special "
+                "characters, e.g. 'layers\\.1' or a plain module name such as 'lm_head'."
+            ) from None
     return tuple(value)
 
 
@@ -107,7 +117,7 @@ class QuantizationConfig:
         if (
             not isinstance(self.threshold, (int, float))
             or isinstance(self.threshold, bool)
-            or self.threshold < 0
+            or not self.threshold >= 0  # also rejects NaN
         ):
             raise ValueError(
                 f"threshold={self.threshold!r} must be a number >= 0 (6.0 is LLM.int8's default)."

@@ -1,0 +1,226 @@
+"""QuantizationConfig: defaults, validation messages, dtype parsing and conversion from transformers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import BitsAndBytesConfig
+
+from bnb_lightning.config import QuantizationConfig, compute_dtype_for_precision
+
+
+def test_defaults_are_nf4_with_double_quant():
+    config = QuantizationConfig()
+    assert config.bits == 4
+    assert config.quant_type == "nf4"
+    assert config.double_quant is True
+    assert config.quant_storage is torch.uint8
+    assert config.compute_dtype is None
+    assert config.threshold == 6.0
+    assert config.has_fp16_weights is False
+    assert config.skip_modules == ()
+    assert config.replace_default_skips is False
+    assert config.target_modules is None
+
+
+def test_config_is_immutable_and_hashable():
+    config = QuantizationConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.bits = 8
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.skip_modules = ("lm_head",)
+    assert config.bits == 4
+    assert hash(QuantizationConfig(skip_modules=["a"])) == hash(QuantizationConfig(skip_modules=("a",)))
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype"),
+    [
+        ("bfloat16", torch.bfloat16),
+        ("bf16", torch.bfloat16),
+        ("torch.bfloat16", torch.bfloat16),
+        (" BFloat16 ", torch.bfloat16),
+        ("float16", torch.float16),
+        ("fp16", torch.float16),
+        ("half", torch.float16),
+        ("float32", torch.float32),
+        (torch.float16, torch.float16),
+    ],
+)
+def test_compute_dtype_names_parse(name, dtype):
+    config = QuantizationConfig(compute_dtype=name)
+    assert config.compute_dtype is dtype
+    # Normalised once, so configs written either way compare equal.
+    assert config == QuantizationConfig(compute_dtype=dtype)
+
+
+@pytest.mark.parametrize(("name", "dtype"), [("bfloat16", torch.bfloat16), ("torch.uint8", torch.uint8)])
+def test_quant_storage_names_parse(name, dtype):
+    assert QuantizationConfig(quant_storage=name).quant_storage is dtype
+
+
+def test_quant_type_is_case_insensitive():
+    assert QuantizationConfig(quant_type="FP4").quant_type == "fp4"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "fragments"),
+    [
+        ({"bits": 3}, ValueError, ["bits=3", "expected 4", "or 8"]),
+        ({"bits": "4"}, ValueError, ["bits='4'", "expected 4"]),
+        ({"bits": True}, ValueError, ["bits=True", "expected 4"]),
+        ({"quant_type": "nf8"}, ValueError, ["quant_type='nf8'", "'nf4' or 'fp4'"]),
+        ({"quant_type": None}, ValueError, ["quant_type=None", "'nf4' or 'fp4'"]),
+        ({"compute_dtype": "float64"}, ValueError, ["compute_dtype='float64'", "bfloat16", "float16"]),
+        ({"compute_dtype": "uint8"}, ValueError, ["compute_dtype=torch.uint8", "torch.bfloat16"]),
+        ({"compute_dtype": torch.int8}, ValueError, ["compute_dtype=torch.int8", "torch.float32"]),
+        ({"compute_dtype": 16}, TypeError, ["compute_dtype", "string or a torch.dtype", "16"]),
+        ({"quant_storage": "float64"}, ValueError, ["quant_storage='float64'", "uint8"]),
+        ({"quant_storage": None}, ValueError, ["quant_storage=None", "uint8"]),
+        ({"threshold": -1.0}, ValueError, ["threshold=-1.0", ">= 0"]),
+        ({"threshold": "6"}, ValueError, ["threshold='6'", ">= 0"]),
+        ({"threshold": float("nan")}, ValueError, ["threshold=nan", ">= 0"]),
+        ({"double_quant": "yes"}, TypeError, ["double_quant", "True or False", "'yes'"]),
+        ({"has_fp16_weights": 1}, TypeError, ["has_fp16_weights", "True or False", "1"]),
+        ({"skip_modules": [""]}, TypeError, ["skip_modules", "non-empty strings", "['']"]),
+        ({"skip_modules": ["lm_head", 3]}, TypeError, ["skip_modules", "module-name patterns", "3"]),
+        ({"skip_modules": 7}, TypeError, ["skip_modules", "7"]),
+        ({"skip_modules": ["layers.[1"]}, ValueError, ["skip_modules", "'layers.[1'", "regular expression"]),
+        ({"target_modules": []}, ValueError, ["target_modules=[]", "None"]),
+        ({"target_modules": ["q_proj("]}, ValueError, ["target_modules", "'q_proj('", "regular expression"]),
+        ({"replace_default_skips": True}, ValueError, ["replace_default_skips=True", "skip_modules"]),
+    ],
+)
+def test_invalid_values_name_field_value_and_expectation(kwargs, error, fragments):
+    with pytest.raises(error) as raised:
+        QuantizationConfig(**kwargs)
+    message = str(raised.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} missing from {message!r}"
+
+
+def test_patterns_are_normalised_to_tuples():
+    config = QuantizationConfig(skip_modules="lm_head", target_modules=["q_proj", "v_proj"])
+    assert config.skip_modules == ("lm_head",)
+    assert config.target_modules == ("q_proj", "v_proj")
+
+
+def test_replace_default_skips_with_skip_modules_is_accepted():
+    config = QuantizationConfig(skip_modules=["lm_head"], replace_default_skips=True)
+    assert config.replace_default_skips is True
+
+
+def test_replace_revalidates_and_returns_a_copy():
+    config = QuantizationConfig()
+    eight_bit = config.replace(bits=8, compute_dtype="bf16")
+    assert (eight_bit.bits, eight_bit.compute_dtype) == (8, torch.bfloat16)
+    assert (config.bits, config.compute_dtype) == (4, None)
+    with pytest.raises(ValueError, match="bits=5"):
+        config.replace(bits=5)
+    with pytest.raises(ValueError, match="replace_default_skips=True"):
+        config.replace(replace_default_skips=True)
+
+
+def _four_bit_bnb_config() -> BitsAndBytesConfig:
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=torch.bfloat16,
+        llm_int8_skip_modules=["router", "mlp.gate"],
+    )
+
+
+def _eight_bit_bnb_config() -> BitsAndBytesConfig:
+    return BitsAndBytesConfig(
+        load_in_8bit=True,
+        llm_int8_threshold=4.5,
+        llm_int8_has_fp16_weight=True,
+        llm_int8_skip_modules=["score"],
+    )
+
+
+@pytest.mark.parametrize("as_dict", [False, True], ids=["object", "to_dict"])
+def test_from_bitsandbytes_config_4bit_maps_every_field(as_dict):
+    bnb_config = _four_bit_bnb_config()
+    config = QuantizationConfig.from_bitsandbytes_config(bnb_config.to_dict() if as_dict else bnb_config)
+    assert config == QuantizationConfig(
+        bits=4,
+        quant_type="nf4",
+        double_quant=True,
+        compute_dtype=torch.bfloat16,
+        quant_storage=torch.bfloat16,
+        threshold=6.0,
+        has_fp16_weights=False,
+        skip_modules=("router", "mlp.gate"),
+        replace_default_skips=False,
+        target_modules=None,
+    )
+
+
+@pytest.mark.parametrize("as_dict", [False, True], ids=["object", "to_dict"])
+def test_from_bitsandbytes_config_8bit_maps_every_field(as_dict):
+    bnb_config = _eight_bit_bnb_config()
+    config = QuantizationConfig.from_bitsandbytes_config(bnb_config.to_dict() if as_dict else bnb_config)
+    assert config.bits == 8
+    assert config.threshold == 4.5
+    assert config.has_fp16_weights is True
+    # llm_int8_skip_modules is added to the automatic skips, never a replacement for them.
+    assert config.skip_modules == ("score",)
+    assert config.replace_default_skips is False
+
+
+@pytest.mark.parametrize("as_dict", [False, True], ids=["object", "to_dict"])
+def test_from_bitsandbytes_config_keeps_transformers_defaults(as_dict):
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True)
+    config = QuantizationConfig.from_bitsandbytes_config(bnb_config.to_dict() if as_dict else bnb_config)
+    # transformers' defaults, taken as written: fp4, no double quant, float32 compute.
+    assert (config.quant_type, config.double_quant) == ("fp4", False)
+    assert config.compute_dtype is torch.float32
+    assert config.quant_storage is torch.uint8
+    assert config.skip_modules == ()
+
+
+def test_from_bitsandbytes_config_without_a_load_flag_raises():
+    with pytest.raises(
+        ValueError, match=r"exactly one of load_in_4bit=True or load_in_8bit=True.*False.*False"
+    ):
+        QuantizationConfig.from_bitsandbytes_config(BitsAndBytesConfig())
+
+
+def test_from_bitsandbytes_config_with_both_load_flags_raises():
+    fields = {**_four_bit_bnb_config().to_dict(), "load_in_8bit": True}
+    with pytest.raises(ValueError, match="load_in_4bit=True, load_in_8bit=True"):
+        QuantizationConfig.from_bitsandbytes_config(fields)
+
+
+def test_from_bitsandbytes_config_rejects_other_objects():
+    with pytest.raises(TypeError, match="BitsAndBytesConfig or a dict, got int"):
+        QuantizationConfig.from_bitsandbytes_config(4)
+
+
+def test_from_bitsandbytes_config_validates_the_result():
+    fields = {**_four_bit_bnb_config().to_dict(), "bnb_4bit_quant_type": "nf8"}
+    with pytest.raises(ValueError, match="quant_type='nf8'"):
+        QuantizationConfig.from_bitsandbytes_config(fields)
+
+
+@pytest.mark.parametrize(
+    ("precision", "dtype"),
+    [
+        ("bf16-true", torch.bfloat16),
+        ("bf16-mixed", torch.bfloat16),
+        ("bf16", torch.bfloat16),
+        ("16-true", torch.float16),
+        ("16-mixed", torch.float16),
+        (16, torch.float16),
+        ("32-true", None),
+        ("64-true", None),
+        (None, None),
+    ],
+)
+def test_compute_dtype_for_precision(precision, dtype):
+    assert compute_dtype_for_precision(precision) is dtype
