@@ -76,7 +76,9 @@ def get_keys_to_not_convert(model: nn.Module) -> list[str]:
     """Names of the modules to keep in full precision: tied weights, output embeddings, last module.
 
     Names are module paths (no ``.weight``/``.bias``), usable as ``modules_to_not_convert``.
-    On transformers models this is the same set as transformers' own ``get_keys_to_not_convert``.
+    On transformers models these are the same modules as transformers' own ``get_keys_to_not_convert``
+    names; where the last parameter is a bias, transformers keeps its ``.bias`` (``transformer.ln_f.bias``
+    for GPT-2) and this returns the module (``transformer.ln_f``).
 
     Example::
 

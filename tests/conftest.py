@@ -59,3 +59,22 @@ class TiedMLP(nn.Module):
 @pytest.fixture
 def tokens() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def tiny_opt(dtype: torch.dtype = torch.float32, seed: int = 0):
+    """OPT: linears with biases, tied embeddings, a LayerNorm as last module."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    # word_embed_proj_dim=hidden_size: no project_in/out. bitsandbytes 0.50's CPU repacking of 4-bit
+    # weights (eval, no grad, AVX512-BF16 CPUs) fails on a 32-wide project_in (in_features % 64 != 0).
+    config = OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=64,
+        max_position_embeddings=128,
+    )
+    return OPTForCausalLM(config).to(dtype).eval()
