@@ -24,7 +24,7 @@ def require_bitsandbytes() -> ModuleType:
 
 
 def check_device_supported(device: torch.device | str) -> torch.device:
-    """Fail early when bitsandbytes has no kernels for ``device``."""
+    """Fail early when bitsandbytes has no kernels for ``device`` or PyTorch cannot use it here."""
     device = torch.device(device)
     bnb = require_bitsandbytes()
     supported = set(getattr(bnb, "supported_torch_devices", {"cpu", "cuda"}))
@@ -38,7 +38,28 @@ def check_device_supported(device: torch.device | str) -> torch.device:
             f"bitsandbytes {getattr(bnb, '__version__', '?')} has no backend for device '{device.type}'; "
             f"quantize on one of {sorted(supported)}, or install a bitsandbytes build with {device.type} support."
         )
+    available = _torch_device_count(device)
+    if available is not None and (available == 0 or (device.index or 0) >= available):
+        raise RuntimeError(
+            f"device '{device}' is not available to PyTorch {torch.__version__} on this machine "
+            f"({available} '{device.type}' devices found); quantize on 'cpu' or on a device that exists, "
+            f"or install a PyTorch build with {device.type} support."
+        )
     return device
+
+
+def _torch_device_count(device: torch.device) -> int | None:
+    """How many devices of this type PyTorch can use, or ``None`` where it has no way to tell."""
+    if device.type == "cpu":
+        return None
+    device_module = getattr(torch, device.type, None)
+    is_available = getattr(device_module, "is_available", None)
+    if not callable(is_available):
+        return None
+    if not is_available():
+        return 0
+    device_count = getattr(device_module, "device_count", None)
+    return device_count() if callable(device_count) else None
 
 
 def conv1d_class() -> type | None:
