@@ -81,6 +81,8 @@ def estimated_nbytes(module: nn.Module, config: QuantizationConfig) -> int:
     count = in_features * out_features
     bias = module.bias.nbytes if getattr(module, "bias", None) is not None else 0
     if config.bits == 8:
+        if config.has_fp16_weights:
+            return module_nbytes(module)  # the weights stay as they are; LLM.int8 quantizes per forward
         return count + out_features * 4 + bias
     blocks = math.ceil(count / 64)
     quant_map = 16 * 4
@@ -120,6 +122,9 @@ def _convert(module: nn.Module, config: QuantizationConfig, device: torch.device
     if module.bias is not None:
         layer.bias = nn.Parameter(module.bias.detach().to(device), requires_grad=False)
     setattr(layer, _OWN_LAYER, True)
+    # A new module starts in training mode. bitsandbytes picks its kernels by mode (on CPU, LLM.int8
+    # dequantizes in training mode), so an eval model given training layers computes different outputs.
+    layer.train(module.training)
     return layer
 
 
@@ -209,11 +214,12 @@ def quantize_model(
             "bnb_lightning quantizes linear layers only; check that the model is built before quantization.",
             stacklevel=2,
         )
-    to_convert = [name for name, reason in decisions.items() if reason is None]
-    on_meta = [name for name in to_convert if layers[name].weight.device.type == "meta"]
+    # Checked for every parameter, not only the layers to convert: a skipped module on the meta device
+    # would fail when moved to `device`, after the other layers were already converted.
+    on_meta = [name for name, parameter in model.named_parameters() if parameter.device.type == "meta"]
     if on_meta:
         raise ValueError(
-            f"{len(on_meta)} layers have no weights yet (meta device), e.g. {on_meta[0]!r}. quantize_model needs "
+            f"{len(on_meta)} parameters have no data yet (meta device), e.g. {on_meta[0]!r}. quantize_model needs "
             "the weights in memory: load them first, or use replace_with_bnb_linear() with "
             "set_module_quantized_tensor_to_device() to fill empty layers from a checkpoint."
         )
