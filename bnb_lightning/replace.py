@@ -6,6 +6,7 @@ Same contract as the transformers functions these come from, so code written aga
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -13,11 +14,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backend import conv1d_class, is_plain_linear, linear_shape, require_bitsandbytes
+from .backend import conv1d_class, is_plain_linear, is_quantized_parameter, linear_shape, require_bitsandbytes
 from .config import QuantizationConfig
 from .skip import matches_any
 
-_STATS_4BIT_REQUIRED = ("absmax", "quant_map")
+# Entries saved next to a quantized weight: ``QuantState.as_dict(packed=True)`` for 4-bit, longest first so
+# ``nested_absmax`` is not read as ``absmax``; the row scales and their layout for int8.
+_STATS_4BIT = ("nested_quant_map", "nested_absmax", "quant_map", "absmax", "quant_state.bitsandbytes__nf4",
+               "quant_state.bitsandbytes__fp4")  # fmt: skip
+_STATS_8BIT = ("SCB", "weight_format")
 
 
 def as_quantization_config(config: Any) -> QuantizationConfig:
@@ -28,6 +33,11 @@ def as_quantization_config(config: Any) -> QuantizationConfig:
         return config
     if isinstance(config, Mapping) and not ({"load_in_4bit", "load_in_8bit"} & set(config)):
         return QuantizationConfig(**config)
+    if not (isinstance(config, Mapping) or hasattr(config, "to_dict")):
+        raise TypeError(
+            f"quantization_config must be a QuantizationConfig, a transformers BitsAndBytesConfig or a dict, "
+            f"got {type(config).__name__} ({config!r})."
+        )
     return QuantizationConfig.from_bitsandbytes_config(config)
 
 
@@ -72,20 +82,30 @@ def replace_with_bnb_linear(
     """Swap every ``nn.Linear`` / ``Conv1D`` for an empty, frozen bnb layer, for loading a checkpoint.
 
     The new layers live on the meta device; fill them with
-    :func:`set_module_quantized_tensor_to_device`. Weights are not quantized here: use
-    :func:`bnb_lightning.quantize_model` for a model whose weights are already in memory.
+    :func:`set_module_quantized_tensor_to_device` or :func:`load_quantized_state_dict`. Weights are
+    not quantized here: use :func:`bnb_lightning.quantize_model` for a model already in memory.
 
     Args:
         model: any ``nn.Module``; changed in place and returned.
         modules_to_not_convert: module-name patterns to keep (default ``["lm_head"]``); see
-            :func:`get_keys_to_not_convert` for the automatic choice.
+            :func:`get_keys_to_not_convert` for the automatic choice. The config's ``skip_modules``
+            are kept too, and only its ``target_modules`` (if set) are converted.
         current_key_name: names of the modules above ``model`` when it is part of a larger model,
             so patterns are matched against full names.
         quantization_config: a :class:`QuantizationConfig`, a transformers ``BitsAndBytesConfig``
-            or a dict of either.
+            or a dict of either. Without a ``compute_dtype``, 4-bit layers compute in the dtype of
+            the weight they replace.
+
+    Example::
+
+        with accelerate.init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config)
+        replace_with_bnb_linear(model, get_keys_to_not_convert(model), quantization_config=bnb_config)
+        load_quantized_state_dict(model, safetensors.torch.load_file("model.safetensors"), "cuda")
     """
     config = as_quantization_config(quantization_config)
     skip = ["lm_head"] if modules_to_not_convert is None else list(modules_to_not_convert)
+    skip += [pattern for pattern in config.skip_modules if pattern not in skip]
     prefix = ".".join(current_key_name or ())
     replaced = 0
     for name, module in list(model.named_modules()):
@@ -94,7 +114,9 @@ def replace_with_bnb_linear(
             continue
         if config.target_modules is not None and not matches_any(full_name, config.target_modules):
             continue
-        model.set_submodule(name, new_bnb_linear(module, config, config.compute_dtype))
+        weight_dtype = module.weight.dtype
+        compute_dtype = config.compute_dtype or (weight_dtype if weight_dtype.is_floating_point else None)
+        model.set_submodule(name, new_bnb_linear(module, config, compute_dtype))
         replaced += 1
     if replaced == 0:
         warnings.warn(
@@ -136,6 +158,64 @@ def _check_shape(tensor_name: str, got: torch.Size | tuple, expected: torch.Size
         )
 
 
+def _stat_names(tensor_name: str, quantized_stats: Mapping[str, Any], known: Sequence[str]) -> dict[str, Any]:
+    """``quantized_stats`` keyed by bare statistic name, whether given bare or as full checkpoint keys."""
+    stats = {}
+    for key, value in quantized_stats.items():
+        name = next((n for n in known if key == n or key.endswith(f".{n}")), None)
+        if name is None:
+            raise ValueError(
+                f"unexpected entry {key!r} in the quantized_stats of {tensor_name!r}; expected entries named "
+                f"{sorted(known)} (bare or as full checkpoint keys). Pass only the statistics of this weight."
+            )
+        stats[name] = value
+    return stats
+
+
+def _check_missing(tensor_name: str, missing: list[str], stats: Mapping[str, Any], saved_as: str) -> None:
+    if missing:
+        raise ValueError(
+            f"missing statistics for the quantized weight {tensor_name!r}: {missing} not in quantized_stats "
+            f"(got {sorted(stats)}). Pass every entry the checkpoint saved for it ({saved_as})."
+        )
+
+
+def _int8_statistics(tensor_name: str, quantized_stats: Mapping[str, Any], rows: int) -> torch.Tensor:
+    stats = _stat_names(tensor_name, quantized_stats, _STATS_8BIT)
+    module_name = tensor_name.removesuffix("weight")
+    _check_missing(tensor_name, [k for k in ("SCB",) if k not in stats], stats, f"'{module_name}SCB'")
+    weight_format = _as_tensor(stats.get("weight_format", 0)).item()
+    if weight_format != 0:
+        raise ValueError(
+            f"{module_name}weight_format={weight_format}: only row-major int8 weights (0) can be loaded."
+        )
+    scb = _as_tensor(stats["SCB"])
+    _check_shape(f"{module_name}SCB", scb.shape, (rows,))
+    return scb
+
+
+def _4bit_statistics(
+    tensor_name: str, quantized_stats: Mapping[str, Any], layer_quant_type: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The statistics (bare names) and the small entries packed in ``quant_state.bitsandbytes__*``."""
+    bnb = require_bitsandbytes()
+    stats = _stat_names(tensor_name, quantized_stats, _STATS_4BIT)
+    packed = [key for key in stats if key.startswith("quant_state.")]
+    info = bnb.utils.unpack_tensor_to_dict(stats[packed[0]]) if packed else {}
+    missing = [k for k in ("absmax", "quant_map") if k not in stats]
+    if "nested_blocksize" in info:  # saved with double quantization: the scales are quantized too
+        missing += [k for k in ("nested_absmax", "nested_quant_map") if k not in stats]
+    if not packed:
+        missing.append("quant_state.bitsandbytes__<nf4|fp4>")
+    _check_missing(tensor_name, missing, stats, f"the '{tensor_name}.*' entries")
+    if info["quant_type"] != layer_quant_type:
+        raise ValueError(
+            f"{tensor_name!r} was saved as {info['quant_type']} but the layer is configured for "
+            f"{layer_quant_type}; use a quantization config with quant_type={info['quant_type']!r}."
+        )
+    return stats, info
+
+
 def set_module_quantized_tensor_to_device(
     module: nn.Module,
     tensor_name: str,
@@ -145,102 +225,119 @@ def set_module_quantized_tensor_to_device(
 ) -> None:
     """Put one parameter or buffer, named by its dotted path from ``module``, on ``device``.
 
-    Plain tensors are copied as they are. For bnb weights: a floating ``value`` is quantized on
-    ``device``; an already quantized ``value`` (int8 with ``quantized_stats={"SCB": ...}``, or packed
-    4-bit with the quant-state entries transformers' ``save_pretrained`` writes, e.g. ``absmax``,
-    ``quant_map``, ``quant_state.bitsandbytes__nf4``, with or without the ``...weight.`` prefix) is
-    loaded as is. A ``Conv1D`` weight is transposed before quantization, as transformers does.
+    Plain tensors are set as they are, keeping the ``requires_grad`` of the parameter they replace.
+    For bnb weights: a floating ``value`` is quantized on ``device``; an already quantized ``value``
+    (int8 with ``quantized_stats={"SCB": ...}``, or packed 4-bit with the quant-state entries
+    transformers' ``save_pretrained`` writes, e.g. ``absmax``, ``quant_map``,
+    ``quant_state.bitsandbytes__nf4``, bare or as full checkpoint keys) is loaded as is. A full-precision
+    ``Conv1D`` weight is transposed before quantization, as transformers does. Without ``value``, the
+    tensor is moved (an unquantized bnb weight is quantized on the way).
 
     Raises:
         ValueError: unknown name, shape mismatch, a dtype that contradicts the quantization state,
-            missing statistics.
+            missing statistics, a meta tensor without ``value``.
     """
     bnb = require_bitsandbytes()
     device = torch.device(f"cuda:{device}" if isinstance(device, int) else device)
     owner, leaf = _resolve(module, tensor_name)
     is_buffer = leaf in owner._buffers
     old_value = getattr(owner, leaf)
-    if value is None and old_value is not None and old_value.device.type == "meta" and device.type != "meta":
+    if old_value is None:
+        if value is None:
+            return
+        raise ValueError(
+            f"cannot set {tensor_name!r}: it is None in this {type(owner).__name__} (e.g. a layer built with "
+            "bias=False), so the checkpoint belongs to a different model configuration."
+        )
+    if value is None and old_value.device.type == "meta" and device.type != "meta":
         raise ValueError(f"{tensor_name!r} is on the meta device; pass its `value` to put it on {device}.")
 
     is_4bit = not is_buffer and isinstance(old_value, bnb.nn.Params4bit)
     is_8bit = not is_buffer and isinstance(old_value, bnb.nn.Int8Params)
     if not (is_4bit or is_8bit):
         new_value = (old_value if value is None else _as_tensor(value)).to(device)
-        if value is not None and old_value is not None:
-            _check_shape(tensor_name, new_value.shape, old_value.shape)
+        _check_shape(tensor_name, new_value.shape, old_value.shape)
         if is_buffer:
             owner._buffers[leaf] = new_value
         else:
             owner._parameters[leaf] = nn.Parameter(new_value, requires_grad=old_value.requires_grad)
         return
+    if value is None and (is_quantized_parameter(old_value) or device.type == "meta"):
+        owner._parameters[leaf] = old_value.to(device)  # a move: the quant state travels with the weight
+        return
 
-    new_value = old_value if value is None else _as_tensor(value)
+    new_value = old_value.data if value is None else _as_tensor(value)  # .data: no bnb type's .to() hooks
     prequantized = quantized_stats is not None
-    is_packed = new_value.dtype in (torch.int8, torch.uint8) or (
-        is_4bit and prequantized and new_value.dtype == old_value.quant_storage
-    )
-    if prequantized != is_packed:
-        expected = "quantized (int8/uint8 or quant_storage)" if prequantized else "floating point"
+    packed_dtype = old_value.quant_storage if is_4bit else torch.int8
+    if not (new_value.dtype == packed_dtype if prequantized else new_value.is_floating_point()):
         raise ValueError(
-            f"dtype {new_value.dtype} of {tensor_name!r} contradicts its quantization state: with "
-            f"quantized_stats={'given' if prequantized else 'None'} the value must be {expected}. Pass the "
-            "statistics saved next to a quantized weight, or a full-precision weight without statistics."
+            f"dtype {new_value.dtype} of {tensor_name!r} contradicts its quantization state: this "
+            f"{type(owner).__name__} takes a pre-quantized weight of dtype {packed_dtype} with its "
+            "quantized_stats, or a floating point weight without them (quantized on loading). Pass "
+            "quantized_stats={'SCB': ...} for int8, the '<name>.weight.*' entries for 4-bit, or check that "
+            "the checkpoint matches the quantization config (bits, quant_storage)."
         )
-    conv1d = conv1d_class()
-    transpose = conv1d is not None and getattr(owner, "source_cls", None) is conv1d and not prequantized
-    if transpose:
-        new_value = new_value.T
+    if value is not None and not prequantized and getattr(owner, "source_cls", None) is conv1d_class():
+        new_value = new_value.T  # Conv1D stores (in, out); pre-quantized weights are saved as (out, in)
     expected_shape = (owner.out_features, owner.in_features)
 
     if is_8bit:
         _check_shape(tensor_name, new_value.shape, expected_shape)
+        scb = _int8_statistics(tensor_name, quantized_stats, expected_shape[0]) if prequantized else None
         param = bnb.nn.Int8Params(
             new_value.to("cpu"), requires_grad=False, has_fp16_weights=old_value.has_fp16_weights
         ).to(device)
-        if prequantized:
-            if "SCB" not in quantized_stats:
-                raise ValueError(
-                    f"missing statistics for the int8 weight {tensor_name!r}: expected 'SCB' in quantized_stats "
-                    f"(saved as '{tensor_name.removesuffix('weight')}SCB'), got {sorted(quantized_stats)}."
-                )
-            scb = _as_tensor(quantized_stats["SCB"])
-            _check_shape(f"{tensor_name.removesuffix('weight')}SCB", scb.shape, (expected_shape[0],))
+        if scb is not None:
             param.SCB = scb.to(device)
             param.CB = param.data
     elif prequantized:
-        stats = {
-            key.split("weight.", 1)[-1] if "weight." in key else key: v for key, v in quantized_stats.items()
-        }
-        missing = [k for k in _STATS_4BIT_REQUIRED if k not in stats]
-        if not any(k.startswith("quant_state.bitsandbytes__") for k in stats):
-            missing.append("quant_state.bitsandbytes__<nf4|fp4>")
-        if missing:
-            raise ValueError(
-                f"missing statistics for the 4-bit weight {tensor_name!r}: {missing} not in quantized_stats "
-                f"(got {sorted(stats)}). Pass every '{tensor_name}.*' entry of the checkpoint."
-            )
+        stats, info = _4bit_statistics(tensor_name, quantized_stats, old_value.quant_type)
+        _check_shape(tensor_name, info["shape"], expected_shape)
+        packed_numel = -(-((math.prod(expected_shape) + 1) // 2) // new_value.element_size())  # ceil
+        _check_shape(f"{tensor_name} (packed)", (new_value.numel(),), (packed_numel,))
         param = bnb.nn.Params4bit.from_prequantized(
             data=new_value, quantized_stats=stats, requires_grad=False, device=device, module=owner
         )
-        _check_shape(tensor_name, param.quant_state.shape, expected_shape)
-        if param.quant_state.quant_type != old_value.quant_type:
-            raise ValueError(
-                f"{tensor_name!r} was saved as {param.quant_state.quant_type} but the layer is configured for "
-                f"{old_value.quant_type}; use a quantization config with quant_type={param.quant_state.quant_type!r}."
-            )
     else:
         _check_shape(tensor_name, new_value.shape, expected_shape)
-        param = bnb.nn.Params4bit(
-            new_value,
-            requires_grad=False,
-            blocksize=old_value.blocksize,
-            compress_statistics=old_value.compress_statistics,
-            quant_type=old_value.quant_type,
-            quant_storage=old_value.quant_storage,
-            module=owner,
-        ).to(device)
+        settings = ("blocksize", "compress_statistics", "quant_type", "quant_storage")
+        settings = {name: getattr(old_value, name) for name in settings}
+        param = bnb.nn.Params4bit(new_value, requires_grad=False, module=owner, **settings).to(device)
     owner._parameters[leaf] = param
+
+
+def load_quantized_state_dict(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], device: torch.device | str | int
+) -> list[str]:
+    """Fill a model built by :func:`replace_with_bnb_linear` from a whole checkpoint, on ``device``.
+
+    Works with a pre-quantized checkpoint (each bnb weight is passed with its own statistics:
+    ``<layer>.weight.*`` for 4-bit, ``<layer>.SCB`` and ``<layer>.weight_format`` for 8-bit) and with a
+    full-precision one (weights are quantized as they are loaded). Every entry goes through
+    :func:`set_module_quantized_tensor_to_device`, so it raises the same errors.
+
+    Returns:
+        The names of parameters and buffers still on the meta device, e.g. an ``lm_head.weight`` tied
+        to the input embeddings, which ``model.tie_weights()`` fills.
+    """
+    bnb = require_bitsandbytes()
+    stats_of: dict[str, dict[str, torch.Tensor]] = {}
+    for name, layer in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(layer, bnb.nn.Linear4bit):
+            keys = [key for key in state_dict if key.startswith(f"{prefix}weight.")]
+        elif isinstance(layer, bnb.nn.Linear8bitLt):
+            keys = [f"{prefix}{stat}" for stat in _STATS_8BIT if f"{prefix}{stat}" in state_dict]
+        else:
+            continue
+        if keys:
+            stats_of[f"{prefix}weight"] = {key: state_dict[key] for key in keys}
+    statistics = {key for stats in stats_of.values() for key in stats}
+    for key, value in state_dict.items():
+        if key not in statistics:
+            set_module_quantized_tensor_to_device(model, key, device, value, stats_of.get(key))
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return [name for name, tensor in tensors if tensor.device.type == "meta"]
 
 
 def replace_8bit_linear(*args: Any, **kwargs: Any) -> nn.Module:
