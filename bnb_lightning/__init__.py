@@ -5,6 +5,7 @@ from .config import QuantizationConfig
 from .prepare import count_parameters, inject_adapters, prepare_for_kbit_training
 from .quantize import QuantizationError, quantize_model
 from .replace import (
+    load_quantized_state_dict,
     replace_8bit_linear,
     replace_with_bnb_linear,
     set_module_8bit_tensor_to_device,
@@ -28,6 +29,7 @@ __all__ = [
     "quantize_model",
     "replace_with_bnb_linear",
     "set_module_quantized_tensor_to_device",
+    "load_quantized_state_dict",
     "replace_8bit_linear",
     "set_module_8bit_tensor_to_device",
 ]
