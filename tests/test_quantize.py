@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import bitsandbytes as bnb
@@ -348,6 +349,19 @@ def test_report_lists_conversions_and_reasons():
         "bnb_lightning: converted 7 linear layers to 4-bit nf4 on cpu, kept 8 in full precision; "
     )
     assert " KiB -> " in lines[-1]
+
+    # compact(): one row per (action, reason, type), for logs of large models.
+    compact = report.compact().splitlines()
+    assert compact[0].split() == ["action", "reason", "type", "layers", "before", "after"]
+    assert compact[-1] == report.summary()
+    assert sorted(re.split(r"\s{2,}", row)[:4] for row in compact[2:-1]) == sorted(
+        [
+            ["converted", "Linear", "7", "144.00 KiB"],  # empty reason
+            ["skipped", NOT_TARGETED, "Linear", "4"],
+            ["skipped", USER_SKIP, "Linear", "3"],
+            ["skipped", OUTPUT_EMBEDDINGS, "Linear", "1"],
+        ]
+    )
 
 
 @pytest.mark.parametrize("architecture", ["llama-tied", "gpt2-conv1d"])
