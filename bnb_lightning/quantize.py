@@ -198,10 +198,10 @@ def quantize_model(
         report.modules.append(ModuleReport(name, type(layer).__name__, ALREADY_QUANTIZED, "", size, size))
     if foreign:
         warnings.warn(
-            f"{type(model).__name__} is already quantized by bitsandbytes outside bnb_lightning "
-            f"({len(foreign)} layers, e.g. {foreign[0]!r}; typically from_pretrained(quantization_config=...)). "
-            "bnb_lightning leaves it as it is. To let bnb_lightning quantize it, load the model without "
-            "quantization_config.",
+            f"{type(model).__name__} is already quantized: it has {len(foreign)} bitsandbytes layers that "
+            f"quantize_model did not create (e.g. {foreign[0]!r}), typically from "
+            "from_pretrained(quantization_config=...) or replace_with_bnb_linear(). quantize_model leaves it "
+            "as it is. To let quantize_model quantize it, load the model without quantization_config.",
             stacklevel=2,
         )
         return report
