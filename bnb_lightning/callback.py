@@ -164,7 +164,9 @@ def _is_supported_strategy(strategy: Any) -> bool:
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 
     # DeepSpeed subclasses DDPStrategy but shards and casts parameters its own way.
-    return isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not isinstance(strategy, DeepSpeedStrategy)
+    return isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not isinstance(
+        strategy, DeepSpeedStrategy
+    )
 
 
 def _is_peft_config(value: Any) -> bool:

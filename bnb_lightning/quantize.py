@@ -122,9 +122,6 @@ def _convert(module: nn.Module, config: QuantizationConfig, device: torch.device
     if module.bias is not None:
         layer.bias = nn.Parameter(module.bias.detach().to(device), requires_grad=False)
     setattr(layer, _OWN_LAYER, True)
-    # A new module starts in training mode. bitsandbytes picks its kernels by mode (on CPU, LLM.int8
-    # dequantizes in training mode), so an eval model given training layers computes different outputs.
-    layer.train(module.training)
     return layer
 
 

@@ -70,6 +70,9 @@ def new_bnb_linear(
     # Kept so a Conv1D weight (stored transposed) is transposed when loaded, as transformers does.
     layer.source_cls = type(module)
     layer.requires_grad_(False)
+    # A new module starts in training mode. bitsandbytes picks its kernels by mode (on CPU, LLM.int8
+    # dequantizes in training mode), so an eval model given training layers computes different outputs.
+    layer.train(module.training)
     return layer
 
 

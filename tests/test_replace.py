@@ -599,3 +599,11 @@ def test_set_module_8bit_tensor_to_device_is_a_deprecated_alias():
     set_module_quantized_tensor_to_device(new, "proj.weight", "cpu", weight, quantized_stats=stats)
     assert torch.equal(old.proj.weight.data, new.proj.weight.data)
     assert torch.equal(old.proj.weight.SCB, new.proj.weight.SCB)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_replaced_layers_follow_the_model_train_eval_mode(training):
+    model = tiny_llama(tie=False).train(training)
+    replace_with_bnb_linear(model, quantization_config=QuantizationConfig(bits=8))
+    assert isinstance(model.model.layers[0].mlp.up_proj, bnb.nn.Linear8bitLt)
+    assert model.model.layers[0].mlp.up_proj.training is training
