@@ -56,6 +56,16 @@ class TiedMLP(nn.Module):
         return self.head(self.norm(hidden))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine, handing each small
+    bitsandbytes op to two threads makes it about ten times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tokens() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))

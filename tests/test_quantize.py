@@ -44,16 +44,6 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny layers gain nothing from intra-op threads, and on a busy 2-core machine handing each small
-    bitsandbytes op to two threads makes it about ten times slower. Restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _bnb_layer_names(model: nn.Module) -> list[str]:
     return sorted(name for name, module in model.named_modules() if is_bnb_linear(module))
 
