@@ -21,16 +21,6 @@ def example(monkeypatch):
     return qlora_finetune
 
 
-@pytest.fixture
-def one_thread():
-    # Several test processes often share a 2-core box; with two OpenMP threads each, every parallel
-    # region waits for a descheduled thread and a step gets ten times slower. One thread avoids that.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class BaseSnapshot(pl.Callback):
     """The model's state_dict when training starts and when it ends, split into base and LoRA entries.
 
@@ -77,7 +67,7 @@ def _same(a: object, b: object) -> bool:
     [(4, 40, torch.uint8), (8, 20, torch.int8)],
     ids=["nf4", "int8"],
 )
-def test_example_trains_only_the_adapters(example, one_thread, bits, steps, packed_dtype):
+def test_example_trains_only_the_adapters(example, bits, steps, packed_dtype):
     snapshot = BaseSnapshot()
     lines = LogLines()
     lightning_logger = logging.getLogger("lightning.pytorch")
@@ -119,7 +109,7 @@ def test_example_trains_only_the_adapters(example, one_thread, bits, steps, pack
     assert lora and unchanged_lora == []
 
 
-def test_example_with_a_local_transformers_model(example, one_thread, tmp_path):
+def test_example_with_a_local_transformers_model(example, tmp_path):
     """``--model DIR`` loads a saved model and its own tokenizer (here a GPT-2 with Conv1D layers)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
