@@ -168,7 +168,9 @@ class LossHistory(pl.Callback):
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description="QLoRA fine-tuning with PyTorch Lightning and BnbQuantization."
+    )
     parser.add_argument("--model", help="local transformers model directory (default: a tiny random Llama)")
     parser.add_argument("--data", help=f"UTF-8 text file to train on (default: {DEFAULT_DATA.name})")
     parser.add_argument("--bits", type=int, choices=(4, 8), default=4)
