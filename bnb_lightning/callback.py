@@ -7,6 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from peft import PeftConfig
 from torch import nn
 
 from .backend import check_device_supported, is_bnb_linear, is_plain_linear
@@ -36,8 +37,8 @@ class BnbQuantization(Callback):
     only they train.
 
     Args:
-        config: a :class:`~bnb_lightning.QuantizationConfig` (or a dict of its fields, or a
-            transformers ``BitsAndBytesConfig``). Default: NF4 with double quantization, compute
+        config: a :class:`~bnb_lightning.QuantizationConfig` (a dict of its fields or a
+            transformers ``BitsAndBytesConfig`` are accepted too). Default: NF4 with double quantization, compute
             dtype from the Trainer's precision.
         peft_config: a PEFT config, e.g. ``peft.LoraConfig(r=16, target_modules="all-linear")``.
         gradient_checkpointing: ``True``/``False`` turns checkpointing of the transformers model on
@@ -57,13 +58,13 @@ class BnbQuantization(Callback):
 
     def __init__(
         self,
-        config: QuantizationConfig | dict[str, Any] | None = None,
-        peft_config: Any = None,
+        config: QuantizationConfig | None = None,
+        peft_config: PeftConfig | None = None,
         gradient_checkpointing: bool | None = None,
         upcast_to_float32: bool = False,
     ) -> None:
         self.config = as_quantization_config(config)
-        if peft_config is not None and not _is_peft_config(peft_config):
+        if peft_config is not None and not isinstance(peft_config, PeftConfig):
             raise TypeError(
                 f"peft_config must be a PEFT config such as peft.LoraConfig(...), got {type(peft_config).__name__}."
             )
@@ -167,11 +168,3 @@ def _is_supported_strategy(strategy: Any) -> bool:
     return isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not isinstance(
         strategy, DeepSpeedStrategy
     )
-
-
-def _is_peft_config(value: Any) -> bool:
-    try:
-        from peft import PeftConfig
-    except ImportError:
-        return False
-    return isinstance(value, PeftConfig)

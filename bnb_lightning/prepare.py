@@ -6,6 +6,7 @@ norms and embeddings stay in the model's dtype, which keeps training at half-pre
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backend import is_quantized_parameter
+from .backend import is_quantized_parameter, require_bitsandbytes
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def inject_adapters(model: nn.Module, peft_config: Any) -> nn.Module:
 
     Adapters go into the transformers model inside ``model`` when there is exactly one (so
     ``target_modules="all-linear"`` and model-type defaults work), otherwise into ``model``.
-    Parameters outside that root are frozen too.
+    Parameters outside that root are frozen too. ``peft_config`` itself is not modified.
 
     Returns:
         The module the adapters were injected into.
@@ -141,13 +142,39 @@ def inject_adapters(model: nn.Module, peft_config: Any) -> nn.Module:
 
     roots = transformers_models(model)
     root = roots[0] if len(roots) == 1 else model
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    inject_adapter_in_model(peft_config, root)
+    # PEFT wraps bitsandbytes layers in its bitsandbytes-aware LoRA layers (dtype handling, merging)
+    # only when the model says it is loaded in 4/8-bit, as transformers' quantized models do. Say so
+    # on this instance while injecting, and take it back afterwards.
+    bnb = require_bitsandbytes()
+    layers = list(model.modules())
+    flags = [
+        flag
+        for flag, layer_type in (
+            ("is_loaded_in_4bit", bnb.nn.Linear4bit),
+            ("is_loaded_in_8bit", bnb.nn.Linear8bitLt),
+        )
+        if any(isinstance(layer, layer_type) for layer in layers)
+    ]
+    previous = {flag: vars(root)[flag] for flag in flags if flag in vars(root)}
+    for flag in flags:
+        setattr(root, flag, True)
+    try:
+        # PEFT rewrites some fields (e.g. "all-linear" into layer names): keep the user's config intact.
+        inject_adapter_in_model(copy.deepcopy(peft_config), root)
+    finally:
+        for flag in flags:
+            if flag in previous:
+                setattr(root, flag, previous[flag])
+            else:
+                delattr(root, flag)
     if not any(p.requires_grad for p in root.parameters()):
         raise ValueError(
             f"the peft config added no trainable parameter to {type(root).__name__}: its target_modules "
             f"{getattr(peft_config, 'target_modules', None)!r} match no layer. Pass module names that exist, "
             "e.g. target_modules=['q_proj', 'v_proj'] or 'all-linear'."
         )
+    in_root = {id(p) for p in root.parameters()}
+    for parameter in model.parameters():
+        if id(parameter) not in in_root:
+            parameter.requires_grad_(False)
     return root

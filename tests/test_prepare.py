@@ -1,0 +1,130 @@
+"""Training preparation and adapter injection, as plain functions."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from conftest import TiedMLP, tiny_gpt2, tiny_llama
+from peft import LoraConfig
+from peft.tuners.lora import bnb as lora_bnb
+from torch import nn
+
+from bnb_lightning import (
+    QuantizationConfig,
+    count_parameters,
+    inject_adapters,
+    prepare_for_kbit_training,
+    quantize_model,
+)
+
+
+def quantized_llama(bits: int = 4, dtype: torch.dtype = torch.float32) -> nn.Module:
+    model = tiny_llama(dtype=dtype).train()
+    quantize_model(model, QuantizationConfig(bits=bits), device="cpu")
+    return model
+
+
+@pytest.mark.parametrize(("bits", "lora_type"), [(4, lora_bnb.Linear4bit), (8, lora_bnb.Linear8bitLt)])
+def test_adapters_use_peft_bitsandbytes_layers(bits, lora_type):
+    model = quantized_llama(bits)
+    inject_adapters(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert type(q_proj) is lora_type
+    # The 4/8-bit flag PEFT reads was only lent for the injection.
+    assert not hasattr(model, "is_loaded_in_4bit") and not hasattr(model, "is_loaded_in_8bit")
+    tokens = torch.arange(16).view(1, 16)
+    loss = model(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+    assert torch.isfinite(loss) and q_proj.lora_A["default"].weight.grad is not None
+
+
+def test_only_adapters_train_and_parameters_outside_the_model_are_frozen():
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = quantized_llama()
+            self.value_head = nn.Linear(64, 1)
+
+    wrapper = Wrapper()
+    root = inject_adapters(wrapper, LoraConfig(r=4, target_modules="all-linear"))
+    assert root is wrapper.model
+    trainable = [name for name, p in wrapper.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    assert not wrapper.value_head.weight.requires_grad
+
+
+def test_the_users_peft_config_is_left_as_given():
+    config = LoraConfig(r=4, target_modules="all-linear")
+    inject_adapters(quantized_llama(), config)
+    assert config.target_modules == "all-linear"
+    gpt2 = tiny_gpt2().train()
+    quantize_model(gpt2, QuantizationConfig(bits=4), device="cpu")
+    inject_adapters(gpt2, config)  # the same config serves a second, different model
+    assert any("lora_A" in name for name, _ in gpt2.named_parameters())
+
+
+def test_adapters_on_a_plain_module_by_name():
+    model = TiedMLP()
+    quantize_model(model, QuantizationConfig(bits=4), device="cpu")
+    inject_adapters(model, LoraConfig(r=4, target_modules=["up", "down"]))
+    assert type(model.up) is lora_bnb.Linear4bit
+    assert model.head.weight is model.embed.weight and not model.head.weight.requires_grad
+
+
+def test_target_modules_matching_nothing_fail():
+    with pytest.raises(ValueError, match="not_a_layer"):
+        inject_adapters(quantized_llama(), LoraConfig(r=4, target_modules=["not_a_layer"]))
+
+
+def test_gradient_checkpointing_on_off_and_kept():
+    model = quantized_llama()
+    assert prepare_for_kbit_training(model) is False
+    assert prepare_for_kbit_training(model, gradient_checkpointing=True) is True
+    layer = model.model.layers[0]
+    assert (
+        layer.gradient_checkpointing and layer._gradient_checkpointing_func.keywords["use_reentrant"] is False
+    )
+    # None keeps it on (non-reentrant); False turns it off.
+    assert prepare_for_kbit_training(model) is True
+    assert prepare_for_kbit_training(model, gradient_checkpointing=False) is False
+    assert not layer.gradient_checkpointing
+
+
+def test_checkpointed_training_reaches_the_adapters():
+    model = quantized_llama()
+    prepare_for_kbit_training(model, gradient_checkpointing=True)
+    inject_adapters(model, LoraConfig(r=4, target_modules="all-linear"))
+    tokens = torch.arange(32).remainder(5).view(2, 16)
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_gradient_checkpointing_needs_a_transformers_model():
+    model = TiedMLP()
+    with pytest.raises(ValueError, match="gradient_checkpointing=True needs a transformers model"):
+        prepare_for_kbit_training(model, gradient_checkpointing=True)
+
+
+@pytest.mark.parametrize("upcast", [False, True])
+def test_upcast_only_when_asked_and_never_the_quantized_weights(upcast):
+    model = quantized_llama(dtype=torch.bfloat16)
+    prepare_for_kbit_training(model, upcast_to_float32=upcast)
+    expected = torch.float32 if upcast else torch.bfloat16
+    assert model.model.norm.weight.dtype == expected
+    assert model.model.embed_tokens.weight.dtype == expected
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.uint8
+
+
+def test_count_parameters_counts_packed_weights_by_their_unpacked_size():
+    reference = tiny_llama()
+    total = sum(p.numel() for p in reference.parameters())
+    model = quantized_llama()
+    assert isinstance(model.model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
+    counts = count_parameters(model)
+    assert counts.total == total and counts.trainable < total
+    inject_adapters(model, LoraConfig(r=4, target_modules=["q_proj"]))
+    counts = count_parameters(model)
+    assert counts.trainable == 2 * 4 * (64 + 64)  # two layers, A (4x64) and B (64x4)
+    assert "trainable parameters: 1,024 of" in str(counts)
