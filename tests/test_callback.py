@@ -64,6 +64,12 @@ def base_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items() if "lora_" not in k}
 
 
+def packed_keys(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """State keys of the quantized weights and their statistics (not biases, norms or embeddings)."""
+    layers = [name for name, m in module.named_modules() if isinstance(m, BNB_LAYERS)]
+    return [k for k in state if any(k.startswith(f"{name}.weight") or k == f"{name}.SCB" for name in layers)]
+
+
 def batches(n: int = 4, seq: int = 16):
     # A repeated pattern, so the loss can fall within a few steps.
     data = torch.arange(n * seq).remainder(7).view(n, seq)
@@ -137,11 +143,7 @@ def test_each_precision_keeps_quantized_weights_intact(tmp_path, precision, comp
     assert module.losses[-1] < module.losses[0]
     after = base_state(module)
     # The precision plugin may cast full-precision tensors; the packed weights and their statistics not.
-    packed = [
-        k
-        for k in after
-        if ".weight" in k and any(k.startswith(f"model.{n}.") for n in bnb_layer_names(module.model))
-    ]
+    packed = packed_keys(module, after)
     assert packed and all(torch.equal(after[k], snapshot.base[k]) for k in packed)
     trainable_dtypes = {p.dtype for p in module.parameters() if p.requires_grad}
     # Adapters train in float32 (Adam fails on float16, loses small steps in bfloat16), except
@@ -167,7 +169,8 @@ def test_cuda_precisions(tmp_path, precision):
     assert module.model.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.uint8
     assert module.losses[-1] < module.losses[0]
     after = base_state(module)
-    assert all(torch.equal(after[k].cpu(), snapshot.base[k].cpu()) for k in after if k.endswith("weight"))
+    packed = packed_keys(module, after)
+    assert packed and all(torch.equal(after[k].cpu(), snapshot.base[k].cpu()) for k in packed)
 
 
 @pytest.mark.parametrize("build", ["setup", "configure_model"])

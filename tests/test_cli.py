@@ -15,6 +15,8 @@ from torch import nn
 
 from bnb_lightning import BnbQuantization
 
+pytest.importorskip("jsonargparse", reason="LightningCLI needs the 'cli' extra (jsonargparse)")
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CONFIG = EXAMPLES / "cli_config.yaml"
 
