@@ -115,9 +115,7 @@ def _quantized_weight(module: nn.Module, layer: nn.Module, config: QuantizationC
 
 
 def _convert(module: nn.Module, config: QuantizationConfig, device: torch.device) -> nn.Module:
-    weight_dtype = module.weight.dtype
-    compute_dtype = config.compute_dtype or (weight_dtype if weight_dtype.is_floating_point else None)
-    layer = new_bnb_linear(module, config, compute_dtype)
+    layer = new_bnb_linear(module, config)
     layer.weight = _quantized_weight(module, layer, config, device)
     if module.bias is not None:
         layer.bias = nn.Parameter(module.bias.detach().to(device), requires_grad=False)

@@ -41,9 +41,13 @@ def as_quantization_config(config: Any) -> QuantizationConfig:
     return QuantizationConfig.from_bitsandbytes_config(config)
 
 
-def new_bnb_linear(
-    module: nn.Module, config: QuantizationConfig, compute_dtype: torch.dtype | None
-) -> nn.Module:
+def _compute_dtype(module: nn.Module, config: QuantizationConfig) -> torch.dtype | None:
+    # Unset means the replaced weight's own dtype: never a silent float32 compute on a half model.
+    weight_dtype = module.weight.dtype
+    return config.compute_dtype or (weight_dtype if weight_dtype.is_floating_point else None)
+
+
+def new_bnb_linear(module: nn.Module, config: QuantizationConfig) -> nn.Module:
     """An empty (meta) ``Linear4bit`` or ``Linear8bitLt`` shaped like ``module``, frozen."""
     bnb = require_bitsandbytes()
     in_features, out_features = linear_shape(module)
@@ -62,7 +66,7 @@ def new_bnb_linear(
                 in_features,
                 out_features,
                 has_bias,
-                compute_dtype=compute_dtype,
+                compute_dtype=_compute_dtype(module, config),
                 compress_statistics=config.double_quant,
                 quant_type=config.quant_type,
                 quant_storage=config.quant_storage,
@@ -117,9 +121,7 @@ def replace_with_bnb_linear(
             continue
         if config.target_modules is not None and not matches_any(full_name, config.target_modules):
             continue
-        weight_dtype = module.weight.dtype
-        compute_dtype = config.compute_dtype or (weight_dtype if weight_dtype.is_floating_point else None)
-        model.set_submodule(name, new_bnb_linear(module, config, compute_dtype))
+        model.set_submodule(name, new_bnb_linear(module, config))
         replaced += 1
     if replaced == 0:
         warnings.warn(
