@@ -5,12 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from peft import PeftConfig
 from torch import nn
 
 from .backend import check_device_supported, is_bnb_linear, is_plain_linear
+from .checkpoint import (
+    FileNamingCheckpointIO,
+    adapter_state_dict,
+    base_fingerprint,
+    config_differences,
+    config_record,
+    quantization_record,
+)
 from .config import QuantizationConfig, compute_dtype_for_precision
 from .prepare import cast_to_float32, count_parameters, inject_adapters, prepare_for_kbit_training
 from .quantize import quantize_model
@@ -62,6 +71,8 @@ class BnbQuantization(Callback):
         peft_config: PeftConfig | None = None,
         gradient_checkpointing: bool | None = None,
         upcast_to_float32: bool = False,
+        save_base_weights: bool = False,
+        check_base_on_resume: bool = True,
     ) -> None:
         self.config = as_quantization_config(config)
         if peft_config is not None and not isinstance(peft_config, PeftConfig):
@@ -72,16 +83,30 @@ class BnbQuantization(Callback):
             raise TypeError(
                 f"gradient_checkpointing must be True, False or None, got {gradient_checkpointing!r}."
             )
-        if not isinstance(upcast_to_float32, bool):
-            raise TypeError(f"upcast_to_float32 must be True or False, got {upcast_to_float32!r}.")
+        for name, flag in (
+            ("upcast_to_float32", upcast_to_float32),
+            ("save_base_weights", save_base_weights),
+            ("check_base_on_resume", check_base_on_resume),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}.")
         self.peft_config = peft_config
         self.gradient_checkpointing = gradient_checkpointing
         self.upcast_to_float32 = upcast_to_float32
+        self.save_base_weights = save_base_weights
+        self.check_base_on_resume = check_base_on_resume
         self.report: QuantizationReport | None = None
         self._done = False
+        self._config: QuantizationConfig | None = None
+        self._fingerprint: str | None = None
+        self._restored_trainables: dict[str, torch.Tensor] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not isinstance(trainer.strategy.checkpoint_io, FileNamingCheckpointIO):
+            # Undone in `teardown`: errors on reading a checkpoint name the file.
+            trainer.strategy.checkpoint_io = FileNamingCheckpointIO(trainer.strategy.checkpoint_io)
         if self._done:
+            self._watch_checkpoint_restore(pl_module)
             return
         config = self._config_for(trainer)
         if _has_linear_layers(pl_module):
@@ -100,6 +125,12 @@ class BnbQuantization(Callback):
 
         pl_module.configure_model = configure_model_then_quantize
 
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        vars(pl_module).pop("on_load_checkpoint", None)
+        if isinstance(trainer.strategy.checkpoint_io, FileNamingCheckpointIO):
+            trainer.strategy.checkpoint_io = trainer.strategy.checkpoint_io.inner
+        self._restored_trainables = {}
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Runs after the precision plugin converted the module, which would undo a cast made in
         # `setup`. The optimizer holds these same Parameter objects and has no state yet.
@@ -110,6 +141,62 @@ class BnbQuantization(Callback):
             # to NaN (float16, where Adam's eps underflows): what trains stays in float32, as in
             # PEFT. Under bf16-true the user asked for bfloat16 throughout, and gets it.
             cast_to_float32(pl_module, trainable_only=True)
+        # A resumed run continues from the checkpoint's exact values, not from their round trip
+        # through the precision plugin's cast (16-true would round float32 adapters to float16).
+        parameters = dict(pl_module.named_parameters())
+        with torch.no_grad():
+            for name, value in self._restored_trainables.items():
+                parameters[name].copy_(value)
+        self._restored_trainables = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._config is None:
+            return {}
+        return quantization_record(self._config, self._fingerprint, adapter_only=not self.save_base_weights)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self._done and not self.save_base_weights:
+            checkpoint["state_dict"] = adapter_state_dict(checkpoint["state_dict"], pl_module)
+
+    def _watch_checkpoint_restore(self, pl_module: pl.LightningModule) -> None:
+        # Lightning loads the module's weights (strictly) right after the module's own
+        # `on_load_checkpoint` hook and before any callback hears of the checkpoint. Wrap this
+        # instance's hook so an adapter-only checkpoint gets the frozen base from memory first;
+        # `teardown` removes the wrapper.
+        if "on_load_checkpoint" in vars(pl_module):
+            return
+        original = pl_module.on_load_checkpoint
+
+        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+            original(checkpoint)
+            self._complete_checkpoint(pl_module, checkpoint)
+
+        pl_module.on_load_checkpoint = on_load_checkpoint
+
+    def _complete_checkpoint(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        record = checkpoint.get("callbacks", {}).get(self.state_key) or {}
+        state = checkpoint["state_dict"]
+        differences = config_differences(record.get("config", {}), config_record(self._config))
+        if self.check_base_on_resume and record and differences:
+            raise ValueError(
+                f"the checkpoint was trained with another quantization config ({'; '.join(differences)}). "
+                "Resume with the config it was made with, or pass check_base_on_resume=False to load it anyway."
+            )
+        if self.check_base_on_resume and record.get("base_fingerprint") not in (None, self._fingerprint):
+            raise ValueError(
+                "the checkpoint's frozen base differs from the model being trained (fingerprint "
+                f"{record['base_fingerprint']} in the checkpoint, {self._fingerprint} now): it was trained on "
+                "other base weights. Load the same base model, or pass check_base_on_resume=False."
+            )
+        if record.get("adapter_only"):
+            # The frozen parameters load onto themselves; their quantization statistics stay as they are.
+            for name, parameter in pl_module.named_parameters(remove_duplicate=False):
+                if not parameter.requires_grad:
+                    state.setdefault(name, parameter.detach())
+        trainable = {name for name, p in pl_module.named_parameters() if p.requires_grad}
+        self._restored_trainables = {name: state[name] for name in trainable if name in state}
 
     def _config_for(self, trainer: pl.Trainer) -> QuantizationConfig:
         plugin = type(trainer.precision_plugin).__name__
@@ -143,15 +230,19 @@ class BnbQuantization(Callback):
     ) -> None:
         self.report = quantize_model(pl_module, config, device=trainer.strategy.root_device)
         self._done = True
+        self._config = config
         rank_zero_info(self.report.compact())
         checkpointing = prepare_for_kbit_training(
-            pl_module,
-            gradient_checkpointing=self.gradient_checkpointing,
-            upcast_to_float32=self.upcast_to_float32,
+            pl_module, gradient_checkpointing=self.gradient_checkpointing
         )
         if self.peft_config is not None:
             inject_adapters(pl_module, self.peft_config)
-            # Adapters are created on the CPU; the strategy moves them with the rest of the module.
+        if str(trainer.precision) != "bf16-true":
+            # Already here, so a checkpoint's float32 adapters are restored without rounding.
+            cast_to_float32(pl_module, trainable_only=True)
+        # Taken before any forward: bitsandbytes' CPU kernels rewrite 4-bit statistics on the first one.
+        self._fingerprint = base_fingerprint(pl_module)
+        self._watch_checkpoint_restore(pl_module)
         if checkpointing:
             rank_zero_info("bnb_lightning: gradient checkpointing is on (non-reentrant).")
         rank_zero_info(f"bnb_lightning: {count_parameters(pl_module)}")

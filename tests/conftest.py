@@ -13,15 +13,17 @@ warnings.filterwarnings("ignore", message=".*kernels.*")
 VOCAB = 256
 
 
-def tiny_llama(tie: bool = True, dtype: torch.dtype = torch.float32, seed: int = 0):
+def tiny_llama(
+    tie: bool = True, dtype: torch.dtype = torch.float32, seed: int = 0, hidden: int = 64, layers: int = 2
+):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=128,

@@ -1,0 +1,143 @@
+"""Adapter-only checkpoints: what to leave out, and how to tell that a base is the one trained on.
+
+A QLoRA checkpoint needs the trainable parameters and the training state, not gigabytes of frozen
+quantized weights that the run re-creates from the original model anyway. What it keeps instead is a
+record: the quantization config and a fingerprint of the frozen base, so a resume against another
+base or another config fails with a message instead of training on the wrong weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from lightning.fabric.plugins import CheckpointIO
+from torch import nn
+
+from .backend import is_bnb_linear
+from .config import QuantizationConfig
+
+RECORD_VERSION = 1
+# Bytes per chunk when fingerprinting, so a large tensor never needs a large temporary copy.
+_CHUNK = 1 << 24
+
+
+def frozen_state_keys(module: nn.Module) -> set[str]:
+    """State-dict keys of the frozen base: frozen parameters and the quantization statistics with them."""
+    keys = set(module.state_dict(keep_vars=True))
+    frozen: set[str] = set()
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        if not parameter.requires_grad:
+            frozen.update(key for key in keys if key == name or key.startswith(f"{name}."))
+    for name, layer in module.named_modules(remove_duplicate=False):
+        if is_bnb_linear(layer) and not layer.weight.requires_grad:
+            prefix = f"{name}." if name else ""
+            frozen.update(key for key in (f"{prefix}SCB", f"{prefix}weight_format") if key in keys)
+    return frozen
+
+
+def adapter_state_dict(state_dict: Mapping[str, Any], module: nn.Module) -> dict[str, Any]:
+    """``state_dict`` without the frozen base of ``module``: adapters, other trainables and buffers."""
+    frozen = frozen_state_keys(module)
+    return {key: value for key, value in state_dict.items() if key not in frozen}
+
+
+def _checksums(tensor: torch.Tensor) -> tuple[int, int]:
+    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    total = weighted = 0
+    for start in range(0, data.numel(), _CHUNK):
+        chunk = data[start : start + _CHUNK].to(torch.int64)
+        positions = torch.arange(start, start + chunk.numel(), device=chunk.device) % 65521 + 1
+        total += int(chunk.sum())
+        weighted += int((chunk * positions).sum())
+    return total, weighted
+
+
+def base_fingerprint(module: nn.Module) -> str:
+    """A short hash of the frozen base (quantized bytes, statistics, frozen full-precision weights).
+
+    Computed where the tensors live, a chunk at a time. Take it right after quantization: on CPUs
+    with AVX512-BF16, bitsandbytes rewrites 4-bit statistics on the first eval-mode forward.
+    """
+    state = module.state_dict()
+    digest = hashlib.sha256()
+    for key in sorted(frozen_state_keys(module)):
+        tensor = state[key]
+        total, weighted = _checksums(tensor)
+        digest.update(f"{key}|{tuple(tensor.shape)}|{tensor.dtype}|{total}|{weighted};".encode())
+    return digest.hexdigest()[:16]
+
+
+def config_record(config: QuantizationConfig) -> dict[str, Any]:
+    """The config as plain values (dtypes as names), for a checkpoint and for comparing."""
+    record = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, torch.dtype):
+            value = str(value).removeprefix("torch.")
+        elif isinstance(value, tuple):
+            value = list(value)
+        record[field.name] = value
+    return record
+
+
+def quantization_record(config: QuantizationConfig, fingerprint: str, adapter_only: bool) -> dict[str, Any]:
+    return {
+        "version": RECORD_VERSION,
+        "config": config_record(config),
+        "base_fingerprint": fingerprint,
+        "adapter_only": adapter_only,
+    }
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``field: saved -> current`` for each config field that differs."""
+    return [
+        f"{name}: {saved.get(name)!r} -> {current.get(name)!r}"
+        for name in sorted(set(saved) | set(current))
+        if saved.get(name) != current.get(name)
+    ]
+
+
+class FileNamingCheckpointIO(CheckpointIO):
+    """Lightning's checkpoint IO, with errors that name the file and say what is wrong with it.
+
+    Wraps the strategy's own IO (saving and removing go straight through); a file that cannot be
+    read, or is not a Lightning checkpoint, fails before anything is restored from it.
+    """
+
+    def __init__(self, inner: CheckpointIO) -> None:
+        self.inner = inner
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        options = {} if map_location is None else {"map_location": map_location}
+        try:
+            checkpoint = self.inner.load_checkpoint(path, weights_only=weights_only, **options)
+        except FileNotFoundError:
+            raise
+        except Exception as error:
+            raise ValueError(
+                f"checkpoint {os.fspath(path)!r} cannot be read ({type(error).__name__}: {error}); it is truncated "
+                "or not a file written by torch.save. Resume from another checkpoint, or start without ckpt_path."
+            ) from error
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise ValueError(
+                f"checkpoint {os.fspath(path)!r} is not a Lightning checkpoint (no 'state_dict' entry); resume from "
+                "a file written by Trainer.save_checkpoint or ModelCheckpoint."
+            )
+        return checkpoint
+
+    def remove_checkpoint(self, path: Any) -> None:
+        self.inner.remove_checkpoint(path)
+
+    def teardown(self) -> None:
+        self.inner.teardown()

@@ -1,0 +1,182 @@
+"""Checkpoints with BnbQuantization: adapter-only by default, exact resume, clear refusals."""
+
+from __future__ import annotations
+
+import pickle
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from peft import LoraConfig
+from test_callback import BNB_LAYERS, CausalLM, batches, lora, trainer
+
+from bnb_lightning import BnbQuantization, QuantizationConfig
+
+
+def fit(tmp_path, module, callbacks, ckpt_path=None, **kwargs):
+    run = trainer(tmp_path, callbacks, **kwargs)
+    run.fit(module, batches(n=8), ckpt_path=ckpt_path)
+    return run
+
+
+def checkpointing(tmp_path, every: int) -> ModelCheckpoint:
+    return ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=every, save_top_k=-1)
+
+
+def adapters(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_checkpoint_holds_adapters_and_a_quantization_record(tmp_path, bits):
+    module = CausalLM()
+    callback = BnbQuantization(QuantizationConfig(bits=bits), peft_config=lora())
+    fit(tmp_path, module, [callback, checkpointing(tmp_path, 4)], max_steps=4, enable_checkpointing=True)
+    (path,) = (tmp_path / "ckpt").glob("*.ckpt")
+    checkpoint = torch.load(path, weights_only=False)
+    assert checkpoint["state_dict"] and all("lora_" in key for key in checkpoint["state_dict"])
+    assert set(checkpoint["state_dict"]) == {n for n, p in module.named_parameters() if p.requires_grad}
+    assert checkpoint["optimizer_states"] and checkpoint["global_step"] == 4
+    record = checkpoint["callbacks"]["BnbQuantization"]
+    assert record["config"]["bits"] == bits and record["adapter_only"] is True
+    assert len(record["base_fingerprint"]) == 16
+
+
+def test_full_checkpoint_when_asked(tmp_path):
+    module = CausalLM()
+    callback = BnbQuantization(peft_config=lora(), save_base_weights=True)
+    fit(tmp_path, module, [callback, checkpointing(tmp_path, 4)], max_steps=4, enable_checkpointing=True)
+    (path,) = (tmp_path / "ckpt").glob("*.ckpt")
+    state = torch.load(path, weights_only=False)["state_dict"]
+    assert any(key.endswith(".weight.absmax") for key in state)
+    assert state.keys() == module.state_dict().keys()
+
+
+def test_adapter_only_checkpoint_is_a_small_fraction_of_the_full_one(tmp_path):
+    sizes = {}
+    for save_base in (False, True):
+        module = CausalLM(hidden=256, layers=2)
+        assert sum(p.numel() for p in module.parameters()) > 1_000_000
+        # Classic LoRA: rank 2 on the attention's query and value projections.
+        small_lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+        callback = BnbQuantization(peft_config=small_lora, save_base_weights=save_base)
+        run = fit(tmp_path / str(save_base), module, [callback], max_steps=1)
+        path = tmp_path / f"{save_base}.ckpt"
+        run.save_checkpoint(path)
+        sizes[save_base] = path.stat().st_size
+    assert sizes[False] < 0.1 * sizes[True], sizes
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_resume_continues_exactly(tmp_path, bits):
+    config = QuantizationConfig(bits=bits)
+    straight = CausalLM()
+    fit(tmp_path / "straight", straight, [BnbQuantization(config, peft_config=lora())], max_steps=8)
+
+    first_half = CausalLM()
+    fit(
+        tmp_path / "first",
+        first_half,
+        [BnbQuantization(config, peft_config=lora()), checkpointing(tmp_path, 4)],
+        max_steps=4,
+        enable_checkpointing=True,
+    )
+    (path,) = (tmp_path / "ckpt").glob("*.ckpt")
+    resumed = CausalLM()
+    fit(
+        tmp_path / "resumed",
+        resumed,
+        [BnbQuantization(config, peft_config=lora())],
+        ckpt_path=path,
+        max_steps=8,
+    )
+
+    assert first_half.losses + resumed.losses == straight.losses
+    expected, got = adapters(straight), adapters(resumed)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+    assert all(
+        isinstance(m, BNB_LAYERS) for n, m in resumed.named_modules() if n.endswith("q_proj.base_layer")
+    )
+
+
+@pytest.fixture
+def saved_checkpoint(tmp_path):
+    fit(
+        tmp_path / "run",
+        CausalLM(),
+        [
+            BnbQuantization(QuantizationConfig(quant_type="nf4"), peft_config=lora()),
+            checkpointing(tmp_path, 4),
+        ],
+        max_steps=4,
+        enable_checkpointing=True,
+    )
+    (path,) = (tmp_path / "ckpt").glob("*.ckpt")
+    return path
+
+
+def test_resume_with_another_quantization_config_is_refused(tmp_path, saved_checkpoint):
+    callback = BnbQuantization(QuantizationConfig(quant_type="fp4"), peft_config=lora())
+    with pytest.raises(ValueError, match=r"another quantization config \(quant_type: 'nf4' -> 'fp4'\)"):
+        fit(tmp_path, CausalLM(), [callback], ckpt_path=saved_checkpoint, max_steps=8)
+
+
+def test_resume_on_another_base_is_refused_unless_allowed(tmp_path, saved_checkpoint):
+    class OtherBase(CausalLM):
+        def __init__(self):
+            super().__init__()
+            from conftest import tiny_llama
+
+            self.model = tiny_llama(seed=1).train()
+
+    with pytest.raises(ValueError, match="frozen base differs.*other base weights"):
+        fit(
+            tmp_path,
+            OtherBase(),
+            [BnbQuantization(peft_config=lora())],
+            ckpt_path=saved_checkpoint,
+            max_steps=8,
+        )
+    module = OtherBase()
+    callback = BnbQuantization(peft_config=lora(), check_base_on_resume=False)
+    fit(tmp_path, module, [callback], ckpt_path=saved_checkpoint, max_steps=8)
+    assert len(module.losses) == 4
+
+
+def test_truncated_checkpoint_names_the_file(tmp_path, saved_checkpoint):
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(saved_checkpoint.read_bytes()[:2000])
+    with pytest.raises(ValueError, match=r"truncated\.ckpt.*cannot be read"):
+        fit(tmp_path, CausalLM(), [BnbQuantization(peft_config=lora())], ckpt_path=truncated, max_steps=8)
+
+
+def test_foreign_file_names_the_file(tmp_path):
+    foreign = tmp_path / "weights.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(ValueError, match=r"weights\.pt.*is not a Lightning checkpoint"):
+        fit(tmp_path, CausalLM(), [BnbQuantization(peft_config=lora())], ckpt_path=foreign, max_steps=8)
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path):
+    class Unpicklable:
+        def __reduce__(self):
+            raise pickle.PicklingError("disk full (simulated inside the writer)")
+
+    class FailSecondSave(pl.Callback):
+        saves = 0
+
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            self.saves += 1
+            if self.saves == 2:
+                checkpoint["poison"] = Unpicklable()
+
+    path = tmp_path / "model.ckpt"
+    run = fit(tmp_path, CausalLM(), [BnbQuantization(peft_config=lora()), FailSecondSave()], max_steps=2)
+    run.save_checkpoint(path)
+    before = path.read_bytes()
+    with pytest.raises(pickle.PicklingError, match="simulated inside the writer"):
+        run.save_checkpoint(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".ckpt"] == ["model.ckpt"]
