@@ -180,3 +180,19 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path):
         run.save_checkpoint(path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.suffix == ".ckpt"] == ["model.ckpt"]
+
+
+def test_validate_from_an_adapter_only_checkpoint(tmp_path):
+    trained = CausalLM()
+    callback = BnbQuantization(peft_config=lora())
+    run = fit(tmp_path / "run", trained, [callback], max_steps=6, limit_val_batches=2)
+    path = tmp_path / "adapters.ckpt"
+    run.save_checkpoint(path)
+    expected = run.validate(trained, batches(n=8))[0]["val_loss"]
+
+    fresh = CausalLM()
+    evaluation = trainer(tmp_path / "eval", [BnbQuantization(peft_config=lora())], limit_val_batches=2)
+    before = evaluation.validate(fresh, batches(n=8))[0]["val_loss"]
+    evaluation = trainer(tmp_path / "eval", [BnbQuantization(peft_config=lora())], limit_val_batches=2)
+    restored = evaluation.validate(CausalLM(), batches(n=8), ckpt_path=path)[0]["val_loss"]
+    assert restored == pytest.approx(expected, abs=1e-6) and abs(before - expected) > 1e-3
