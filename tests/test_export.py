@@ -1,0 +1,468 @@
+"""Export: adapters in PEFT's format, a merged full-precision model, atomic writes, loader errors."""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+from pathlib import Path
+
+import bitsandbytes as bnb
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import TiedMLP, tiny_gpt2, tiny_llama
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import safe_open
+from safetensors.torch import load_file, load_model, save_file
+from torch.utils.data import DataLoader
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from bnb_lightning import BnbQuantization, QuantizationConfig, inject_adapters, quantize_model
+from bnb_lightning.export import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    MergeToleranceError,
+    dequantized_weight,
+    export_adapters,
+    export_merged,
+    load_adapters,
+    merged_model,
+)
+
+BNB_CONFIGS = {
+    4: dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
+    8: dict(load_in_8bit=True),
+}
+TIE = pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+BITS = pytest.mark.parametrize("bits", [4, 8])
+
+
+def lora(**kwargs) -> LoraConfig:
+    return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **kwargs)
+
+
+def trained_model(bits: int, tie: bool = True, dtype: torch.dtype = torch.float32, steps: int = 3):
+    """A quantized tiny Llama whose LoRA adapters took a few optimizer steps (so B is not zero)."""
+    model = tiny_llama(tie=tie, dtype=dtype).train()
+    quantize_model(model, QuantizationConfig(bits=bits), device="cpu")
+    inject_adapters(model, lora(task_type="CAUSAL_LM"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    tokens = torch.arange(32).remainder(7).view(2, 16)
+    for _ in range(steps):
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    return model.eval()
+
+
+def logits(model, tokens) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.endswith((".partial", ".previous", ".tmp")))
+
+
+# -- adapters -------------------------------------------------------------------------------------------------
+
+
+@TIE
+@BITS
+def test_adapters_load_with_peft_on_the_original_base_with_identical_logits(tmp_path, tokens, bits, tie):
+    tiny_llama(tie=tie).save_pretrained(tmp_path / "base")
+    model = trained_model(bits, tie)
+    before = logits(model, tokens)  # on CPUs with AVX512-BF16 this repacks the 4-bit weights
+    export_adapters(model, tmp_path / "adapters")
+    # Exporting leaves the model alone (bitsandbytes' state_dict() would undo the repacking, lossily).
+    assert torch.equal(logits(model, tokens), before)
+
+    base = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", quantization_config=BitsAndBytesConfig(**BNB_CONFIGS[bits]), device_map="cpu"
+    )
+    reference = PeftModel.from_pretrained(base, tmp_path / "adapters")
+    # Same quantized bytes, same adapter weights, same PEFT layers and kernels: bit-identical.
+    assert torch.equal(logits(model, tokens), logits(reference, tokens))
+
+
+def test_adapter_files_are_what_peft_save_pretrained_writes(tmp_path):
+    model = trained_model(4)
+    export_adapters(model, tmp_path / "ours", base_model_name_or_path=str(tmp_path / "base"))
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", quantization_config=BitsAndBytesConfig(**BNB_CONFIGS[4]), device_map="cpu"
+    )
+    base.name_or_path = str(tmp_path / "base")
+    get_peft_model(base, lora(task_type="CAUSAL_LM")).save_pretrained(tmp_path / "peft")
+
+    ours, theirs = tmp_path / "ours" / ADAPTER_WEIGHTS, tmp_path / "peft" / ADAPTER_WEIGHTS
+    with safe_open(ours, "pt") as mine, safe_open(theirs, "pt") as peft_file:
+        assert mine.metadata() == peft_file.metadata() == {"format": "pt"}
+        assert sorted(mine.keys()) == sorted(peft_file.keys())
+        for key in mine.keys():
+            assert mine.get_slice(key).get_shape() == peft_file.get_slice(key).get_shape(), key
+            assert mine.get_slice(key).get_dtype() == peft_file.get_slice(key).get_dtype(), key
+    config = json.loads((tmp_path / "ours" / ADAPTER_CONFIG).read_text())
+    reference = json.loads((tmp_path / "peft" / ADAPTER_CONFIG).read_text())
+    config["target_modules"], reference["target_modules"] = (
+        sorted(config["target_modules"]),
+        sorted(reference["target_modules"]),
+    )
+    assert config == reference
+    assert config["inference_mode"] is True and config["base_model_name_or_path"] == str(tmp_path / "base")
+    # The model keeps its own config as it was.
+    assert model.peft_config["default"].inference_mode is False
+
+
+def test_export_from_a_lightning_module_trained_with_the_callback(tmp_path, tokens):
+    class CausalLM(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = tiny_llama().train()
+
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch, labels=batch).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+    module = CausalLM()
+    callback = BnbQuantization(QuantizationConfig(bits=4), peft_config=lora())
+    pl.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+    ).fit(module, DataLoader(list(torch.arange(64).remainder(7).view(4, 16)), batch_size=2))
+
+    export_adapters(module, tmp_path / "adapters")
+    result = export_merged(module, tmp_path / "merged", tokens)
+
+    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    difference = (logits(reloaded, tokens) - logits(module.model, tokens)).abs().max().item()
+    assert difference == result.max_abs_diff
+
+
+def test_export_adapters_needs_adapters(tmp_path):
+    model = tiny_llama()
+    quantize_model(model, QuantizationConfig(bits=4), device="cpu")
+    with pytest.raises(ValueError, match="has no PEFT adapters to export; add them with"):
+        export_adapters(model, tmp_path / "adapters")
+    inject_adapters(model, lora())
+    with pytest.raises(
+        ValueError, match=r"adapter_name='other' is not an adapter of .* it has \['default'\]"
+    ):
+        export_adapters(model, tmp_path / "adapters", adapter_name="other")
+    assert not (tmp_path / "adapters").exists()
+
+
+# -- loading adapters -----------------------------------------------------------------------------------------
+
+
+@BITS
+def test_load_adapters_restores_the_trained_model(tmp_path, tokens, bits):
+    model = trained_model(bits)
+    export_adapters(model, tmp_path / "adapters")
+    expected = logits(model, tokens)
+
+    fresh = tiny_llama()
+    quantize_model(fresh, QuantizationConfig(bits=bits), device="cpu")
+    root = load_adapters(fresh, tmp_path / "adapters")  # injects them from adapter_config.json
+    assert root is fresh
+    assert torch.equal(logits(fresh.eval(), tokens), expected)
+    # Loaded adapters train; nothing else does.
+    trainable = [n for n, p in fresh.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+    injected = tiny_llama()
+    quantize_model(injected, QuantizationConfig(bits=bits), device="cpu")
+    inject_adapters(injected, lora())
+    load_adapters(injected, tmp_path / "adapters")  # into adapters that are already there
+    assert torch.equal(logits(injected.eval(), tokens), expected)
+
+
+@pytest.mark.parametrize("missing", [ADAPTER_WEIGHTS, ADAPTER_CONFIG])
+def test_load_adapters_names_the_missing_file(tmp_path, missing):
+    model = trained_model(4, steps=1)
+    export_adapters(model, tmp_path / "adapters")
+    (tmp_path / "adapters" / missing).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path / 'adapters' / missing} is missing"):
+        load_adapters(model, tmp_path / "adapters")
+    with pytest.raises(FileNotFoundError, match=rf"adapter directory {tmp_path / 'nowhere'} does not exist"):
+        load_adapters(model, tmp_path / "nowhere")
+
+
+def test_load_adapters_refuses_a_dtype_that_would_round_and_names_the_file(tmp_path):
+    model = trained_model(4, steps=1)
+    export_adapters(model, tmp_path / "adapters")
+    path = tmp_path / "adapters" / ADAPTER_WEIGHTS
+    save_file({k: v.double() for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
+    before = {n: p.clone() for n, p in model.named_parameters() if "lora_" in n}
+
+    with pytest.raises(
+        ValueError, match=rf"{path}: '.*lora_A.weight' is torch.float64, the model's adapter is torch.float32"
+    ):
+        load_adapters(model, tmp_path / "adapters")
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if "lora_" in n)
+
+    # A lossless upcast loads: bfloat16 adapters into float32 ones.
+    save_file({k: v.bfloat16() for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
+    load_adapters(model, tmp_path / "adapters")
+    lora_a = model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    assert torch.equal(
+        lora_a, before["model.layers.0.self_attn.q_proj.lora_A.default.weight"].bfloat16().float()
+    )
+
+
+def test_load_adapters_refuses_another_rank_and_names_the_file(tmp_path):
+    model = trained_model(4, steps=1)
+    export_adapters(model, tmp_path / "adapters")
+    other = tiny_llama()
+    quantize_model(other, QuantizationConfig(bits=4), device="cpu")
+    inject_adapters(other, LoraConfig(r=8, target_modules="all-linear"))
+    path = tmp_path / "adapters" / ADAPTER_WEIGHTS
+    with pytest.raises(ValueError, match=rf"{path}: '.*' has shape \(4, 64\), the model's adapter \(8, 64\)"):
+        load_adapters(other, tmp_path / "adapters")
+    narrower = tiny_llama()
+    quantize_model(narrower, QuantizationConfig(bits=4), device="cpu")
+    inject_adapters(narrower, LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(
+        ValueError, match=rf"{path} does not hold the adapters of LlamaForCausalLM: missing \[\]"
+    ):
+        load_adapters(narrower, tmp_path / "adapters")
+
+
+# -- merged model ---------------------------------------------------------------------------------------------
+
+
+@TIE
+@BITS
+def test_merged_export_reloads_with_transformers(tmp_path, tokens, bits, tie):
+    model = trained_model(bits, tie)
+    before = logits(model, tokens)
+    result = export_merged(model, tmp_path / "merged", tokens)
+
+    assert result.dtype == torch.float32 and result.path == tmp_path / "merged"
+    # The merge is exact up to how the quantized kernels round (bitsandbytes' bf16 CPU kernels, LLM.int8's
+    # int8 activations): well under 1% of the largest logit here.
+    assert 0 < result.max_abs_diff < 0.01 * before.abs().max().item()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert reloaded.dtype == torch.float32
+    assert not any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in reloaded.modules())
+    assert (logits(reloaded, tokens) - before).abs().max().item() == result.max_abs_diff
+    assert (reloaded.lm_head.weight is reloaded.model.embed_tokens.weight) is tie
+    with safe_open(tmp_path / "merged" / "model.safetensors", "pt") as weights:
+        assert ("lm_head.weight" in weights.keys()) is not tie
+        assert not any("lora" in key for key in weights.keys())
+
+    # The training model is untouched: still quantized, adapters in place, same logits.
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer.base_layer, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+    assert layer.lora_A["default"].weight.requires_grad
+    assert torch.equal(logits(model, tokens), before)
+
+
+@BITS
+def test_merged_weights_equal_transformers_dequantize_then_peft_merge(tmp_path, bits):
+    tiny_llama(tie=False).save_pretrained(tmp_path / "base")
+    model = trained_model(bits, tie=False)
+    export_adapters(model, tmp_path / "adapters")
+    base = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", quantization_config=BitsAndBytesConfig(**BNB_CONFIGS[bits]), device_map="cpu"
+    )
+    reference = PeftModel.from_pretrained(base.dequantize(), tmp_path / "adapters").merge_and_unload()
+
+    merged, expected = merged_model(model).state_dict(), reference.state_dict()
+    assert merged.keys() == expected.keys()
+    assert all(torch.equal(merged[key], expected[key]) for key in merged)
+
+
+def test_dequantization_follows_the_cpu_repacking_of_4bit_weights(tokens):
+    # On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights at the first eval forward and keeps
+    # their scales in bfloat16 from then on; the dequantized weight must follow what the layer computes.
+    model = tiny_llama()
+    quantize_model(model, QuantizationConfig(bits=4), device="cpu")
+    layer = model.model.layers[0].mlp.up_proj
+    before = dequantized_weight(layer)
+    logits(model, tokens)
+    after = dequantized_weight(layer)
+    assert torch.allclose(after, before, rtol=2**-8, atol=0)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(layer(x), x @ after.T, atol=5e-3)
+
+
+def test_merged_export_in_the_base_dtype(tmp_path, tokens):
+    model = trained_model(4, tie=False, dtype=torch.bfloat16)
+    result = export_merged(model, tmp_path / "merged", tokens)
+    assert result.dtype == torch.bfloat16 and result.max_abs_diff <= result.tolerance
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
+
+    float32 = export_merged(model, tmp_path / "float32", tokens, dtype="float32")
+    assert float32.dtype == torch.float32
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "float32").dtype == torch.float32
+
+
+def test_merged_gpt2_keeps_conv1d_layers(tmp_path, tokens):
+    model = tiny_gpt2().train()
+    quantize_model(model, QuantizationConfig(bits=4), device="cpu")
+    inject_adapters(model, lora(init_lora_weights=False))
+    result = export_merged(model, tmp_path / "merged", tokens)
+    reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", output_loading_info=True)
+    assert not any(info.values()), info  # every weight in the shape GPT-2's Conv1D layers expect
+    assert (logits(reloaded, tokens) - logits(model.eval(), tokens)).abs().max().item() == result.max_abs_diff
+
+
+def test_merged_plain_module_as_safetensors(tmp_path, tokens):
+    model = TiedMLP()
+    quantize_model(model, QuantizationConfig(bits=8), device="cpu")
+    inject_adapters(model, LoraConfig(r=4, target_modules=["up", "down"], init_lora_weights=False))
+    result = export_merged(model, tmp_path / "merged", tokens)
+    reloaded = TiedMLP()
+    load_model(reloaded, tmp_path / "merged" / "model.safetensors")
+    assert reloaded.head.weight is reloaded.embed.weight
+    with torch.no_grad():
+        difference = (reloaded(tokens) - model.eval()(tokens)).abs().max().item()
+    assert difference == result.max_abs_diff
+
+
+def test_merged_export_uses_the_trained_copy_of_modules_to_save(tmp_path, tokens):
+    tiny_llama(tie=False).save_pretrained(tmp_path / "base")
+    model = tiny_llama(tie=False).train()
+    quantize_model(model, QuantizationConfig(bits=4), device="cpu")
+    inject_adapters(model, lora(modules_to_save=["lm_head"]))
+    trained_head = model.lm_head.modules_to_save["default"]
+    with torch.no_grad():
+        trained_head.weight.add_(0.1)
+    model.eval()
+
+    result = export_merged(model, tmp_path / "merged", tokens)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert torch.equal(reloaded.lm_head.weight, trained_head.weight)
+    assert (logits(reloaded, tokens) - logits(model, tokens)).abs().max().item() == result.max_abs_diff
+
+    export_adapters(model, tmp_path / "adapters")
+    base = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", quantization_config=BitsAndBytesConfig(**BNB_CONFIGS[4]), device_map="cpu"
+    )
+    reference = PeftModel.from_pretrained(base, tmp_path / "adapters")
+    assert torch.equal(logits(model, tokens), logits(reference, tokens))
+
+
+def test_merge_refuses_dora_and_tied_layers(tmp_path, tokens):
+    model = tiny_llama()
+    quantize_model(model, QuantizationConfig(bits=4), device="cpu")
+    inject_adapters(model, LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(NotImplementedError, match="'model.layers.0.self_attn.q_proj' is a LoRA variant"):
+        export_merged(model, tmp_path / "merged", tokens)
+
+    tied = TiedMLP()
+    quantize_model(tied, QuantizationConfig(bits=4), device="cpu")
+    inject_adapters(tied, LoraConfig(r=4, target_modules=["head"]))
+    with pytest.raises(ValueError, match="cannot merge adapters into 'head': its weight is tied"):
+        export_merged(tied, tmp_path / "merged", tokens)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_merged_export_refuses_above_the_tolerance_and_writes_nothing(tmp_path, tokens):
+    model = trained_model(4)
+    with pytest.raises(
+        MergeToleranceError, match=r"differ .* by up to .* more than tolerance=1e-07.* tolerance="
+    ) as error:
+        export_merged(model, tmp_path / "merged", tokens, tolerance=1e-7)
+    assert error.value.max_abs_diff > 1e-7
+    assert list(tmp_path.iterdir()) == []
+
+    first = export_merged(model, tmp_path / "merged", tokens)
+    previous = snapshot(tmp_path / "merged")
+    with pytest.raises(MergeToleranceError):
+        export_merged(model, tmp_path / "merged", tokens, tolerance=first.max_abs_diff / 2)
+    assert snapshot(tmp_path / "merged") == previous
+    assert leftovers(tmp_path) == []
+
+
+# -- atomic writes --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def file_size_limit():
+    """Make writes past a size fail for real (EFBIG), as a full disk would, for this process only."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process
+
+    def limit(size: int) -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+
+    yield limit
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, handler)
+
+
+@pytest.mark.parametrize("kind", ["adapters", "merged"])
+def test_a_write_failing_midway_leaves_the_previous_export_intact(tmp_path, tokens, file_size_limit, kind):
+    model = trained_model(4, steps=1)
+    directory = tmp_path / "export"
+    if kind == "adapters":
+        export_adapters(model, directory)
+        weights = ADAPTER_WEIGHTS
+        # Another base model name: the new adapter_config.json differs from the previous one.
+        export_again = lambda: export_adapters(model, directory, base_model_name_or_path="elsewhere")  # noqa: E731
+    else:
+        export_merged(model, directory, tokens)
+        weights = "model.safetensors"
+        export_again = lambda: export_merged(model, directory, tokens, dtype=torch.bfloat16)  # noqa: E731
+    previous = snapshot(directory)
+
+    # The config file is written first and fits under the limit; the weights file fails halfway.
+    file_size_limit(len(previous[weights]) // 4)
+    with pytest.raises(Exception, match="(?i)file too large") as error:
+        export_again()
+    file_size_limit(resource.RLIM_INFINITY)
+    assert not isinstance(error.value, MergeToleranceError)
+    assert snapshot(directory) == previous
+    assert leftovers(tmp_path) == []
+
+
+def test_reexport_replaces_export_files_and_keeps_other_files(tmp_path):
+    model = trained_model(4, steps=1)
+    directory = tmp_path / "adapters"
+    export_adapters(model, directory)
+    (directory / "tokenizer.json").write_text("{}")
+    (directory / "notes").mkdir()
+    (directory / "notes" / "run.txt").write_text("lr=1e-2")
+    (directory / "adapter_model.bin").write_bytes(b"stale")  # a previous export of another format
+
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.add_(1.0)
+    export_adapters(model, directory)
+
+    assert sorted(p.name for p in directory.iterdir()) == sorted(
+        [ADAPTER_CONFIG, ADAPTER_WEIGHTS, "tokenizer.json", "notes"]
+    )
+    assert (directory / "notes" / "run.txt").read_text() == "lr=1e-2"
+    saved = load_file(directory / ADAPTER_WEIGHTS)[
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    ]
+    assert torch.equal(saved, model.model.layers[0].self_attn.q_proj.lora_B["default"].weight)
+    assert leftovers(tmp_path) == []
+
+
+def test_export_to_a_file_path_fails_before_writing(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="it is a file; pass a directory path"):
+        export_adapters(trained_model(4, steps=1), tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "x"
