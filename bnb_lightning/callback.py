@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import lightning.pytorch as pl
@@ -21,6 +22,7 @@ from .checkpoint import (
     quantization_record,
 )
 from .config import QuantizationConfig, compute_dtype_for_precision
+from .export import MergedExport, export_adapters, export_merged
 from .prepare import cast_to_float32, count_parameters, inject_adapters, prepare_for_kbit_training
 from .quantize import quantize_model
 from .replace import as_quantization_config
@@ -56,6 +58,18 @@ class BnbQuantization(Callback):
             float32 when training starts, like PEFT's ``prepare_model_for_kbit_training``. Off by
             default: it costs speed and memory. The trainable parameters (adapters) are float32
             anyway, except under ``precision="bf16-true"``.
+        save_base_weights: write the frozen quantized base into checkpoints too. By default
+            checkpoints hold the trainable parameters, the training state and a record of the
+            quantization (config and a fingerprint of the base); the base is re-created on resume.
+        check_base_on_resume: refuse a checkpoint made with another quantization config or another
+            base model (compared by fingerprint).
+        export_adapters_to: at the end of ``fit``, write the adapters in PEFT's format here
+            (``PeftModel.from_pretrained(base, directory)`` loads them). Rank zero, atomic.
+        export_merged_to: at the end of ``fit``, write a full-precision model with the adapters
+            merged here, if its logits on a training batch stay within ``merge_tolerance`` of the
+            quantized model's. Rank zero, atomic.
+        merge_tolerance: largest accepted max |logits difference| for ``export_merged_to``
+            (default: 5% of the largest |logit| on that batch).
 
     Example::
 
@@ -73,6 +87,9 @@ class BnbQuantization(Callback):
         upcast_to_float32: bool = False,
         save_base_weights: bool = False,
         check_base_on_resume: bool = True,
+        export_adapters_to: str | None = None,
+        export_merged_to: str | None = None,
+        merge_tolerance: float | None = None,
     ) -> None:
         self.config = as_quantization_config(config)
         if peft_config is not None and not isinstance(peft_config, PeftConfig):
@@ -95,6 +112,26 @@ class BnbQuantization(Callback):
         self.upcast_to_float32 = upcast_to_float32
         self.save_base_weights = save_base_weights
         self.check_base_on_resume = check_base_on_resume
+        for name, target in (
+            ("export_adapters_to", export_adapters_to),
+            ("export_merged_to", export_merged_to),
+        ):
+            if target is not None and not isinstance(target, (str, os.PathLike)):
+                raise TypeError(f"{name} must be a directory path or None, got {target!r}.")
+        if (export_adapters_to or export_merged_to) and peft_config is None:
+            raise ValueError(
+                "export_adapters_to / export_merged_to need adapters to export; pass a peft_config too."
+            )
+        if merge_tolerance is not None and not (
+            isinstance(merge_tolerance, (int, float)) and merge_tolerance >= 0
+        ):
+            raise ValueError(
+                f"merge_tolerance={merge_tolerance!r} must be a number >= 0 or None (the default)."
+            )
+        self.export_adapters_to = export_adapters_to
+        self.export_merged_to = export_merged_to
+        self.merge_tolerance = merge_tolerance
+        self.merged_export: MergedExport | None = None
         self.report: QuantizationReport | None = None
         self._done = False
         self._config: QuantizationConfig | None = None
@@ -148,6 +185,23 @@ class BnbQuantization(Callback):
             for name, value in self._restored_trainables.items():
                 parameters[name].copy_(value)
         self._restored_trainables = {}
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        if self.export_adapters_to:
+            path = export_adapters(pl_module, self.export_adapters_to)
+            rank_zero_info(f"bnb_lightning: adapters exported in PEFT's format to {path}")
+        if self.export_merged_to:
+            # The merged model is checked against the quantized one on a real training batch.
+            sample = next(iter(trainer.train_dataloader))
+            self.merged_export = export_merged(
+                pl_module, self.export_merged_to, sample, tolerance=self.merge_tolerance
+            )
+            rank_zero_info(
+                f"bnb_lightning: merged {self.merged_export.dtype} model exported to {self.merged_export.path} "
+                f"(max |logits difference| {self.merged_export.max_abs_diff:.3g})"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         if self._config is None:

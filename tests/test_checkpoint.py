@@ -196,3 +196,35 @@ def test_validate_from_an_adapter_only_checkpoint(tmp_path):
     evaluation = trainer(tmp_path / "eval", [BnbQuantization(peft_config=lora())], limit_val_batches=2)
     restored = evaluation.validate(CausalLM(), batches(n=8), ckpt_path=path)[0]["val_loss"]
     assert restored == pytest.approx(expected, abs=1e-6) and abs(before - expected) > 1e-3
+
+
+def test_exports_at_the_end_of_fit(tmp_path):
+    from peft import PeftConfig
+
+    module = CausalLM()
+    callback = BnbQuantization(
+        peft_config=lora(),
+        export_adapters_to=str(tmp_path / "adapters"),
+        export_merged_to=str(tmp_path / "merged"),
+    )
+    fit(tmp_path, module, [callback], max_steps=4)
+    assert PeftConfig.from_pretrained(tmp_path / "adapters").r == 4
+    assert (tmp_path / "adapters" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "merged" / "config.json").is_file()
+    assert 0 < callback.merged_export.max_abs_diff <= callback.merged_export.tolerance
+
+
+def test_a_merge_beyond_tolerance_is_not_written(tmp_path):
+    from bnb_lightning.export import MergeToleranceError
+
+    callback = BnbQuantization(
+        peft_config=lora(), export_merged_to=str(tmp_path / "merged"), merge_tolerance=0.0
+    )
+    with pytest.raises(MergeToleranceError):
+        fit(tmp_path, CausalLM(), [callback], max_steps=4)
+    assert not (tmp_path / "merged").exists()
+
+
+def test_export_needs_adapters():
+    with pytest.raises(ValueError, match="need adapters to export; pass a peft_config"):
+        BnbQuantization(export_adapters_to="adapters")
