@@ -2,6 +2,14 @@
 
 from .callback import BnbQuantization
 from .config import QuantizationConfig
+from .export import (
+    MergedExport,
+    MergeToleranceError,
+    export_adapters,
+    export_merged,
+    load_adapters,
+    merged_model,
+)
 from .prepare import count_parameters, inject_adapters, prepare_for_kbit_training
 from .quantize import QuantizationError, quantize_model
 from .replace import (
@@ -17,6 +25,12 @@ from .skip import get_keys_to_not_convert
 __version__ = "0.1.0"
 
 __all__ = [
+    "export_adapters",
+    "export_merged",
+    "load_adapters",
+    "merged_model",
+    "MergedExport",
+    "MergeToleranceError",
     "BnbQuantization",
     "count_parameters",
     "inject_adapters",

@@ -187,8 +187,12 @@ class BnbQuantization(Callback):
         self._restored_trainables = {}
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
+        if trainer.is_global_zero:
+            self._export(trainer, pl_module)
+        # No rank goes on (and reads an export, say) before rank zero has written it.
+        trainer.strategy.barrier("bnb_lightning_export")
+
+    def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.export_adapters_to:
             path = export_adapters(pl_module, self.export_adapters_to)
             rank_zero_info(f"bnb_lightning: adapters exported in PEFT's format to {path}")

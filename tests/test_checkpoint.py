@@ -228,3 +228,13 @@ def test_a_merge_beyond_tolerance_is_not_written(tmp_path):
 def test_export_needs_adapters():
     with pytest.raises(ValueError, match="need adapters to export; pass a peft_config"):
         BnbQuantization(export_adapters_to="adapters")
+
+
+def test_exported_files_are_readable_like_any_other(tmp_path):
+    from bnb_lightning.files import atomic_write_bytes
+
+    target = tmp_path / "file.bin"
+    atomic_write_bytes(target, b"data")
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(b"data")
+    assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
