@@ -25,7 +25,7 @@ def test_functional_core_example_runs():
 
 
 def test_trainer_example_builds_the_trainer():
-    (code,) = [block for block in blocks("python") if "Trainer(" in block]
+    (code,) = [block for block in blocks("python") if "Trainer(\n    precision=" in block]
     setup = code.split("trainer.fit(")[0]
     namespace: dict = {}
     exec(compile(setup, "README.md", "exec"), namespace)
