@@ -6,7 +6,6 @@ Same contract as the transformers functions these come from, so code written aga
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -16,13 +15,14 @@ from torch import nn
 
 from .backend import conv1d_class, is_plain_linear, is_quantized_parameter, linear_shape, require_bitsandbytes
 from .config import QuantizationConfig
+from .layer_state import (
+    STATS_8BIT,
+    check_shape,
+    prequantized_4bit_weight,
+    prequantized_int8_weight,
+    register_layer_hooks,
+)
 from .skip import matches_any
-
-# Entries saved next to a quantized weight: ``QuantState.as_dict(packed=True)`` for 4-bit, longest first so
-# ``nested_absmax`` is not read as ``absmax``; the row scales and their layout for int8.
-_STATS_4BIT = ("nested_quant_map", "nested_absmax", "quant_map", "absmax", "quant_state.bitsandbytes__nf4",
-               "quant_state.bitsandbytes__fp4")  # fmt: skip
-_STATS_8BIT = ("SCB", "weight_format")
 
 
 def as_quantization_config(config: Any) -> QuantizationConfig:
@@ -77,6 +77,8 @@ def new_bnb_linear(module: nn.Module, config: QuantizationConfig) -> nn.Module:
     # A new module starts in training mode. bitsandbytes picks its kernels by mode (on CPU, LLM.int8
     # dequantizes in training mode), so an eval model given training layers computes different outputs.
     layer.train(module.training)
+    # So that `model.load_state_dict(model.state_dict(), strict=True)` works; see layer_state.
+    register_layer_hooks(layer)
     return layer
 
 
@@ -155,72 +157,6 @@ def _as_tensor(value: Any) -> torch.Tensor:
     return value if isinstance(value, torch.Tensor) else torch.tensor(value)
 
 
-def _check_shape(tensor_name: str, got: torch.Size | tuple, expected: torch.Size | tuple) -> None:
-    if tuple(got) != tuple(expected):
-        raise ValueError(
-            f"shape mismatch for {tensor_name!r}: the checkpoint has {tuple(got)}, the model expects "
-            f"{tuple(expected)}. The checkpoint was probably saved from a different model configuration."
-        )
-
-
-def _stat_names(tensor_name: str, quantized_stats: Mapping[str, Any], known: Sequence[str]) -> dict[str, Any]:
-    """``quantized_stats`` keyed by bare statistic name, whether given bare or as full checkpoint keys."""
-    stats = {}
-    for key, value in quantized_stats.items():
-        name = next((n for n in known if key == n or key.endswith(f".{n}")), None)
-        if name is None:
-            raise ValueError(
-                f"unexpected entry {key!r} in the quantized_stats of {tensor_name!r}; expected entries named "
-                f"{sorted(known)} (bare or as full checkpoint keys). Pass only the statistics of this weight."
-            )
-        stats[name] = value
-    return stats
-
-
-def _check_missing(tensor_name: str, missing: list[str], stats: Mapping[str, Any], saved_as: str) -> None:
-    if missing:
-        raise ValueError(
-            f"missing statistics for the quantized weight {tensor_name!r}: {missing} not in quantized_stats "
-            f"(got {sorted(stats)}). Pass every entry the checkpoint saved for it ({saved_as})."
-        )
-
-
-def _int8_statistics(tensor_name: str, quantized_stats: Mapping[str, Any], rows: int) -> torch.Tensor:
-    stats = _stat_names(tensor_name, quantized_stats, _STATS_8BIT)
-    module_name = tensor_name.removesuffix("weight")
-    _check_missing(tensor_name, [k for k in ("SCB",) if k not in stats], stats, f"'{module_name}SCB'")
-    weight_format = _as_tensor(stats.get("weight_format", 0)).item()
-    if weight_format != 0:
-        raise ValueError(
-            f"{module_name}weight_format={weight_format}: only row-major int8 weights (0) can be loaded."
-        )
-    scb = _as_tensor(stats["SCB"])
-    _check_shape(f"{module_name}SCB", scb.shape, (rows,))
-    return scb
-
-
-def _4bit_statistics(
-    tensor_name: str, quantized_stats: Mapping[str, Any], layer_quant_type: str
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The statistics (bare names) and the small entries packed in ``quant_state.bitsandbytes__*``."""
-    bnb = require_bitsandbytes()
-    stats = _stat_names(tensor_name, quantized_stats, _STATS_4BIT)
-    packed = [key for key in stats if key.startswith("quant_state.")]
-    info = bnb.utils.unpack_tensor_to_dict(stats[packed[0]]) if packed else {}
-    missing = [k for k in ("absmax", "quant_map") if k not in stats]
-    if "nested_blocksize" in info:  # saved with double quantization: the scales are quantized too
-        missing += [k for k in ("nested_absmax", "nested_quant_map") if k not in stats]
-    if not packed:
-        missing.append("quant_state.bitsandbytes__<nf4|fp4>")
-    _check_missing(tensor_name, missing, stats, f"the '{tensor_name}.*' entries")
-    if info["quant_type"] != layer_quant_type:
-        raise ValueError(
-            f"{tensor_name!r} was saved as {info['quant_type']} but the layer is configured for "
-            f"{layer_quant_type}; use a quantization config with quant_type={info['quant_type']!r}."
-        )
-    return stats, info
-
-
 def set_module_quantized_tensor_to_device(
     module: nn.Module,
     tensor_name: str,
@@ -261,7 +197,7 @@ def set_module_quantized_tensor_to_device(
     is_8bit = not is_buffer and isinstance(old_value, bnb.nn.Int8Params)
     if not (is_4bit or is_8bit):
         new_value = (old_value if value is None else _as_tensor(value)).to(device)
-        _check_shape(tensor_name, new_value.shape, old_value.shape)
+        check_shape(tensor_name, new_value.shape, old_value.shape)
         if is_buffer:
             owner._buffers[leaf] = new_value
         else:
@@ -286,25 +222,16 @@ def set_module_quantized_tensor_to_device(
         new_value = new_value.T  # Conv1D stores (in, out); pre-quantized weights are saved as (out, in)
     expected_shape = (owner.out_features, owner.in_features)
 
-    if is_8bit:
-        _check_shape(tensor_name, new_value.shape, expected_shape)
-        scb = _int8_statistics(tensor_name, quantized_stats, expected_shape[0]) if prequantized else None
+    if prequantized:
+        build = prequantized_4bit_weight if is_4bit else prequantized_int8_weight
+        param = build(owner, tensor_name, new_value, quantized_stats, device)
+    elif is_8bit:
+        check_shape(tensor_name, new_value.shape, expected_shape)
         param = bnb.nn.Int8Params(
             new_value.to("cpu"), requires_grad=False, has_fp16_weights=old_value.has_fp16_weights
         ).to(device)
-        if scb is not None:
-            param.SCB = scb.to(device)
-            param.CB = param.data
-    elif prequantized:
-        stats, info = _4bit_statistics(tensor_name, quantized_stats, old_value.quant_type)
-        _check_shape(tensor_name, info["shape"], expected_shape)
-        packed_numel = -(-((math.prod(expected_shape) + 1) // 2) // new_value.element_size())  # ceil
-        _check_shape(f"{tensor_name} (packed)", (new_value.numel(),), (packed_numel,))
-        param = bnb.nn.Params4bit.from_prequantized(
-            data=new_value, quantized_stats=stats, requires_grad=False, device=device, module=owner
-        )
     else:
-        _check_shape(tensor_name, new_value.shape, expected_shape)
+        check_shape(tensor_name, new_value.shape, expected_shape)
         settings = ("blocksize", "compress_statistics", "quant_type", "quant_storage")
         settings = {name: getattr(old_value, name) for name in settings}
         param = bnb.nn.Params4bit(new_value, requires_grad=False, module=owner, **settings).to(device)
@@ -332,7 +259,7 @@ def load_quantized_state_dict(
         if isinstance(layer, bnb.nn.Linear4bit):
             keys = [key for key in state_dict if key.startswith(f"{prefix}weight.")]
         elif isinstance(layer, bnb.nn.Linear8bitLt):
-            keys = [f"{prefix}{stat}" for stat in _STATS_8BIT if f"{prefix}{stat}" in state_dict]
+            keys = [f"{prefix}{stat}" for stat in STATS_8BIT if f"{prefix}{stat}" in state_dict]
         else:
             continue
         if keys:
