@@ -21,10 +21,14 @@ from .replace import (
 )
 from .report import ModuleReport, QuantizationReport
 from .skip import get_keys_to_not_convert
+from .state_dict import load_state_dict_file, read_state_dict_file, save_state_dict_file
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "save_state_dict_file",
+    "load_state_dict_file",
+    "read_state_dict_file",
     "export_adapters",
     "export_merged",
     "load_adapters",

@@ -19,6 +19,7 @@ from .checkpoint import (
     base_fingerprint,
     config_differences,
     config_record,
+    frozen_state_keys,
     quantization_record,
 )
 from .config import QuantizationConfig, compute_dtype_for_precision
@@ -249,10 +250,10 @@ class BnbQuantization(Callback):
                 "other base weights. Load the same base model, or pass check_base_on_resume=False."
             )
         if record.get("adapter_only"):
-            # The frozen parameters load onto themselves; their quantization statistics stay as they are.
-            for name, parameter in pl_module.named_parameters(remove_duplicate=False):
-                if not parameter.requires_grad:
-                    state.setdefault(name, parameter.detach())
+            # The frozen base (weights and quantization statistics) loads onto itself.
+            current = pl_module.state_dict()
+            for key in frozen_state_keys(pl_module):
+                state.setdefault(key, current[key])
         trainable = {name for name, p in pl_module.named_parameters() if p.requires_grad}
         self._restored_trainables = {name: state[name] for name in trainable if name in state}
 

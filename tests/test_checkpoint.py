@@ -238,3 +238,21 @@ def test_exported_files_are_readable_like_any_other(tmp_path):
     plain = tmp_path / "plain.bin"
     plain.write_bytes(b"data")
     assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_full_checkpoint_resumes_too(tmp_path, bits):
+    config = QuantizationConfig(bits=bits)
+    straight = CausalLM()
+    fit(tmp_path / "straight", straight, [BnbQuantization(config, peft_config=lora())], max_steps=8)
+    first_half = CausalLM()
+    callbacks = [
+        BnbQuantization(config, peft_config=lora(), save_base_weights=True),
+        checkpointing(tmp_path, 4),
+    ]
+    fit(tmp_path / "first", first_half, callbacks, max_steps=4, enable_checkpointing=True)
+    (path,) = (tmp_path / "ckpt").glob("*.ckpt")
+    resumed = CausalLM()
+    callback = BnbQuantization(config, peft_config=lora(), save_base_weights=True)
+    fit(tmp_path / "resumed", resumed, [callback], ckpt_path=path, max_steps=8)
+    assert first_half.losses + resumed.losses == straight.losses
