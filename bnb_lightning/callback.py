@@ -16,10 +16,9 @@ from .backend import check_device_supported, is_bnb_linear, is_plain_linear
 from .checkpoint import (
     FileNamingCheckpointIO,
     adapter_state_dict,
+    add_frozen_base,
     base_fingerprint,
-    config_differences,
-    config_record,
-    frozen_state_keys,
+    check_record,
     quantization_record,
 )
 from .config import QuantizationConfig, compute_dtype_for_precision
@@ -237,23 +236,10 @@ class BnbQuantization(Callback):
     def _complete_checkpoint(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         record = checkpoint.get("callbacks", {}).get(self.state_key) or {}
         state = checkpoint["state_dict"]
-        differences = config_differences(record.get("config", {}), config_record(self._config))
-        if self.check_base_on_resume and record and differences:
-            raise ValueError(
-                f"the checkpoint was trained with another quantization config ({'; '.join(differences)}). "
-                "Resume with the config it was made with, or pass check_base_on_resume=False to load it anyway."
-            )
-        if self.check_base_on_resume and record.get("base_fingerprint") not in (None, self._fingerprint):
-            raise ValueError(
-                "the checkpoint's frozen base differs from the model being trained (fingerprint "
-                f"{record['base_fingerprint']} in the checkpoint, {self._fingerprint} now): it was trained on "
-                "other base weights. Load the same base model, or pass check_base_on_resume=False."
-            )
+        if self.check_base_on_resume:
+            check_record(record, self._config, self._fingerprint)
         if record.get("adapter_only"):
-            # The frozen base (weights and quantization statistics) loads onto itself.
-            current = pl_module.state_dict()
-            for key in frozen_state_keys(pl_module):
-                state.setdefault(key, current[key])
+            add_frozen_base(state, pl_module)
         trainable = {name for name, p in pl_module.named_parameters() if p.requires_grad}
         self._restored_trainables = {name: state[name] for name in trainable if name in state}
 

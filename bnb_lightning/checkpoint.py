@@ -103,6 +103,31 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
     ]
 
 
+def check_record(record: Mapping[str, Any], config: QuantizationConfig, fingerprint: str | None) -> None:
+    """Refuse a checkpoint whose record shows another quantization config or another base."""
+    if not record:
+        return
+    differences = config_differences(record.get("config", {}), config_record(config))
+    if differences:
+        raise ValueError(
+            f"the checkpoint was trained with another quantization config ({'; '.join(differences)}). "
+            "Resume with the config it was made with, or pass check_base_on_resume=False to load it anyway."
+        )
+    if record.get("base_fingerprint") not in (None, fingerprint):
+        raise ValueError(
+            "the checkpoint's frozen base differs from the model being trained (fingerprint "
+            f"{record['base_fingerprint']} in the checkpoint, {fingerprint} now): it was trained on other base "
+            "weights. Load the same base model, or pass check_base_on_resume=False."
+        )
+
+
+def add_frozen_base(state_dict: dict[str, Any], module: nn.Module) -> None:
+    """Complete an adapter-only ``state_dict`` with ``module``'s own frozen base, so it loads strictly."""
+    current = module.state_dict()
+    for key in frozen_state_keys(module):
+        state_dict.setdefault(key, current[key])
+
+
 class FileNamingCheckpointIO(CheckpointIO):
     """Lightning's checkpoint IO, with errors that name the file and say what is wrong with it.
 
