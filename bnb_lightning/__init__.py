@@ -2,14 +2,8 @@
 
 from .callback import BnbQuantization
 from .config import QuantizationConfig
-from .export import (
-    MergedExport,
-    MergeToleranceError,
-    export_adapters,
-    export_merged,
-    load_adapters,
-    merged_model,
-)
+from .export import export_adapters, load_adapters
+from .merge import MergedExport, MergeToleranceError, export_merged, merged_model
 from .prepare import count_parameters, inject_adapters, prepare_for_kbit_training
 from .quantize import QuantizationError, quantize_model
 from .replace import (

@@ -22,7 +22,8 @@ from .checkpoint import (
     quantization_record,
 )
 from .config import QuantizationConfig, compute_dtype_for_precision
-from .export import MergedExport, export_adapters, export_merged
+from .export import export_adapters
+from .merge import MergedExport, export_merged
 from .prepare import cast_to_float32, count_parameters, inject_adapters, prepare_for_kbit_training
 from .quantize import quantize_model
 from .replace import as_quantization_config

@@ -19,16 +19,8 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from bnb_lightning import BnbQuantization, QuantizationConfig, inject_adapters, quantize_model
-from bnb_lightning.export import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    MergeToleranceError,
-    dequantized_weight,
-    export_adapters,
-    export_merged,
-    load_adapters,
-    merged_model,
-)
+from bnb_lightning.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_adapters, load_adapters
+from bnb_lightning.merge import MergeToleranceError, dequantized_weight, export_merged, merged_model
 
 BNB_CONFIGS = {
     4: dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
