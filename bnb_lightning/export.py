@@ -254,26 +254,3 @@ def load_adapters(
         for key, target in expected.items():
             target.copy_(found[key])
     return root
-
-
-# Dequantizing and merging moved to bnb_lightning.merge, which imports this module; their names stay
-# importable from here, resolved on first use.
-_MOVED_TO_MERGE = frozenset(
-    {
-        "DEFAULT_RELATIVE_TOLERANCE",
-        "MergeToleranceError",
-        "MergedExport",
-        "base_dtype",
-        "dequantized_weight",
-        "export_merged",
-        "merged_model",
-    }
-)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_MERGE:
-        from . import merge
-
-        return getattr(merge, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

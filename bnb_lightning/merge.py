@@ -22,7 +22,7 @@ from .backend import is_bnb_linear, is_quantized_parameter, require_bitsandbytes
 from .config import parse_dtype
 from .export import EXPORT_FILES, adapter_root
 from .files import atomic_directory, atomic_path
-from .prepare import transformers_models
+from .prepare import adapter_target
 
 # export_merged's default tolerance, as a share of the largest |logit| the quantized model gives on the
 # sample. A correct merge differs only by how the quantized kernels round (bitsandbytes' bfloat16 CPU
@@ -53,11 +53,7 @@ class MergedExport:
 
 def _export_root(model: nn.Module) -> nn.Module:
     """The module a merged export copies: the one holding the adapters, else as inject_adapters chooses."""
-    root = adapter_root(model)
-    if root is None:
-        roots = transformers_models(model)
-        root = roots[0] if len(roots) == 1 else model
-    return root
+    return adapter_root(model) or adapter_target(model)
 
 
 def _quant_state_dtype(weight: torch.Tensor) -> torch.dtype:

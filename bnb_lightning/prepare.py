@@ -128,6 +128,12 @@ def prepare_for_kbit_training(
     return checkpointing
 
 
+def adapter_target(model: nn.Module) -> nn.Module:
+    """Where adapters go: the single transformers model inside ``model``, else ``model`` itself."""
+    roots = transformers_models(model)
+    return roots[0] if len(roots) == 1 else model
+
+
 def inject_adapters(model: nn.Module, peft_config: Any) -> nn.Module:
     """Add PEFT adapters (e.g. LoRA) to ``model`` in place; afterwards only adapters require grad.
 
@@ -140,8 +146,7 @@ def inject_adapters(model: nn.Module, peft_config: Any) -> nn.Module:
     """
     from peft import inject_adapter_in_model
 
-    roots = transformers_models(model)
-    root = roots[0] if len(roots) == 1 else model
+    root = adapter_target(model)
     # PEFT wraps bitsandbytes layers in its bitsandbytes-aware LoRA layers (dtype handling, merging)
     # only when the model says it is loaded in 4/8-bit, as transformers' quantized models do. Say so
     # on this instance while injecting, and take it back afterwards.

@@ -215,7 +215,7 @@ def test_exports_at_the_end_of_fit(tmp_path):
 
 
 def test_a_merge_beyond_tolerance_is_not_written(tmp_path):
-    from bnb_lightning.export import MergeToleranceError
+    from bnb_lightning import MergeToleranceError
 
     callback = BnbQuantization(
         peft_config=lora(), export_merged_to=str(tmp_path / "merged"), merge_tolerance=0.0
