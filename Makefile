@@ -22,5 +22,5 @@ test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check bnb_lightning tests examples
-	$(VENV)/bin/ruff format --check bnb_lightning tests examples
+	$(VENV)/bin/ruff check bnb_lightning tests examples benchmarks
+	$(VENV)/bin/ruff format --check bnb_lightning tests examples benchmarks

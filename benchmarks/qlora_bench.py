@@ -1,0 +1,610 @@
+"""QLoRA on one GPU: BnbQuantization under a Lightning Trainer against the transformers + PEFT recipes.
+
+Builds a Llama-shaped model with random weights from a ``LlamaConfig`` (nothing downloaded), saves it
+once to a temporary directory, and measures each recipe on the same weights and the same random token
+batches:
+
+- ``bnb``: ``BnbQuantization`` (its defaults, LoRA, ``gradient_checkpointing=True``) under a Lightning
+  ``Trainer(precision="bf16-true")``.
+- ``hf_prepare``: ``from_pretrained(quantization_config=BitsAndBytesConfig(...))``, PEFT's
+  ``prepare_model_for_kbit_training`` (float32 upcast) and ``get_peft_model``; a plain torch loop.
+- ``hf_noupcast``: the same without the upcast (non-reentrant checkpointing, ``enable_input_require_grads``).
+- ``hf_compile``: ``hf_noupcast`` with every decoder layer ``torch.compile``-d.
+- ``bnb_precision``: Lightning's ``BitsandbytesPrecision`` quantization only (CUDA only).
+- ``bf16_lora``: a bfloat16 base with the same LoRA, no quantization.
+
+For each: time to a quantized model, memory after it (peak and steady), training tokens/s over the
+steps after warm-up, peak training memory. Every configuration runs ``--repeats`` times, interleaved.
+One JSON line per measurement goes to ``--out``; a Markdown table with medians, ranges and ratios is
+printed and written to ``--markdown``::
+
+    python benchmarks/qlora_bench.py --shape 1b --bits 4
+    python benchmarks/qlora_bench.py --smoke   # tiny model on CPU, same code paths, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from peft import LoraConfig
+
+RECIPES = ("bnb", "hf_prepare", "hf_noupcast", "hf_compile", "bnb_precision", "bf16_lora")
+# Ratios in the table are taken against these recipes, where they were measured.
+BASELINES = ("hf_prepare", "hf_noupcast", "hf_compile")
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=256,
+        tie_word_embeddings=True,
+    ),
+    # Llama-3.2-1B
+    "1b": dict(
+        hidden_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=8192,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
+    # Llama-3-8B
+    "8b": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
+}
+
+SMOKE = dict(shape="tiny", seq=32, batch=2, warmup=1, steps=2, repeats=1)
+GIB = 1024**3
+
+
+class Skipped(Exception):
+    """A recipe cannot run here; the message is the reason recorded in the results."""
+
+
+@dataclass
+class Measurement:
+    recipe: str
+    bits: int | None
+    repeat: int
+    status: str = "measured"  # "measured", "skipped" or "failed"
+    reason: str = ""
+    load_s: float | None = None
+    quantize_s: float | None = None
+    ready_peak_bytes: int | None = None
+    ready_steady_bytes: int | None = None
+    train_peak_bytes: int | None = None
+    tokens_per_s: float | None = None
+    step_s: list[float] = field(default_factory=list)
+    final_loss: float | None = None
+    wall_s: float | None = None  # the whole measurement, load to teardown
+
+
+@dataclass
+class Setup:
+    """What every recipe shares: the saved weights, the batches, the device and the loop lengths."""
+
+    model_dir: str
+    device: torch.device
+    batches: list[torch.Tensor]
+    warmup: int
+    steps: int
+    lora_r: int
+
+
+# ---------------------------------------------------------------- measurement helpers
+
+
+def cuda(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def synchronize(device: torch.device) -> None:
+    if cuda(device):
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    """Drop what the last recipe left behind and start a new peak."""
+    gc.collect()
+    if cuda(device):
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def memory(device: torch.device) -> tuple[int | None, int | None]:
+    """(peak, current) allocated bytes on the device since the last reset; ``None`` on CPU."""
+    if not cuda(device):
+        return None, None
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device), torch.cuda.memory_allocated(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    if cuda(device):
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+class StepClock:
+    """Wall time of each training step after warm-up, synchronized with the device."""
+
+    def __init__(self, device: torch.device, warmup: int) -> None:
+        self.device = device
+        self.warmup = warmup
+        self.step_s: list[float] = []
+        self._start = 0.0
+
+    def begin(self, step: int) -> None:
+        if step >= self.warmup:
+            synchronize(self.device)
+            self._start = time.perf_counter()
+
+    def end(self, step: int) -> None:
+        if step >= self.warmup:
+            synchronize(self.device)
+            self.step_s.append(time.perf_counter() - self._start)
+
+    def record(self, result: Measurement, tokens_per_step: int) -> None:
+        result.step_s = self.step_s
+        result.tokens_per_s = tokens_per_step * len(self.step_s) / sum(self.step_s)
+
+
+def lora_config(rank: int) -> LoraConfig:
+    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear")
+
+
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def train_loop(model: torch.nn.Module, setup: Setup, result: Measurement) -> None:
+    """A plain torch loop, under bfloat16 autocast as transformers' Trainer(bf16=True) runs it."""
+    optimizer = torch.optim.AdamW(trainable(model), lr=1e-4, weight_decay=0.0)
+    clock = StepClock(setup.device, setup.warmup)
+    model.train()
+    reset_peak(setup.device)
+    for step, batch in enumerate(setup.batches):
+        clock.begin(step)
+        with torch.autocast(setup.device.type, dtype=torch.bfloat16):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        clock.end(step)
+    result.final_loss = float(loss.detach())
+    result.train_peak_bytes = memory(setup.device)[0]
+    clock.record(result, setup.batches[0].numel())
+
+
+def mark_ready(result: Measurement, setup: Setup, start: float) -> None:
+    """The model is quantized (or loaded) and ready to train: note time and memory."""
+    synchronize(setup.device)
+    result.load_s = time.perf_counter() - start
+    result.ready_peak_bytes, result.ready_steady_bytes = memory(setup.device)
+
+
+def bnb_config(bits: int):
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_bf16(setup: Setup, device: torch.device | None = None, **kwargs: Any) -> torch.nn.Module:
+    from transformers import LlamaForCausalLM
+
+    device_map = {"": str(device)} if device is not None else None
+    return LlamaForCausalLM.from_pretrained(
+        setup.model_dir, dtype=torch.bfloat16, device_map=device_map, **kwargs
+    )
+
+
+# ---------------------------------------------------------------- recipes
+
+
+class CausalLMModule(pl.LightningModule):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        # from_pretrained returns eval mode, which Lightning keeps; transformers checkpoints only in training.
+        self.model = model.train()
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self.model(input_ids=batch, labels=batch).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(trainable(self), lr=1e-4, weight_decay=0.0)
+
+
+class BenchmarkHooks(pl.Callback):
+    """Notes time and memory once the model is ready (``on_fit_start``) and times the warm steps."""
+
+    def __init__(self, setup: Setup, result: Measurement, start: float) -> None:
+        self.setup_ = setup
+        self.result = result
+        self.start = start
+        self.clock = StepClock(setup.device, setup.warmup)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        mark_ready(self.result, self.setup_, self.start)
+        reset_peak(self.setup_.device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.clock.begin(batch_idx)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.clock.end(batch_idx)
+        self.result.final_loss = float(outputs["loss"])
+
+
+def run_bnb(setup: Setup, bits: int, result: Measurement) -> None:
+    from bnb_lightning import BnbQuantization, QuantizationConfig
+
+    start = time.perf_counter()
+    # Loaded on the CPU: the callback quantizes layer by layer onto the GPU in `setup`.
+    module = CausalLMModule(load_bf16(setup))
+    quantization = BnbQuantization(
+        QuantizationConfig(bits=bits), peft_config=lora_config(setup.lora_r), gradient_checkpointing=True
+    )
+    hooks = BenchmarkHooks(setup, result, start)
+    trainer = pl.Trainer(
+        accelerator=setup.device.type,
+        devices=1,
+        precision="bf16-true",
+        max_steps=len(setup.batches),
+        callbacks=[quantization, hooks],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(setup.batches, batch_size=None))
+    result.quantize_s = quantization.report.seconds
+    result.train_peak_bytes = memory(setup.device)[0]
+    hooks.clock.record(result, setup.batches[0].numel())
+
+
+def load_hf_quantized(setup: Setup, bits: int, result: Measurement) -> torch.nn.Module:
+    start = time.perf_counter()
+    model = load_bf16(setup, setup.device, quantization_config=bnb_config(bits))
+    synchronize(setup.device)
+    result.quantize_s = time.perf_counter() - start
+    return model
+
+
+def peft_model(model: torch.nn.Module, setup: Setup) -> torch.nn.Module:
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(setup.lora_r))
+
+
+def run_hf_prepare(setup: Setup, bits: int, result: Measurement) -> None:
+    from peft import prepare_model_for_kbit_training
+
+    start = time.perf_counter()
+    model = load_hf_quantized(setup, bits, result)
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
+    model = peft_model(model, setup)
+    mark_ready(result, setup, start)
+    train_loop(model, setup, result)
+
+
+def noupcast_model(setup: Setup, bits: int, result: Measurement, start: float) -> torch.nn.Module:
+    model = load_hf_quantized(setup, bits, result)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    return peft_model(model, setup)
+
+
+def run_hf_noupcast(setup: Setup, bits: int, result: Measurement) -> None:
+    start = time.perf_counter()
+    model = noupcast_model(setup, bits, result, start)
+    mark_ready(result, setup, start)
+    train_loop(model, setup, result)
+
+
+def run_hf_compile(setup: Setup, bits: int, result: Measurement) -> None:
+    start = time.perf_counter()
+    model = noupcast_model(setup, bits, result, start)
+    for layer in model.base_model.model.model.layers:
+        layer.compile()
+    mark_ready(result, setup, start)
+    try:
+        train_loop(model, setup, result)
+    except Exception as error:  # compilation errors surface on the first step
+        raise Skipped(f"torch.compile failed: {type(error).__name__}: {first_line(error)}") from error
+
+
+def run_bnb_precision(setup: Setup, bits: int, result: Measurement) -> None:
+    if not cuda(setup.device):
+        raise Skipped("needs CUDA (Lightning's BitsandbytesPrecision quantizes on CUDA only)")
+    from lightning.pytorch.plugins import BitsandbytesPrecision
+
+    # Lightning's int8 mode accepts float16 only.
+    dtype = torch.bfloat16 if bits == 4 else torch.float16
+    plugin = BitsandbytesPrecision("nf4-dq" if bits == 4 else "int8", dtype=dtype, ignore_modules={"lm_head"})
+    start = time.perf_counter()
+    model = load_bf16(setup).to(dtype)
+    model = plugin.convert_module(model).to(setup.device)
+    synchronize(setup.device)
+    result.quantize_s = time.perf_counter() - start
+    mark_ready(result, setup, start)
+    result.reason = "quantization only: not trained"
+
+
+def run_bf16_lora(setup: Setup, bits: int | None, result: Measurement) -> None:
+    start = time.perf_counter()
+    model = load_bf16(setup, setup.device)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model = peft_model(model, setup)
+    mark_ready(result, setup, start)
+    train_loop(model, setup, result)
+
+
+RUNNERS: dict[str, Callable[[Setup, Any, Measurement], None]] = {
+    "bnb": run_bnb,
+    "hf_prepare": run_hf_prepare,
+    "hf_noupcast": run_hf_noupcast,
+    "hf_compile": run_hf_compile,
+    "bnb_precision": run_bnb_precision,
+    "bf16_lora": run_bf16_lora,
+}
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def measure(recipe: str, bits: int | None, repeat: int, setup: Setup) -> Measurement:
+    """Run one recipe once; a failure is recorded, not raised, so the other recipes still run."""
+    result = Measurement(recipe, bits, repeat)
+    free_memory(setup.device)
+    start = time.perf_counter()
+    try:
+        RUNNERS[recipe](setup, bits, result)
+    except Skipped as skip:
+        result.status, result.reason = "skipped", str(skip)
+    except Exception as error:
+        result.status, result.reason = "failed", f"{type(error).__name__}: {first_line(error)}"
+    if result.status != "measured":
+        result.load_s = result.quantize_s = result.tokens_per_s = None
+        result.step_s = []
+        result.ready_peak_bytes = result.ready_steady_bytes = result.train_peak_bytes = None
+    free_memory(setup.device)
+    result.wall_s = time.perf_counter() - start
+    return result
+
+
+# ---------------------------------------------------------------- model, data, environment
+
+
+def save_random_model(shape: str, directory: str, seed: int) -> dict[str, Any]:
+    """A Llama of ``shape`` with random weights, saved once so every recipe loads the same ones."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=131072, rope_theta=500000.0)
+    model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(directory)
+    parameters = sum(p.numel() for p in model.parameters())
+    del model
+    gc.collect()
+    return {"parameters": parameters, **SHAPES[shape]}
+
+
+def random_batches(vocab: int, count: int, batch: int, seq: int, device: torch.device, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (batch, seq), generator=generator).to(device) for _ in range(count)]
+
+
+def environment(device: torch.device, argv: Sequence[str]) -> dict[str, Any]:
+    import bitsandbytes
+    import lightning
+    import peft
+    import transformers
+
+    return {
+        "device": torch.cuda.get_device_name(device) if cuda(device) else "cpu (no CUDA)",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "bitsandbytes": bitsandbytes.__version__,
+        "lightning": lightning.__version__,
+        "command": shlex.join(["python", "benchmarks/qlora_bench.py", *argv]),
+    }
+
+
+# ---------------------------------------------------------------- report
+
+
+def median_range(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    if not values:
+        return "–"
+    values = [v / scale for v in values]
+    middle = statistics.median(values)
+    if len(values) == 1:
+        return f"{middle:.{digits}f}"
+    return f"{middle:.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
+
+
+def ratio(values: list[float], baseline: list[float]) -> str:
+    if not values or not baseline:
+        return "–"
+    return f"{statistics.median(values) / statistics.median(baseline):.2f}×"
+
+
+def markdown(results: list[Measurement], env: dict[str, Any], model: dict[str, Any], args) -> str:
+    lines = [
+        f"# QLoRA benchmark: {args.shape} ({model['parameters'] / 1e9:.2f} B parameters), "
+        f"seq {args.seq}, batch {args.batch}, {args.warmup} warm-up + {args.steps} timed steps, "
+        f"{args.repeats} repeats",
+        "",
+        f"- device: {env['device']}",
+        f"- torch {env['torch']} (CUDA {env['cuda']}), transformers {env['transformers']}, "
+        f"peft {env['peft']}, bitsandbytes {env['bitsandbytes']}, lightning {env['lightning']}",
+        f"- command: `{env['command']}`",
+        "- load s: weights on disk to a quantized (or bf16) model ready to train; memory in GiB, "
+        "median (min–max) over repeats",
+        "",
+    ]
+    baselines = [b for b in BASELINES if b in args.recipes]
+    for bits in args.bits:
+        lines += [f"## {bits}-bit", ""]
+        header = [
+            "recipe",
+            "status",
+            "load s",
+            "ready peak GiB",
+            "ready steady GiB",
+            "tok/s",
+            "train peak GiB",
+        ]
+        header += [f"tok/s ÷ {b}" for b in baselines] + [f"peak ÷ {b}" for b in baselines]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        groups = {
+            recipe: [r for r in results if r.recipe == recipe and r.bits in (bits, None)]
+            for recipe in args.recipes
+        }
+        for recipe, rows in groups.items():
+            if not rows:
+                continue
+            measured = [r for r in rows if r.status == "measured"]
+
+            def values(name: str, rows: list[Measurement] = measured) -> list[float]:
+                return [getattr(r, name) for r in rows if getattr(r, name) is not None]
+
+            status = "measured" if measured else f"{rows[0].status}: {rows[0].reason}"
+            if measured and measured[0].reason:
+                status += f" ({measured[0].reason})"
+            cells = [
+                recipe + (" (bf16)" if rows[0].bits is None else ""),
+                status,
+                median_range(values("load_s")),
+                median_range(values("ready_peak_bytes"), GIB),
+                median_range(values("ready_steady_bytes"), GIB),
+                median_range(values("tokens_per_s"), digits=1),
+                median_range(values("train_peak_bytes"), GIB),
+            ]
+            for name in ("tokens_per_s", "train_peak_bytes"):
+                for baseline in baselines:
+                    base_rows = [r for r in groups[baseline] if r.status == "measured"]
+                    cells.append(ratio(values(name), values(name, base_rows)))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    parser.add_argument("--bits", type=int, nargs="+", choices=(4, 8), default=[4, 8])
+    parser.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
+    parser.add_argument("--seq", type=int, default=2048, help="tokens per sequence")
+    parser.add_argument("--batch", type=int, default=2, help="sequences per batch")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each configuration, interleaved")
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results.jsonl", help="JSON lines, one per measurement")
+    parser.add_argument("--markdown", default="benchmarks/results.md", help="the Markdown table")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny model on CPU, 1 warm-up + 2 steps, 1 repeat: checks the code paths",
+    )
+    args = parser.parse_args(argv)
+    if args.smoke:
+        for name, value in SMOKE.items():
+            setattr(args, name, value)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> list[Measurement]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda:0")
+    if cuda(device):
+        torch.cuda.set_device(device)
+    env = environment(device, argv)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results: list[Measurement] = []
+    with tempfile.TemporaryDirectory(prefix="qlora_bench_") as model_dir, out.open("w") as jsonl:
+        model = save_random_model(args.shape, model_dir, args.seed)
+        batches = random_batches(
+            model["vocab_size"], args.warmup + args.steps, args.batch, args.seq, device, args.seed
+        )
+        setup = Setup(model_dir, device, batches, args.warmup, args.steps, args.lora_r)
+        meta = {
+            "shape": args.shape,
+            "seq": args.seq,
+            "batch": args.batch,
+            "warmup": args.warmup,
+            "steps": args.steps,
+        }
+        jsonl.write(json.dumps({"type": "environment", **env, **meta, "model": model}) + "\n")
+        for repeat in range(args.repeats):
+            # Interleaved: every configuration once, then all again, so drift hits all alike.
+            configurations = [
+                (recipe, bits) for bits in args.bits for recipe in args.recipes if recipe != "bf16_lora"
+            ]
+            if "bf16_lora" in args.recipes:
+                configurations.append(("bf16_lora", None))
+            for recipe, bits in configurations:
+                result = measure(recipe, bits, repeat, setup)
+                results.append(result)
+                jsonl.write(json.dumps({"type": "measurement", **meta, **asdict(result)}) + "\n")
+                jsonl.flush()
+                print(
+                    f"[{repeat}] {recipe} {bits or 'bf16'}: {result.status} {result.reason} "
+                    f"tok/s={result.tokens_per_s} load_s={result.load_s}",
+                    flush=True,
+                )
+    table = markdown(results, env, model, args)
+    print(table)
+    Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.markdown).write_text(table)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The benchmark's --smoke run: every recipe of benchmarks/qlora_bench.py runs (or says why not) on CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parent.parent / "benchmarks" / "qlora_bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("qlora_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    # Its dataclasses look their module up in sys.modules while the class is built.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def test_smoke_run_measures_every_recipe(bench, tmp_path):
+    out, table_path = tmp_path / "results.jsonl", tmp_path / "results.md"
+
+    results = bench.main(["--smoke", "--out", str(out), "--markdown", str(table_path)])
+
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines[0]["type"] == "environment" and lines[0]["torch"]
+    rows = [line for line in lines if line["type"] == "measurement"]
+    assert len(rows) == len(results)
+    configurations = {(row["recipe"], row["bits"]) for row in rows}
+    for recipe in bench.RECIPES:
+        for bits in (None,) if recipe == "bf16_lora" else (4, 8):
+            assert (recipe, bits) in configurations
+    for row in rows:
+        assert row["status"] in ("measured", "skipped"), row
+        if row["status"] == "skipped":
+            assert row["reason"]
+        elif row["recipe"] != "bnb_precision":
+            assert row["tokens_per_s"] > 0 and len(row["step_s"]) == 2, row
+    statuses = {row["recipe"]: row["status"] for row in rows}
+    assert statuses["bnb"] == statuses["bf16_lora"] == statuses["hf_prepare"] == "measured"
+    assert statuses["bnb_precision"] == "skipped"  # CUDA only; --smoke runs on CPU
+
+    table = table_path.read_text()
+    for recipe in bench.RECIPES:
+        assert sum(line.startswith(f"| {recipe} ") for line in table.splitlines()) == 2  # 4-bit and 8-bit
+    assert "tok/s ÷ hf_prepare" in table
