@@ -4,7 +4,7 @@ from .callback import BnbQuantization
 from .config import QuantizationConfig
 from .export import export_adapters, load_adapters
 from .merge import MergedExport, MergeToleranceError, export_merged, merged_model
-from .prepare import count_parameters, inject_adapters, prepare_for_kbit_training
+from .prepare import compile_blocks, count_parameters, inject_adapters, prepare_for_kbit_training
 from .quantize import QuantizationError, quantize_model
 from .replace import (
     load_quantized_state_dict,
@@ -20,6 +20,7 @@ from .state_dict import load_state_dict_file, read_state_dict_file, save_state_d
 __version__ = "0.1.0"
 
 __all__ = [
+    "compile_blocks",
     "save_state_dict_file",
     "load_state_dict_file",
     "read_state_dict_file",

@@ -128,6 +128,22 @@ def prepare_for_kbit_training(
     return checkpointing
 
 
+def compile_blocks(model: nn.Module) -> int:
+    """``torch.compile`` each transformer block in place; returns how many were compiled.
+
+    Blocks are the module classes transformers models list in ``_no_split_modules`` (e.g.
+    ``LlamaDecoderLayer``). Compiling per block keeps graphs small and works with activation
+    checkpointing, which wraps each block. State-dict keys do not change.
+    """
+    block_names: set[str] = set()
+    for hf_model in transformers_models(model):
+        block_names.update(getattr(hf_model, "_no_split_modules", None) or ())
+    blocks = [module for module in model.modules() if type(module).__name__ in block_names]
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
 def adapter_target(model: nn.Module) -> nn.Module:
     """Where adapters go: the single transformers model inside ``model``, else ``model`` itself."""
     roots = transformers_models(model)

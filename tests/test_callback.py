@@ -298,3 +298,14 @@ def test_refuses_a_second_quantization_plugin(tmp_path):
     fit = trainer(tmp_path, [BnbQuantization()], accelerator="cuda", plugins=[plugin])
     with pytest.raises(RuntimeError, match="BitsandbytesPrecision.*remove the plugin"):
         fit.fit(CausalLM(), batches())
+
+
+@pytest.mark.parametrize("compile_blocks", [None, False, True])
+def test_compile_blocks_switch(tmp_path, compile_blocks):
+    module = CausalLM()
+    callback = BnbQuantization(peft_config=lora(), compile_blocks=compile_blocks)
+    trainer(tmp_path, [callback], max_steps=4).fit(module, batches())
+    compiled = [layer._compiled_call_impl is not None for layer in module.model.model.layers]
+    # Default: on for 4-bit on CUDA only, so off in this CPU run.
+    assert compiled == [bool(compile_blocks)] * 2
+    assert module.losses[-1] < module.losses[0]
