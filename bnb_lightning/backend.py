@@ -23,6 +23,11 @@ def require_bitsandbytes() -> ModuleType:
         ) from error
 
 
+def as_device(device: torch.device | str | int) -> torch.device:
+    """A ``torch.device``; a bare index means a CUDA device, as in ``model.to(0)``."""
+    return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+
+
 def check_device_supported(device: torch.device | str) -> torch.device:
     """Fail early when bitsandbytes has no kernels for ``device`` or PyTorch cannot use it here."""
     device = torch.device(device)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .backend import (
+    as_device,
     check_device_supported,
     conv1d_class,
     is_bnb_linear,
@@ -178,7 +179,7 @@ def quantize_model(
         print(report)
     """
     config = as_quantization_config(config)
-    target = check_device_supported(_model_device(model) if device is None else _as_device(device))
+    target = check_device_supported(_model_device(model) if device is None else as_device(device))
     report = QuantizationReport(
         bits=config.bits,
         quant_type=config.quant_type if config.bits == 4 else None,
@@ -269,7 +270,3 @@ def _rollback_or_explain(
         f"quantizing {failed!r} onto {device} failed: {error}. {len(converted)} layers were already converted "
         f"and their full-precision weights freed: {converted}. Reload the model before trying again."
     ) from error
-
-
-def _as_device(device: torch.device | str | int) -> torch.device:
-    return torch.device(f"cuda:{device}" if isinstance(device, int) else device)

@@ -13,7 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backend import conv1d_class, is_plain_linear, is_quantized_parameter, linear_shape, require_bitsandbytes
+from .backend import (
+    as_device,
+    conv1d_class,
+    is_plain_linear,
+    is_quantized_parameter,
+    linear_shape,
+    require_bitsandbytes,
+)
 from .config import QuantizationConfig
 from .layer_state import (
     STATS_8BIT,
@@ -179,7 +186,7 @@ def set_module_quantized_tensor_to_device(
             missing statistics, a meta tensor without ``value``.
     """
     bnb = require_bitsandbytes()
-    device = torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    device = as_device(device)
     owner, leaf = _resolve(module, tensor_name)
     is_buffer = leaf in owner._buffers
     old_value = getattr(owner, leaf)
