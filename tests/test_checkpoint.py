@@ -68,9 +68,11 @@ def test_adapter_only_checkpoint_is_a_small_fraction_of_the_full_one(tmp_path):
     assert sizes[False] < 0.1 * sizes[True], sizes
 
 
+@pytest.mark.parametrize("save_base_weights", [False, True], ids=["adapter-only", "full"])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_resume_continues_exactly(tmp_path, bits):
+def test_resume_continues_exactly(tmp_path, bits, save_base_weights):
     config = QuantizationConfig(bits=bits)
+    options = dict(peft_config=lora(), save_base_weights=save_base_weights)
     straight = CausalLM()
     fit(tmp_path / "straight", straight, [BnbQuantization(config, peft_config=lora())], max_steps=8)
 
@@ -78,7 +80,7 @@ def test_resume_continues_exactly(tmp_path, bits):
     fit(
         tmp_path / "first",
         first_half,
-        [BnbQuantization(config, peft_config=lora()), checkpointing(tmp_path, 4)],
+        [BnbQuantization(config, **options), checkpointing(tmp_path, 4)],
         max_steps=4,
         enable_checkpointing=True,
     )
@@ -87,7 +89,7 @@ def test_resume_continues_exactly(tmp_path, bits):
     fit(
         tmp_path / "resumed",
         resumed,
-        [BnbQuantization(config, peft_config=lora())],
+        [BnbQuantization(config, **options)],
         ckpt_path=path,
         max_steps=8,
     )
@@ -238,21 +240,3 @@ def test_exported_files_are_readable_like_any_other(tmp_path):
     plain = tmp_path / "plain.bin"
     plain.write_bytes(b"data")
     assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
-
-
-@pytest.mark.parametrize("bits", [4, 8])
-def test_full_checkpoint_resumes_too(tmp_path, bits):
-    config = QuantizationConfig(bits=bits)
-    straight = CausalLM()
-    fit(tmp_path / "straight", straight, [BnbQuantization(config, peft_config=lora())], max_steps=8)
-    first_half = CausalLM()
-    callbacks = [
-        BnbQuantization(config, peft_config=lora(), save_base_weights=True),
-        checkpointing(tmp_path, 4),
-    ]
-    fit(tmp_path / "first", first_half, callbacks, max_steps=4, enable_checkpointing=True)
-    (path,) = (tmp_path / "ckpt").glob("*.ckpt")
-    resumed = CausalLM()
-    callback = BnbQuantization(config, peft_config=lora(), save_base_weights=True)
-    fit(tmp_path / "resumed", resumed, [callback], ckpt_path=path, max_steps=8)
-    assert first_half.losses + resumed.losses == straight.losses
