@@ -8,14 +8,13 @@ import signal
 from pathlib import Path
 
 import bitsandbytes as bnb
-import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import TiedMLP, tiny_gpt2, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file
-from torch.utils.data import DataLoader
+from test_callback import CausalLM, batches, lora, trainer
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from bnb_lightning import BnbQuantization, QuantizationConfig, inject_adapters, quantize_model
@@ -28,10 +27,6 @@ BNB_CONFIGS = {
 }
 TIE = pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 BITS = pytest.mark.parametrize("bits", [4, 8])
-
-
-def lora(**kwargs) -> LoraConfig:
-    return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **kwargs)
 
 
 def trained_model(bits: int, tie: bool = True, dtype: torch.dtype = torch.float32, steps: int = 3):
@@ -114,29 +109,9 @@ def test_adapter_files_are_what_peft_save_pretrained_writes(tmp_path):
 
 
 def test_export_from_a_lightning_module_trained_with_the_callback(tmp_path, tokens):
-    class CausalLM(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.model = tiny_llama().train()
-
-        def training_step(self, batch, batch_idx):
-            return self.model(input_ids=batch, labels=batch).loss
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
-
     module = CausalLM()
     callback = BnbQuantization(QuantizationConfig(bits=4), peft_config=lora())
-    pl.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[callback],
-    ).fit(module, DataLoader(list(torch.arange(64).remainder(7).view(4, 16)), batch_size=2))
+    trainer(tmp_path, [callback], max_steps=2).fit(module, batches())
 
     export_adapters(module, tmp_path / "adapters")
     result = export_merged(module, tmp_path / "merged", tokens)
