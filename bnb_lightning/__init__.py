@@ -3,6 +3,7 @@
 from .callback import BnbQuantization
 from .config import QuantizationConfig
 from .export import export_adapters, load_adapters
+from .loss import linear_cross_entropy, remove_chunked_loss, use_chunked_loss
 from .merge import MergedExport, MergeToleranceError, export_merged, merged_model
 from .prepare import compile_blocks, count_parameters, inject_adapters, prepare_for_kbit_training
 from .quantize import QuantizationError, quantize_model
@@ -21,6 +22,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "compile_blocks",
+    "linear_cross_entropy",
+    "use_chunked_loss",
+    "remove_chunked_loss",
     "save_state_dict_file",
     "load_state_dict_file",
     "read_state_dict_file",

@@ -23,6 +23,7 @@ from .checkpoint import (
 )
 from .config import QuantizationConfig, compute_dtype_for_precision
 from .export import export_adapters
+from .loss import use_chunked_loss
 from .merge import MergedExport, export_merged
 from .prepare import (
     cast_to_float32,
@@ -79,6 +80,10 @@ class BnbQuantization(Callback):
             (default: 5% of the largest |logit| on that batch).
         compile_blocks: ``torch.compile`` each transformer block after quantization. ``None``
             (default): on for 4-bit on CUDA, where it was measured faster; off for 8-bit and on CPU.
+        chunked_loss: compute a transformers causal LM's training loss chunk by chunk, without
+            materializing the logits (``logits`` is ``None`` when the model is called with
+            ``labels`` while training; see :func:`bnb_lightning.use_chunked_loss`). On by default;
+            ``False`` keeps the model's own loss and logits.
 
     Example::
 
@@ -100,6 +105,7 @@ class BnbQuantization(Callback):
         export_merged_to: str | None = None,
         merge_tolerance: float | None = None,
         compile_blocks: bool | None = None,
+        chunked_loss: bool = True,
     ) -> None:
         self.config = as_quantization_config(config)
         if peft_config is not None and not isinstance(peft_config, PeftConfig):
@@ -117,6 +123,7 @@ class BnbQuantization(Callback):
             ("upcast_to_float32", upcast_to_float32),
             ("save_base_weights", save_base_weights),
             ("check_base_on_resume", check_base_on_resume),
+            ("chunked_loss", chunked_loss),
         ):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}.")
@@ -125,6 +132,7 @@ class BnbQuantization(Callback):
         self.upcast_to_float32 = upcast_to_float32
         self.save_base_weights = save_base_weights
         self.check_base_on_resume = check_base_on_resume
+        self.chunked_loss = chunked_loss
         for name, target in (
             ("export_adapters_to", export_adapters_to),
             ("export_merged_to", export_merged_to),
@@ -303,12 +311,15 @@ class BnbQuantization(Callback):
         if str(trainer.precision) != "bf16-true":
             # Already here, so a checkpoint's float32 adapters are restored without rounding.
             cast_to_float32(pl_module, trainable_only=True)
+        # Taken before any forward: bitsandbytes' CPU kernels rewrite 4-bit statistics on the first one.
+        self._fingerprint = base_fingerprint(pl_module)
+        if self.chunked_loss and use_chunked_loss(pl_module):
+            # Before compiling: the check runs one short forward of each model.
+            rank_zero_info("bnb_lightning: the causal-LM loss is computed in chunks, without full logits.")
         if self._should_compile(config, trainer):
             rank_zero_info(
                 f"bnb_lightning: compiled {compile_blocks(pl_module)} transformer blocks with torch.compile."
             )
-        # Taken before any forward: bitsandbytes' CPU kernels rewrite 4-bit statistics on the first one.
-        self._fingerprint = base_fingerprint(pl_module)
         self._watch_checkpoint_restore(pl_module)
         if checkpointing:
             rank_zero_info("bnb_lightning: gradient checkpointing is on (non-reentrant).")

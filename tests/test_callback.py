@@ -281,6 +281,7 @@ def test_refuses_float_storage_the_precision_would_cast(tmp_path):
         ({"peft_config": {"r": 8}}, "peft_config must be a PEFT config"),
         ({"gradient_checkpointing": "yes"}, "gradient_checkpointing must be True, False or None"),
         ({"upcast_to_float32": 1}, "upcast_to_float32 must be True or False"),
+        ({"chunked_loss": "auto"}, "chunked_loss must be True or False"),
         ({"config": {"bits": 3}}, "bits=3 is not supported"),
     ],
 )
@@ -309,3 +310,26 @@ def test_compile_blocks_switch(tmp_path, compile_blocks):
     # Default: on for 4-bit on CUDA only, so off in this CPU run.
     assert compiled == [bool(compile_blocks)] * 2
     assert module.losses[-1] < module.losses[0]
+
+
+class LogitsProbe(CausalLM):
+    """Records whether the training forward returned logits."""
+
+    def training_step(self, batch, batch_idx):
+        output = self.model(input_ids=batch, labels=batch)
+        self.returned_logits = output.logits is not None
+        self.losses.append(output.loss.item())
+        return output.loss
+
+
+@pytest.mark.parametrize("chunked_loss", [True, False])
+def test_chunked_loss_switch(tmp_path, chunked_loss):
+    from bnb_lightning.loss import ChunkedLossForward
+
+    module = LogitsProbe()
+    callback = BnbQuantization(peft_config=lora(), chunked_loss=chunked_loss)
+    trainer(tmp_path, [callback]).fit(module, batches())
+    # Default on: the training forward computes the loss in chunks and returns no logits.
+    assert isinstance(vars(module.model).get("forward"), ChunkedLossForward) is chunked_loss
+    assert module.returned_logits is not chunked_loss
+    assert module.losses[-1] < module.losses[0] - 0.5, module.losses

@@ -1,0 +1,187 @@
+"""The chunked causal-LM loss: same loss and gradients as transformers', without the full logits."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import VOCAB, tiny_gpt2, tiny_llama
+from peft import LoraConfig
+
+from bnb_lightning import QuantizationConfig, inject_adapters, quantize_model
+from bnb_lightning.loss import (
+    ChunkedLossForward,
+    linear_cross_entropy,
+    remove_chunked_loss,
+    use_chunked_loss,
+)
+
+
+def reference_loss(hidden, weight, bias, targets, num_items=None):
+    logits = F.linear(hidden, weight, bias).float()
+    reduction = "mean" if num_items is None else "sum"
+    loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1), reduction=reduction)
+    return loss if num_items is None else loss / num_items
+
+
+def leaves(dtype, with_bias):
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 11, 16, generator=generator).to(dtype).requires_grad_()
+    weight = (torch.randn(40, 16, generator=generator) / 4).to(dtype).requires_grad_()
+    bias = torch.randn(40, generator=generator).to(dtype).requires_grad_() if with_bias else None
+    targets = torch.randint(0, 40, (3, 11), generator=generator)
+    targets[0, :4] = -100
+    return hidden, weight, bias, targets
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("num_items", [None, 50])
+@pytest.mark.parametrize("chunk_tokens", [1, 7, None])
+def test_linear_cross_entropy_matches_full_logits(dtype, tol, with_bias, num_items, chunk_tokens):
+    hidden, weight, bias, targets = leaves(dtype, with_bias)
+    expected = reference_loss(hidden, weight, bias, targets, num_items)
+    expected.backward()
+    expected_grads = [t.grad.clone() for t in (hidden, weight, bias) if t is not None]
+    for t in (hidden, weight, bias):
+        if t is not None:
+            t.grad = None
+
+    actual = linear_cross_entropy(
+        hidden, weight, targets, bias=bias, num_items_in_batch=num_items, chunk_tokens=chunk_tokens
+    )
+    (actual * 3).backward()  # the upstream gradient scales every result
+
+    assert actual.dtype == torch.float32
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol)
+    actual_grads = [t.grad for t in (hidden, weight, bias) if t is not None]
+    for got, want in zip(actual_grads, expected_grads, strict=True):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), 3 * want.float(), rtol=tol, atol=tol)
+
+
+def test_linear_cross_entropy_follows_autocast():
+    hidden, weight, _, targets = leaves(torch.float32, False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = reference_loss(hidden, weight, None, targets)
+        actual = linear_cross_entropy(hidden, weight, targets)
+    # Both project in bfloat16, so they agree far more closely than float32 and bfloat16 would.
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(actual, reference_loss(hidden, weight, None, targets), rtol=1e-6, atol=1e-6)
+
+
+def test_linear_cross_entropy_rejects_mismatched_targets():
+    hidden, weight, _, targets = leaves(torch.float32, False)
+    with pytest.raises(ValueError, match="targets hold 32 tokens but hidden states hold 33"):
+        linear_cross_entropy(hidden, weight, targets.view(-1)[:32])
+
+
+def quantized_lora(build):
+    model = build()
+    quantize_model(model, QuantizationConfig(bits=4))
+    inject_adapters(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():  # LoRA B starts at zero; give the adapters a say in the loss
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    return model.train()
+
+
+def loss_and_grads(model, tokens, **kwargs):
+    model.zero_grad()
+    output = model(input_ids=tokens, labels=tokens, **kwargs)
+    output.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return output, grads
+
+
+@pytest.mark.parametrize(
+    "build", [tiny_llama, lambda: tiny_llama(tie=False), tiny_gpt2], ids=["llama", "llama-untied", "gpt2"]
+)
+def test_quantized_lora_model_trains_on_the_same_loss_without_logits(build, tokens):
+    model = quantized_lora(build)
+    for module in model.modules():  # GPT-2 has dropout: compare like with like
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    labels = tokens.clone()
+    labels[1, :5] = -100
+    expected = model(input_ids=tokens, labels=labels)
+    expected.loss.backward()
+    expected_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+
+    assert use_chunked_loss(model) == [""]
+    assert isinstance(vars(model)["forward"], ChunkedLossForward)
+    actual = model(input_ids=tokens, labels=labels)
+    actual.loss.backward()
+
+    assert actual.logits is None
+    torch.testing.assert_close(actual.loss, expected.loss, rtol=1e-5, atol=1e-5)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6)
+
+    # Without labels, in eval mode or without gradients, the model's own forward runs: logits come back.
+    assert model(input_ids=tokens).logits.shape == (2, 16, VOCAB)
+    with torch.no_grad():
+        assert model(input_ids=tokens, labels=labels).logits is not None
+    model.eval()
+    assert model(input_ids=tokens, labels=labels).logits is not None
+
+    remove_chunked_loss(model)
+    assert "forward" not in vars(model)
+
+
+def test_num_items_in_batch_is_honoured(tokens):
+    model = quantized_lora(tiny_llama)
+    expected = model(input_ids=tokens, labels=tokens, num_items_in_batch=7).loss
+    use_chunked_loss(model)
+    actual = model(input_ids=tokens, labels=tokens, num_items_in_batch=7).loss
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_model_with_soft_capped_logits_keeps_its_own_loss():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        final_logit_softcapping=1.0,
+        tie_word_embeddings=False,
+    )
+    model = Gemma2ForCausalLM(config).train()
+    with torch.no_grad():  # logits far beyond the cap, so capped and plain losses differ clearly
+        model.lm_head.weight.mul_(100)
+    with pytest.warns(UserWarning, match="chunked loss is off for Gemma2ForCausalLM"):
+        assert use_chunked_loss(model) == []
+    assert "forward" not in vars(model)
+
+
+def test_copies_of_the_model_use_their_own_weights(tokens):
+    model = quantized_lora(tiny_llama)
+    use_chunked_loss(model)
+    clone = copy.deepcopy(model)
+    assert vars(clone)["forward"].model is clone
+    with torch.no_grad():
+        for name, parameter in clone.named_parameters():
+            if "lora_B" in name:
+                parameter.zero_()
+    with torch.enable_grad():
+        assert not torch.allclose(
+            clone(input_ids=tokens, labels=tokens).loss, model(input_ids=tokens, labels=tokens).loss
+        )
+
+
+def test_models_without_transformers_structure_are_left_alone():
+    from conftest import TiedMLP
+
+    model = TiedMLP()
+    assert use_chunked_loss(model) == []
+    assert "forward" not in vars(model)
