@@ -6,6 +6,7 @@ batches:
 
 - ``bnb``: ``BnbQuantization`` (its defaults, LoRA, ``gradient_checkpointing=True``) under a Lightning
   ``Trainer(precision="bf16-true")``.
+- ``bnb_full_loss``: the same with ``chunked_loss=False`` (the model's own full-vocabulary loss).
 - ``hf_prepare``: ``from_pretrained(quantization_config=BitsAndBytesConfig(...))``, PEFT's
   ``prepare_model_for_kbit_training`` (float32 upcast) and ``get_peft_model``; a plain torch loop.
 - ``hf_noupcast``: the same without the upcast (non-reentrant checkpointing, ``enable_input_require_grads``).
@@ -41,7 +42,7 @@ import lightning.pytorch as pl
 import torch
 from peft import LoraConfig
 
-RECIPES = ("bnb", "hf_prepare", "hf_noupcast", "hf_compile", "bnb_precision", "bf16_lora")
+RECIPES = ("bnb", "bnb_full_loss", "hf_prepare", "hf_noupcast", "hf_compile", "bnb_precision", "bf16_lora")
 # Ratios in the table are taken against these recipes, where they were measured.
 BASELINES = ("hf_prepare", "hf_noupcast", "hf_compile")
 
@@ -102,6 +103,9 @@ class Measurement:
     final_loss: float | None = None
     wall_s: float | None = None  # the whole measurement, load to teardown
 
+    def profile_name(self) -> str:
+        return f"{self.recipe}-{self.bits or 'bf16'}bit-r{self.repeat}"
+
 
 @dataclass
 class Setup:
@@ -113,6 +117,10 @@ class Setup:
     warmup: int
     steps: int
     lora_r: int
+    profile_dir: str | None = None  # profile PROFILE_STEPS extra steps after the timed ones
+
+
+PROFILE_STEPS = 2
 
 
 # ---------------------------------------------------------------- measurement helpers
@@ -151,27 +159,58 @@ def reset_peak(device: torch.device) -> None:
 
 
 class StepClock:
-    """Wall time of each training step after warm-up, synchronized with the device."""
+    """Wall time of each training step after warm-up, synchronized with the device; with a
+    ``profile_name``, a torch.profiler trace of the ``PROFILE_STEPS`` steps after the timed ones."""
 
-    def __init__(self, device: torch.device, warmup: int) -> None:
-        self.device = device
-        self.warmup = warmup
+    def __init__(self, setup: Setup, profile_name: str) -> None:
+        self.device = setup.device
+        self.warmup = setup.warmup
+        self.timed_end = setup.warmup + setup.steps
+        self.profile_path = Path(setup.profile_dir, profile_name) if setup.profile_dir else None
         self.step_s: list[float] = []
         self._start = 0.0
+        self._profiler: torch.profiler.profile | None = None
 
     def begin(self, step: int) -> None:
-        if step >= self.warmup:
+        if step == self.timed_end and self.profile_path is not None:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if cuda(self.device):
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self._profiler = torch.profiler.profile(activities=activities, profile_memory=True)
+            self._profiler.__enter__()
+        if self.warmup <= step < self.timed_end:
             synchronize(self.device)
             self._start = time.perf_counter()
 
     def end(self, step: int) -> None:
-        if step >= self.warmup:
+        if self.warmup <= step < self.timed_end:
             synchronize(self.device)
             self.step_s.append(time.perf_counter() - self._start)
+        if step == self.timed_end + PROFILE_STEPS - 1 and self._profiler is not None:
+            synchronize(self.device)
+            self._profiler.__exit__(None, None, None)
+            write_profile(self._profiler, self.profile_path, self.device)
+            self._profiler = None
 
     def record(self, result: Measurement, tokens_per_step: int) -> None:
         result.step_s = self.step_s
         result.tokens_per_s = tokens_per_step * len(self.step_s) / sum(self.step_s)
+
+
+def write_profile(profiler: torch.profiler.profile, path: Path, device: torch.device) -> None:
+    """Operators by total device time and by memory allocated, as text tables."""
+    events = profiler.key_averages()
+    time_key = "device_time_total" if cuda(device) else "cpu_time_total"
+    memory_key = "self_device_memory_usage" if cuda(device) else "self_cpu_memory_usage"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = [
+        f"# {path.stem}: {PROFILE_STEPS} training steps",
+        f"## by {time_key}",
+        events.table(sort_by=time_key, row_limit=40, max_name_column_width=90),
+        f"## by {memory_key}",
+        events.table(sort_by=memory_key, row_limit=25, max_name_column_width=90),
+    ]
+    path.with_suffix(".txt").write_text("\n".join(text))
 
 
 def lora_config(rank: int) -> LoraConfig:
@@ -185,7 +224,7 @@ def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 def train_loop(model: torch.nn.Module, setup: Setup, result: Measurement) -> None:
     """A plain torch loop, under bfloat16 autocast as transformers' Trainer(bf16=True) runs it."""
     optimizer = torch.optim.AdamW(trainable(model), lr=1e-4, weight_decay=0.0)
-    clock = StepClock(setup.device, setup.warmup)
+    clock = StepClock(setup, result.profile_name())
     model.train()
     reset_peak(setup.device)
     for step, batch in enumerate(setup.batches):
@@ -253,7 +292,7 @@ class BenchmarkHooks(pl.Callback):
         self.setup_ = setup
         self.result = result
         self.start = start
-        self.clock = StepClock(setup.device, setup.warmup)
+        self.clock = StepClock(setup, result.profile_name())
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         mark_ready(self.result, self.setup_, self.start)
@@ -267,14 +306,17 @@ class BenchmarkHooks(pl.Callback):
         self.result.final_loss = float(outputs["loss"])
 
 
-def run_bnb(setup: Setup, bits: int, result: Measurement) -> None:
+def run_bnb(setup: Setup, bits: int, result: Measurement, **options: Any) -> None:
     from bnb_lightning import BnbQuantization, QuantizationConfig
 
     start = time.perf_counter()
     # Loaded on the CPU: the callback quantizes layer by layer onto the GPU in `setup`.
     module = CausalLMModule(load_bf16(setup))
     quantization = BnbQuantization(
-        QuantizationConfig(bits=bits), peft_config=lora_config(setup.lora_r), gradient_checkpointing=True
+        QuantizationConfig(bits=bits),
+        peft_config=lora_config(setup.lora_r),
+        gradient_checkpointing=True,
+        **options,
     )
     hooks = BenchmarkHooks(setup, result, start)
     trainer = pl.Trainer(
@@ -292,6 +334,10 @@ def run_bnb(setup: Setup, bits: int, result: Measurement) -> None:
     result.quantize_s = quantization.report.seconds
     result.train_peak_bytes = memory(setup.device)[0]
     hooks.clock.record(result, setup.batches[0].numel())
+
+
+def run_bnb_full_loss(setup: Setup, bits: int, result: Measurement) -> None:
+    run_bnb(setup, bits, result, chunked_loss=False)
 
 
 def load_hf_quantized(setup: Setup, bits: int, result: Measurement) -> torch.nn.Module:
@@ -376,6 +422,7 @@ def run_bf16_lora(setup: Setup, bits: int | None, result: Measurement) -> None:
 
 RUNNERS: dict[str, Callable[[Setup, Any, Measurement], None]] = {
     "bnb": run_bnb,
+    "bnb_full_loss": run_bnb_full_loss,
     "hf_prepare": run_hf_prepare,
     "hf_noupcast": run_hf_noupcast,
     "hf_compile": run_hf_compile,
@@ -412,17 +459,21 @@ def measure(recipe: str, bits: int | None, repeat: int, setup: Setup) -> Measure
 # ---------------------------------------------------------------- model, data, environment
 
 
-def save_random_model(shape: str, directory: str, seed: int) -> dict[str, Any]:
-    """A Llama of ``shape`` with random weights, saved once so every recipe loads the same ones."""
+def save_random_model(shape: str, directory: str, seed: int, device: torch.device) -> dict[str, Any]:
+    """A Llama of ``shape`` with random weights, saved once so every recipe loads the same ones.
+
+    Initialized on ``device``: an 8B model initializes in seconds on a GPU and in minutes on a CPU.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=131072, rope_theta=500000.0)
-    model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    with device:
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(directory)
     parameters = sum(p.numel() for p in model.parameters())
     del model
-    gc.collect()
+    free_memory(device)
     return {"parameters": parameters, **SHAPES[shape]}
 
 
@@ -547,6 +598,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default="benchmarks/results.jsonl", help="JSON lines, one per measurement")
     parser.add_argument("--markdown", default="benchmarks/results.md", help="the Markdown table")
     parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help=f"also profile {PROFILE_STEPS} steps after the timed ones (torch.profiler tables in DIR)",
+    )
+    parser.add_argument(
         "--smoke",
         action="store_true",
         help="tiny model on CPU, 1 warm-up + 2 steps, 1 repeat: checks the code paths",
@@ -569,11 +625,12 @@ def main(argv: Sequence[str] | None = None) -> list[Measurement]:
     out.parent.mkdir(parents=True, exist_ok=True)
     results: list[Measurement] = []
     with tempfile.TemporaryDirectory(prefix="qlora_bench_") as model_dir, out.open("w") as jsonl:
-        model = save_random_model(args.shape, model_dir, args.seed)
+        model = save_random_model(args.shape, model_dir, args.seed, device)
+        extra = PROFILE_STEPS if args.profile else 0
         batches = random_batches(
-            model["vocab_size"], args.warmup + args.steps, args.batch, args.seq, device, args.seed
+            model["vocab_size"], args.warmup + args.steps + extra, args.batch, args.seq, device, args.seed
         )
-        setup = Setup(model_dir, device, batches, args.warmup, args.steps, args.lora_r)
+        setup = Setup(model_dir, device, batches, args.warmup, args.steps, args.lora_r, args.profile)
         meta = {
             "shape": args.shape,
             "seq": args.seq,

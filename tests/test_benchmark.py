@@ -50,3 +50,16 @@ def test_smoke_run_measures_every_recipe(bench, tmp_path):
     for recipe in bench.RECIPES:
         assert sum(line.startswith(f"| {recipe} ") for line in table.splitlines()) == 2  # 4-bit and 8-bit
     assert "tok/s ÷ hf_prepare" in table
+
+
+def test_profile_covers_extra_steps_and_keeps_timing_apart(bench, tmp_path):
+    profiles = tmp_path / "profiles"
+    argv = ["--smoke", "--bits", "4", "--recipes", "bnb", "hf_noupcast", "--profile", str(profiles)]
+    results = bench.main([*argv, "--out", str(tmp_path / "r.jsonl"), "--markdown", str(tmp_path / "r.md")])
+
+    assert [r.status for r in results] == ["measured", "measured"]
+    assert all(len(r.step_s) == 2 for r in results)  # the profiled steps are not timed
+    written = sorted(p.name for p in profiles.iterdir())
+    assert written == ["bnb-4bit-r0.txt", "hf_noupcast-4bit-r0.txt"]
+    text = (profiles / "bnb-4bit-r0.txt").read_text()
+    assert "cpu_time_total" in text and "aten::" in text
