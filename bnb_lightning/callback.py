@@ -22,6 +22,15 @@ from .checkpoint import (
     quantization_record,
 )
 from .config import QuantizationConfig, compute_dtype_for_precision
+from .distributed import (
+    FSDP,
+    base_memory_for,
+    check_same_base_on_all_ranks,
+    check_strategy,
+    config_for_fsdp,
+    configure_fsdp,
+    strategy_kind,
+)
 from .export import export_adapters
 from .loss import use_chunked_loss
 from .merge import MergedExport, export_merged
@@ -276,13 +285,15 @@ class BnbQuantization(Callback):
                 f"BnbQuantization cannot work with the {plugin} precision plugin: "
                 f"{_REFUSED_PRECISION_PLUGINS[plugin]}."
             )
-        if not _is_supported_strategy(trainer.strategy):
-            raise RuntimeError(
-                f"BnbQuantization does not support strategy {type(trainer.strategy).__name__} yet; it supports "
-                "a single device and DDP. Use Trainer(strategy='auto') on one device or strategy='ddp' on several."
-            )
-        check_device_supported(trainer.strategy.root_device)
         config = self.config
+        check_strategy(
+            trainer.strategy,
+            config,
+            str(trainer.precision),
+            adapter_only=not self.save_base_weights,
+            exports=bool(self.export_adapters_to or self.export_merged_to),
+        )
+        check_device_supported(trainer.strategy.root_device)
         precision_dtype = compute_dtype_for_precision(trainer.precision)
         storage = config.quant_storage
         if config.bits == 4 and storage.is_floating_point and "true" in str(trainer.precision):
@@ -299,6 +310,8 @@ class BnbQuantization(Callback):
     def _quantize(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, config: QuantizationConfig
     ) -> None:
+        if strategy_kind(trainer.strategy) == FSDP:
+            config = config_for_fsdp(config, pl_module, str(trainer.precision))
         self.report = quantize_model(pl_module, config, device=trainer.strategy.root_device)
         self._done = True
         self._config = config
@@ -320,6 +333,10 @@ class BnbQuantization(Callback):
             rank_zero_info(
                 f"bnb_lightning: compiled {compile_blocks(pl_module)} transformer blocks with torch.compile."
             )
+        check_same_base_on_all_ranks(trainer.strategy, self._fingerprint)
+        if strategy_kind(trainer.strategy) == FSDP:
+            configure_fsdp(trainer.strategy, pl_module, config, adapter_only=not self.save_base_weights)
+        rank_zero_info(str(base_memory_for(trainer.strategy, pl_module)))
         self._watch_checkpoint_restore(pl_module)
         if checkpointing:
             rank_zero_info("bnb_lightning: gradient checkpointing is on (non-reentrant).")
@@ -334,12 +351,3 @@ def _default_compile(config: QuantizationConfig, device: torch.device) -> bool:
 
 def _has_linear_layers(module: nn.Module) -> bool:
     return any(is_plain_linear(m) or is_bnb_linear(m) for m in module.modules())
-
-
-def _is_supported_strategy(strategy: Any) -> bool:
-    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
-
-    # DeepSpeed subclasses DDPStrategy but shards and casts parameters its own way.
-    return isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not isinstance(
-        strategy, DeepSpeedStrategy
-    )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -20,21 +20,28 @@ from torch import nn
 
 from .backend import is_bnb_linear
 from .config import QuantizationConfig
+from .distributed import is_fsdp_wrapped, unwrapped_name
 
 RECORD_VERSION = 1
 # Bytes per chunk when fingerprinting: the int64 temporaries stay near 100 MiB whatever the tensor size.
 _CHUNK = 1 << 22
 
 
-def frozen_state_keys(module: nn.Module) -> set[str]:
-    """State-dict keys of the frozen base: frozen parameters and the quantization statistics with them."""
-    keys = set(module.state_dict(keep_vars=True))
+def frozen_state_keys(module: nn.Module, keys: Iterable[str] | None = None) -> set[str]:
+    """State-dict keys of the frozen base: frozen parameters and the quantization statistics with them.
+
+    ``keys``: the state-dict keys to choose from (default: ``module.state_dict()``'s). Under FSDP, pass
+    those of the state dict at hand: ``module.state_dict()`` would gather the whole sharded model.
+    """
+    keys = set(module.state_dict(keep_vars=True) if keys is None else keys)
     frozen: set[str] = set()
     for name, parameter in module.named_parameters(remove_duplicate=False):
         if not parameter.requires_grad:
+            name = unwrapped_name(name)
             frozen.update(key for key in keys if key == name or key.startswith(f"{name}."))
     for name, layer in module.named_modules(remove_duplicate=False):
         if is_bnb_linear(layer) and not layer.weight.requires_grad:
+            name = unwrapped_name(name)
             prefix = f"{name}." if name else ""
             frozen.update(key for key in (f"{prefix}SCB", f"{prefix}weight_format") if key in keys)
     return frozen
@@ -42,7 +49,7 @@ def frozen_state_keys(module: nn.Module) -> set[str]:
 
 def adapter_state_dict(state_dict: Mapping[str, Any], module: nn.Module) -> dict[str, Any]:
     """``state_dict`` without the frozen base of ``module``: adapters, other trainables and buffers."""
-    frozen = frozen_state_keys(module)
+    frozen = frozen_state_keys(module, state_dict.keys())
     return {key: value for key, value in state_dict.items() if key not in frozen}
 
 
@@ -122,7 +129,13 @@ def check_record(record: Mapping[str, Any], config: QuantizationConfig, fingerpr
 
 
 def add_frozen_base(state_dict: dict[str, Any], module: nn.Module) -> None:
-    """Complete an adapter-only ``state_dict`` with ``module``'s own frozen base, so it loads strictly."""
+    """Complete an adapter-only ``state_dict`` with ``module``'s own frozen base, so it loads strictly.
+
+    Under FSDP there is nothing to complete: the strategy has already loaded the checkpoint into the
+    sharded model (not strictly) before any hook sees it.
+    """
+    if is_fsdp_wrapped(module):
+        return
     current = module.state_dict()
     for key in frozen_state_keys(module):
         state_dict.setdefault(key, current[key])

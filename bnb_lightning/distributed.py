@@ -1,0 +1,351 @@
+"""Training a quantized model on several devices: which Lightning strategies work, and what each needs.
+
+- **DDP** needs nothing special. Each rank quantizes its own replica on its own device before the
+  model is wrapped; the quantized weights are frozen, so DDP leaves them out of its gradient
+  buckets, and it broadcasts rank zero's adapters at wrapping, so they start (and stay) equal. What
+  must hold is that every rank quantized the *same* base: DDP's initial broadcast would copy rank
+  zero's packed weights but not their statistics. :func:`check_same_base_on_all_ranks` says so.
+- **FSDP** (Lightning's ``FSDPStrategy``) flattens the parameters of each wrapped unit into one
+  tensor of one dtype. 4-bit weights therefore use a floating ``quant_storage`` equal to the dtype
+  of the other parameters (:func:`fsdp_quant_storage`), each transformer block and each trainable
+  leaf (LoRA ``A``/``B``) is its own unit (:func:`fsdp_auto_wrap_policy`, as PEFT's
+  ``fsdp_auto_wrap_policy``), and FSDP's mixed precision must not cast the packed bytes
+  (:func:`fsdp_mixed_precision`). LLM.int8 weights (int8 data, row statistics on the layer) cannot
+  be flattened: 8-bit is refused.
+- **Other strategies** (DeepSpeed, ``ModelParallelStrategy``, XLA) shard or cast parameters their
+  own way, which breaks packed bitsandbytes weights: refused with a message.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backend import is_bnb_linear, is_quantized_parameter
+from .config import QuantizationConfig
+
+SINGLE_DEVICE, DDP, FSDP = "single device", "DDP", "FSDP"
+
+SUPPORTED = (
+    "a single device and DDP (strategy='auto', 'ddp', 'ddp_spawn', ...; 4-bit and 8-bit), and FSDP "
+    "(strategy='fsdp' or FSDPStrategy(...); 4-bit)"
+)
+
+_REFUSED_STRATEGIES = {
+    "DeepSpeedStrategy": "DeepSpeed partitions and casts every parameter itself (ZeRO), which breaks the packed "
+    "bitsandbytes weights",
+    "ModelParallelStrategy": "it shards parameters as DTensors (FSDP2 / tensor parallelism), which bitsandbytes' "
+    "packed weights do not support",
+}
+
+_FSDP_WRAPPED_PREFIX = "_fsdp_wrapped_module."
+
+
+def strategy_kind(strategy: Any) -> str:
+    """``SINGLE_DEVICE``, ``DDP`` or ``FSDP`` for a Lightning strategy; others raise.
+
+    Raises:
+        RuntimeError: the strategy cannot train a bitsandbytes-quantized model; the message says
+            why and which strategies can.
+    """
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
+
+    name = type(strategy).__name__
+    why = next((reason for refused, reason in _REFUSED_STRATEGIES.items() if _is_a(strategy, refused)), None)
+    if why is None:
+        # DeepSpeed subclasses DDPStrategy: the refusals above are checked first.
+        if isinstance(strategy, FSDPStrategy):
+            return FSDP
+        if isinstance(strategy, DDPStrategy):
+            return DDP
+        if isinstance(strategy, SingleDeviceStrategy) and strategy.root_device.type != "xla":
+            return SINGLE_DEVICE
+        why = "bitsandbytes has no support for how it places or shards parameters"
+    raise RuntimeError(
+        f"BnbQuantization does not support strategy {name}: {why}. It supports {SUPPORTED}. "
+        "Pass one of those to the Trainer, e.g. Trainer(strategy='ddp')."
+    )
+
+
+def _is_a(strategy: Any, class_name: str) -> bool:
+    return any(cls.__name__ == class_name for cls in type(strategy).__mro__)
+
+
+def check_strategy(
+    strategy: Any, config: QuantizationConfig, precision: str, adapter_only: bool, exports: bool = False
+) -> str:
+    """The strategy's kind (``SINGLE_DEVICE``, ``DDP``, ``FSDP``), once it is known to work with ``config``.
+
+    Raises:
+        RuntimeError: an unsupported strategy (see :func:`strategy_kind`); under FSDP, sharded
+            adapter-only checkpoints, exports at the end of fit, or ``precision='16-true'``.
+        ValueError: 8-bit under FSDP, or a ``quant_storage`` FSDP cannot flatten with the precision.
+    """
+    kind = strategy_kind(strategy)
+    if kind != FSDP:
+        return kind
+    if str(precision) == "16-true":
+        # The float16 adapters are cast back to float32 when fit starts, after FSDP flattened them.
+        raise RuntimeError(
+            "BnbQuantization under FSDP does not support precision='16-true': the adapters train in float32, "
+            "which FSDP cannot change once it has flattened them to float16. Use precision='bf16-true' (the "
+            "usual QLoRA + FSDP setup), 'bf16-mixed' or '32-true'."
+        )
+    if exports:
+        raise RuntimeError(
+            "export_adapters_to / export_merged_to are not supported under FSDP yet: rank zero holds only its "
+            "shard of the adapters when fit ends. Export from the adapter-only checkpoint after training, on "
+            "one device, or train with strategy='ddp'."
+        )
+    if config.bits == 8:
+        raise ValueError(
+            "8-bit (LLM.int8) weights cannot be sharded by FSDP: they are int8 with per-row statistics kept "
+            "outside the parameter. Use QuantizationConfig(bits=4) with FSDP, or strategy='ddp' for 8-bit."
+        )
+    storage = config.quant_storage
+    wanted = _precision_dtype(precision)
+    if storage.is_floating_point and wanted is not None and storage != wanted:
+        raise ValueError(
+            f"quant_storage={storage} cannot be sharded by FSDP under precision '{precision}': FSDP flattens each "
+            f"block's parameters into one {wanted} tensor. Leave quant_storage unset (BnbQuantization then uses "
+            f"{wanted}) or set quant_storage='{str(wanted).removeprefix('torch.')}'."
+        )
+    # Lightning loads a sharded checkpoint with torch.distributed.checkpoint, which requires every key of the
+    # model, frozen base included, to be in the file; an adapter-only checkpoint leaves the base out.
+    if adapter_only and getattr(strategy, "_state_dict_type", "full") == "sharded":
+        raise RuntimeError(
+            "FSDPStrategy(state_dict_type='sharded') cannot resume from adapter-only checkpoints: Lightning loads "
+            "sharded checkpoints strictly, base weights included. Use state_dict_type='full' (the default: rank zero "
+            "gathers the state and writes the adapters only)."
+        )
+    return kind
+
+
+def _precision_dtype(precision: str) -> torch.dtype | None:
+    """The dtype ``*-true`` precisions convert parameters to; ``None`` where they keep their own."""
+    return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(str(precision))
+
+
+def fsdp_quant_storage(model: nn.Module, precision: str) -> torch.dtype:
+    """The ``quant_storage`` FSDP can flatten together with ``model``'s other parameters.
+
+    That is the dtype they will have when FSDP wraps the model: the precision's half dtype under
+    ``bf16-true`` / ``16-true``, otherwise the most common floating dtype of ``model``'s
+    parameters (float32 for a model built in float32).
+    """
+    wanted = _precision_dtype(precision)
+    if wanted is not None:
+        return wanted
+    dtypes = Counter(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
+    return dtypes.most_common(1)[0][0] if dtypes else torch.float32
+
+
+def config_for_fsdp(config: QuantizationConfig, model: nn.Module, precision: str) -> QuantizationConfig:
+    """``config`` with the ``quant_storage`` FSDP needs; the default ``uint8`` is replaced.
+
+    Raises:
+        ValueError: the user set a floating ``quant_storage`` other than the one FSDP needs.
+    """
+    storage = fsdp_quant_storage(model, precision)
+    if config.quant_storage == torch.uint8:
+        return config.replace(quant_storage=storage)
+    if config.quant_storage != storage:
+        raise ValueError(
+            f"quant_storage={config.quant_storage} cannot be sharded by FSDP together with the model's {storage} "
+            f"parameters: FSDP flattens each block into one tensor of one dtype. Leave quant_storage unset "
+            f"(BnbQuantization then uses {storage}) or set quant_storage='{str(storage).removeprefix('torch.')}'."
+        )
+    return config
+
+
+def block_class_names(model: nn.Module) -> set[str]:
+    """Transformer block classes of the transformers models in ``model`` (their ``_no_split_modules``)."""
+    from .prepare import transformers_models
+
+    names: set[str] = set()
+    for hf_model in transformers_models(model):
+        names.update(getattr(hf_model, "_no_split_modules", None) or ())
+    return names
+
+
+def _wrap_as_unit(module: nn.Module, block_names: frozenset[str]) -> bool:
+    if type(module).__name__ in block_names:
+        return True
+    # A trainable leaf (a LoRA A or B): its own unit, so its float parameters are sharded apart from the
+    # frozen block around it and may have another dtype (float32 adapters on a half base).
+    weight = getattr(module, "weight", None)
+    return next(module.children(), None) is None and isinstance(weight, nn.Parameter) and weight.requires_grad
+
+
+def fsdp_auto_wrap_policy(model: nn.Module) -> Any:
+    """An FSDP ``auto_wrap_policy``: one unit per transformer block and one per trainable leaf module.
+
+    Quantized weights are sharded with the rest of their block; what is left (embeddings, final norm,
+    lm_head) goes to the root unit. Like PEFT's ``fsdp_auto_wrap_policy``, for models quantized here.
+    """
+    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+
+    names = frozenset(block_class_names(model))
+    return functools.partial(
+        lambda_auto_wrap_policy, lambda_fn=functools.partial(_wrap_as_unit, block_names=names)
+    )
+
+
+def fsdp_mixed_precision(strategy: Any, storage: torch.dtype) -> Any | None:
+    """A ``MixedPrecision`` for ``strategy`` that leaves packed weights alone, or ``None`` if its own does.
+
+    Lightning derives FSDP's mixed precision from the Trainer's precision; under ``*-mixed`` it
+    casts every parameter to half for the forward, packed bytes included. Then parameters keep
+    their dtype (autocast does the half compute) and only gradients are reduced in half.
+
+    Raises:
+        ValueError: the user passed ``FSDPStrategy(mixed_precision=...)`` with a ``param_dtype``
+            that would cast the packed weights.
+    """
+    from torch.distributed.fsdp import MixedPrecision
+
+    current = strategy.mixed_precision_config
+    if current is None or current.param_dtype in (None, storage):
+        return None
+    if strategy.mixed_precision is not None:
+        raise ValueError(
+            f"FSDPStrategy(mixed_precision=MixedPrecision(param_dtype={current.param_dtype})) would cast the packed "
+            f"4-bit weights (stored as {storage}) and corrupt them. Use param_dtype=None or {storage}, or leave "
+            "mixed_precision unset."
+        )
+    return MixedPrecision(param_dtype=None, reduce_dtype=current.reduce_dtype, buffer_dtype=None)
+
+
+def configure_fsdp(strategy: Any, model: nn.Module, config: QuantizationConfig, adapter_only: bool) -> None:
+    """Set what ``strategy`` (an ``FSDPStrategy``) needs to wrap the quantized ``model``, before it does.
+
+    The auto-wrap policy of :func:`fsdp_auto_wrap_policy`, unless the user passed one; a mixed
+    precision that keeps the packed weights (:func:`fsdp_mixed_precision`); and, for adapter-only
+    checkpoints, ``strict_loading=False`` on the LightningModule, as Lightning documents for
+    checkpoints holding only part of a model (FSDP loads them before any hook could add the base).
+    """
+    strategy.kwargs.setdefault("auto_wrap_policy", fsdp_auto_wrap_policy(model))
+    mixed_precision = fsdp_mixed_precision(strategy, config.quant_storage)
+    if mixed_precision is not None:
+        strategy.mixed_precision = mixed_precision
+    if adapter_only:
+        model.strict_loading = False
+
+
+def base_memory_for(strategy: Any, model: nn.Module) -> BaseMemory:
+    """:func:`base_memory` of ``model`` under a Lightning ``strategy``."""
+    kind = strategy_kind(strategy)
+    devices = getattr(strategy, "world_size", 1)
+    return base_memory(model, kind, devices, fsdp_shard_count(strategy) if kind == FSDP else 1)
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter name as the model had it before FSDP wrapped some of its modules."""
+    return name.replace(_FSDP_WRAPPED_PREFIX, "")
+
+
+def is_fsdp_wrapped(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return any(isinstance(m, FullyShardedDataParallel) for m in module.modules())
+
+
+@dataclass(frozen=True)
+class BaseMemory:
+    """Bytes of the frozen base (quantized weights, their statistics, frozen full-precision parameters)."""
+
+    strategy: str
+    devices: int
+    shards: int
+    sharded_bytes: int
+    replicated_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.sharded_bytes + self.replicated_bytes
+
+    @property
+    def per_device_bytes(self) -> int:
+        """What each device holds at rest: its share of the sharded bytes plus the replicated ones."""
+        return -(-self.sharded_bytes // self.shards) + self.replicated_bytes
+
+    def __str__(self) -> str:
+        from .report import _format_bytes
+
+        total = _format_bytes(self.total_bytes)
+        each = _format_bytes(self.per_device_bytes)
+        if self.shards == 1:
+            where = (
+                "on the device"
+                if self.devices == 1
+                else f"on each of {self.devices} devices ({self.strategy})"
+            )
+            return f"bnb_lightning: frozen base weights {total} {where}."
+        return (
+            f"bnb_lightning: frozen base weights {total} in all, about {each} per device under {self.strategy} over "
+            f"{self.devices} devices ({_format_bytes(self.sharded_bytes)} sharded {self.shards} ways, "
+            f"{_format_bytes(self.replicated_bytes)} of 4-bit statistics on every device), plus one block "
+            "gathered at a time."
+        )
+
+
+def base_memory(
+    model: nn.Module, strategy: str = SINGLE_DEVICE, devices: int = 1, shards: int = 1
+) -> BaseMemory:
+    """Expected memory of ``model``'s frozen base per device, before FSDP wraps it.
+
+    Under FSDP the frozen parameters (packed weights included) are sharded ``shards`` ways; the
+    4-bit statistics (absmax, code) live on the layer, outside any parameter, so every device has
+    them all. Under DDP and on a single device each device holds everything.
+    """
+    sharded = replicated = 0
+    for parameter in model.parameters():
+        if not parameter.requires_grad:
+            sharded += parameter.nbytes
+    for module in model.modules():
+        if is_bnb_linear(module) and is_quantized_parameter(module.weight):
+            quant_state = getattr(module.weight, "quant_state", None)
+            if quant_state is not None:
+                replicated += sum(
+                    v.nbytes
+                    for v in quant_state.as_dict(packed=False).values()
+                    if isinstance(v, torch.Tensor)
+                )
+            scb = getattr(module.weight, "SCB", None)
+            if isinstance(scb, torch.Tensor):
+                replicated += scb.nbytes
+    return BaseMemory(strategy, devices, shards if strategy == FSDP else 1, sharded, replicated)
+
+
+def fsdp_shard_count(strategy: Any) -> int:
+    """How many ways FSDP splits each parameter: the world size, one node's devices under hybrid sharding."""
+    from torch.distributed.fsdp import ShardingStrategy
+
+    sharding = strategy.sharding_strategy
+    if sharding == ShardingStrategy.NO_SHARD:
+        return 1
+    if sharding in (ShardingStrategy.HYBRID_SHARD, ShardingStrategy._HYBRID_SHARD_ZERO2):
+        return strategy.num_processes
+    return strategy.world_size
+
+
+def check_same_base_on_all_ranks(strategy: Any, fingerprint: str) -> None:
+    """Fail on every rank if the ranks quantized different base weights.
+
+    Raises:
+        RuntimeError: some rank's base fingerprint differs from rank zero's.
+    """
+    if getattr(strategy, "world_size", 1) <= 1:
+        return
+    reference = strategy.broadcast(fingerprint, src=0)
+    if not strategy.reduce_boolean_decision(fingerprint == reference, all=True):
+        raise RuntimeError(
+            "the ranks quantized different base weights (base fingerprints differ from rank zero's). DDP and FSDP "
+            "need the same model on every rank: seed the model's initialization the same way on all ranks "
+            "(lightning.seed_everything(...) before building it) or load the same pretrained weights."
+        )

@@ -1,0 +1,175 @@
+"""A short LoRA fit of a tiny quantized Llama on 2 processes, then a resume from its checkpoint.
+
+Lightning's "ddp" strategy starts the other ranks by running this file again, so tests run it as a
+subprocess. Each rank writes what it saw to ``--out``/rank<N>.pt: losses, its adapters, the files
+its checkpoint IO wrote, the log lines it emitted, the steps after resuming.
+
+    python tests/scripts/distributed_fit.py --out /tmp/run --strategy ddp     # 2 CPU processes, gloo
+    python tests/scripts/distributed_fit.py --out /tmp/run --strategy fsdp --accelerator cuda --devices 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins import TorchCheckpointIO
+from peft import LoraConfig
+from torch.utils.data import DataLoader
+
+from bnb_lightning import BnbQuantization, QuantizationConfig
+
+
+class CausalLM(pl.LightningModule):
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(seed)
+        config = LlamaConfig(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=True,
+        )
+        self.model = LlamaForCausalLM(config).train()
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model(input_ids=batch, labels=batch).loss
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+
+class RecordingCheckpointIO(TorchCheckpointIO):
+    """Lightning's own checkpoint IO, remembering which files this process wrote."""
+
+    def __init__(self) -> None:
+        self.written: list[str] = []
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        self.written.append(str(path))
+        super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+
+
+class LogRecorder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def batches() -> DataLoader:
+    # A repeated pattern, so the loss falls within a few steps; 8 sequences, 2 per rank and step.
+    return DataLoader(list(torch.arange(8 * 16).remainder(7).view(8, 16)), batch_size=2)
+
+
+def adapters(trainer: pl.Trainer, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's full adapters (gathered from the shards under FSDP), by their unwrapped names."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from bnb_lightning.distributed import is_fsdp_wrapped, unwrapped_name
+
+    def read() -> dict[str, torch.Tensor]:
+        return {
+            unwrapped_name(n): p.detach().cpu().float().clone()
+            for n, p in module.named_parameters()
+            if p.requires_grad
+        }
+
+    if not is_fsdp_wrapped(module):
+        return read()
+    with FullyShardedDataParallel.summon_full_params(trainer.model, writeback=False):
+        return read()
+
+
+def make_trainer(
+    args, out: Path, io: RecordingCheckpointIO, steps: int
+) -> tuple[pl.Trainer, BnbQuantization]:
+    callback = BnbQuantization(
+        QuantizationConfig(bits=args.bits),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+        # Under FSDP exports are refused (rank zero holds only a shard of the adapters).
+        export_adapters_to=None if args.strategy == "fsdp" else str(out / "adapters"),
+    )
+    trainer = pl.Trainer(
+        accelerator=args.accelerator,
+        devices=args.devices,
+        strategy=args.strategy,
+        precision=args.precision,
+        max_steps=steps,
+        callbacks=[callback, ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=steps)],
+        plugins=[io],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out,
+    )
+    return trainer, callback
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--strategy", default="ddp")
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--resume-steps", type=int, default=4)
+    parser.add_argument("--seed-per-rank", action="store_true", help="a different base on each rank")
+    args = parser.parse_args()
+    # Two processes on a small machine: intra-op threads only slow the tiny ops down.
+    torch.set_num_threads(1)
+    recorder = LogRecorder()
+    logging.getLogger("lightning.pytorch").addHandler(recorder)
+
+    io = RecordingCheckpointIO()
+    trainer, callback = make_trainer(args, args.out, io, args.steps)
+    rank = trainer.global_rank
+    seed = int(os.environ.get("LOCAL_RANK", 0)) if args.seed_per_rank else 0
+    module = CausalLM(seed)
+    trainer.fit(module, batches())
+    result = {
+        "losses": module.losses,
+        "adapters": adapters(trainer, module),
+        "written": list(io.written),
+        "logs": list(recorder.lines),
+        "fingerprint": callback._fingerprint,
+        # What DDP synchronizes gradients of: the parameters that require grad.
+        "trainable": sorted(n for n, p in module.named_parameters() if p.requires_grad),
+    }
+
+    # Resume in a new Trainer and a new model from the checkpoint the first fit wrote.
+    (checkpoint,) = sorted((args.out / "ckpt").glob("*.ckpt"))
+    io = RecordingCheckpointIO()
+    trainer, callback = make_trainer(args, args.out / "resumed", io, args.steps + args.resume_steps)
+    resumed = CausalLM(seed)
+    trainer.fit(resumed, batches(), ckpt_path=checkpoint)
+    result.update(
+        checkpoint=str(checkpoint),
+        resumed_losses=resumed.losses,
+        resumed_adapters=adapters(trainer, resumed),
+        resumed_global_step=trainer.global_step,
+        resumed_written=list(io.written),
+    )
+    torch.save(result, args.out / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main()

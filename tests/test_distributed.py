@@ -1,0 +1,263 @@
+"""Several devices: DDP fits on 2 CPU processes, FSDP's pieces, refusals, and the memory math."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_llama
+from lightning.pytorch.plugins.precision import FSDPPrecision
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+)
+from peft import LoraConfig
+from torch.distributed.fsdp import MixedPrecision
+
+from bnb_lightning import QuantizationConfig, inject_adapters, quantize_model
+from bnb_lightning.distributed import (
+    DDP,
+    FSDP,
+    SINGLE_DEVICE,
+    base_memory,
+    check_strategy,
+    config_for_fsdp,
+    fsdp_auto_wrap_policy,
+    fsdp_mixed_precision,
+    strategy_kind,
+)
+
+SCRIPT = Path(__file__).parent / "scripts" / "distributed_fit.py"
+STEPS, RESUME_STEPS = 8, 4
+
+
+def run_script(out: Path, *args: str) -> subprocess.CompletedProcess:
+    # Lightning's "ddp" starts the other ranks by running the script again: it must be a script of its own.
+    return subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--out",
+            str(out),
+            "--steps",
+            str(STEPS),
+            "--resume-steps",
+            str(RESUME_STEPS),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def fit_on_ranks(out: Path, *args: str) -> list[dict]:
+    result = run_script(out, *args)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+
+
+def assert_equal_adapters(ranks: list[dict], key: str) -> None:
+    first, second = ranks[0][key], ranks[1][key]
+    assert first and first.keys() == second.keys()
+    assert all("lora_" in name for name in first)
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert all(first[name].abs().sum() > 0 for name in first if "lora_B" in name)  # trained: B starts at 0
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_ddp_fit_on_two_cpu_processes(tmp_path, bits):
+    ranks = fit_on_ranks(tmp_path, "--strategy", "ddp", "--bits", str(bits))
+
+    for rank in ranks:
+        assert rank["losses"][-1] < rank["losses"][0] - 0.5, rank["losses"]
+        # Only adapters train, so only they are in DDP's gradient buckets (a frozen parameter never is).
+        assert rank["trainable"] and all("lora_" in name for name in rank["trainable"])
+    assert ranks[0]["fingerprint"] == ranks[1]["fingerprint"]
+    assert_equal_adapters(ranks, "adapters")
+
+    # Rank zero alone logs and writes: one summary, one checkpoint, one export.
+    summaries = [sum("linear layers to" in line for line in rank["logs"]) for rank in ranks]
+    assert summaries == [1, 0]
+    assert any(f"{bits}-bit" in line or "LLM.int8" in line for line in ranks[0]["logs"])
+    assert any(
+        "frozen base weights" in line and "on each of 2 devices (DDP)" in line for line in ranks[0]["logs"]
+    )
+    assert ranks[0]["written"] == [ranks[0]["checkpoint"]] and ranks[1]["written"] == []
+    assert (tmp_path / "adapters" / "adapter_model.safetensors").is_file()
+    checkpoint = torch.load(ranks[0]["checkpoint"], weights_only=False)
+    assert set(checkpoint["state_dict"]) == set(ranks[0]["adapters"])  # adapter-only
+    assert checkpoint["callbacks"]["BnbQuantization"]["adapter_only"] is True
+
+    # Resumed on both ranks from that checkpoint: same adapters on both, training goes on from step 8.
+    for rank in ranks:
+        assert rank["resumed_global_step"] == STEPS + RESUME_STEPS
+        assert len(rank["resumed_losses"]) == RESUME_STEPS
+        assert rank["resumed_losses"][0] < rank["losses"][0] - 0.5, (rank["losses"], rank["resumed_losses"])
+    assert_equal_adapters(ranks, "resumed_adapters")
+    assert len(ranks[0]["resumed_written"]) == 1 and ranks[1]["resumed_written"] == []
+
+
+def test_ddp_refuses_ranks_with_different_base_weights(tmp_path):
+    result = run_script(tmp_path, "--strategy", "ddp", "--seed-per-rank")
+    assert result.returncode != 0
+    assert "the ranks quantized different base weights" in result.stderr
+    assert "seed_everything" in result.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's FSDP needs a GPU")
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+def test_fsdp_fit_on_gpus(tmp_path, precision):
+    devices = min(torch.cuda.device_count(), 2)
+    args = (
+        "--strategy",
+        "fsdp",
+        "--accelerator",
+        "cuda",
+        "--devices",
+        str(devices),
+        "--precision",
+        precision,
+    )
+    result = run_script(tmp_path, *args)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(devices)]
+    if devices == 2:
+        assert_equal_adapters(ranks, "adapters")
+        assert_equal_adapters(ranks, "resumed_adapters")
+        assert ranks[1]["written"] == []
+    rank = ranks[0]
+    assert rank["losses"][-1] < rank["losses"][0] - 0.5, rank["losses"]
+    assert rank["written"] == [rank["checkpoint"]]
+    assert any("frozen base weights" in line for line in rank["logs"])
+    checkpoint = torch.load(rank["checkpoint"], weights_only=False)
+    assert set(checkpoint["state_dict"]) == set(rank["adapters"])  # adapter-only, gathered from the shards
+    assert rank["resumed_global_step"] == STEPS + RESUME_STEPS
+    assert rank["resumed_losses"][0] < rank["losses"][0] - 0.5
+
+
+# FSDP's checks and settings, on CPU: torch's FSDP itself needs a GPU, Lightning's FSDPStrategy object does not.
+
+
+def test_fsdp_refuses_8bit():
+    with pytest.raises(ValueError, match="8-bit .* cannot be sharded by FSDP.*bits=4.*strategy='ddp'"):
+        check_strategy(FSDPStrategy(), QuantizationConfig(bits=8), "bf16-true", adapter_only=True)
+
+
+def test_fsdp_refuses_a_storage_it_cannot_flatten():
+    config = QuantizationConfig(quant_storage="float16")
+    with pytest.raises(
+        ValueError, match="quant_storage=torch.float16 cannot be sharded.*quant_storage='bfloat16'"
+    ):
+        check_strategy(FSDPStrategy(), config, "bf16-true", adapter_only=True)
+    with pytest.raises(ValueError, match="quant_storage=torch.bfloat16 cannot be sharded.*torch.float32"):
+        config_for_fsdp(QuantizationConfig(quant_storage="bfloat16"), tiny_llama(), "32-true")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "precision", "message"),
+    [
+        ({"state_dict_type": "sharded"}, "bf16-true", "state_dict_type='sharded'.*adapter-only.*'full'"),
+        ({}, "16-true", "16-true.*bf16-true"),
+    ],
+)
+def test_fsdp_refusals_name_the_fix(kwargs, precision, message):
+    with pytest.raises(RuntimeError, match=message):
+        check_strategy(FSDPStrategy(**kwargs), QuantizationConfig(), precision, adapter_only=True)
+
+
+def test_fsdp_refuses_exports():
+    with pytest.raises(RuntimeError, match="export_adapters_to.*not supported under FSDP.*strategy='ddp'"):
+        check_strategy(FSDPStrategy(), QuantizationConfig(), "bf16-true", adapter_only=True, exports=True)
+
+
+@pytest.mark.parametrize(
+    ("model_dtype", "precision", "storage"),
+    [
+        (torch.float32, "bf16-true", torch.bfloat16),
+        (torch.float32, "32-true", torch.float32),
+        (torch.bfloat16, "32-true", torch.bfloat16),
+        (torch.float32, "bf16-mixed", torch.float32),
+    ],
+)
+def test_fsdp_storage_is_the_dtype_of_the_other_parameters(model_dtype, precision, storage):
+    model = tiny_llama(dtype=model_dtype)
+    config = config_for_fsdp(QuantizationConfig(), model, precision)
+    assert config.quant_storage == storage
+    assert config_for_fsdp(config, model, precision) == config  # set explicitly to that dtype: kept
+
+
+def test_fsdp_mixed_precision_never_casts_packed_weights():
+    bf16_true = FSDPStrategy(precision_plugin=FSDPPrecision("bf16-true"))
+    assert fsdp_mixed_precision(bf16_true, torch.bfloat16) is None  # casts bfloat16 to bfloat16: nothing
+    mixed = fsdp_mixed_precision(FSDPStrategy(precision_plugin=FSDPPrecision("bf16-mixed")), torch.float32)
+    assert mixed.param_dtype is None and mixed.buffer_dtype is None and mixed.reduce_dtype == torch.bfloat16
+    own = FSDPStrategy(mixed_precision=MixedPrecision(param_dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="would cast the packed 4-bit weights.*param_dtype=None"):
+        fsdp_mixed_precision(own, torch.float32)
+
+
+def test_fsdp_auto_wrap_policy_wraps_blocks_and_trainable_leaves():
+    model = tiny_llama()
+    quantize_model(model, QuantizationConfig(quant_storage="float32"), device="cpu")
+    inject_adapters(model, LoraConfig(r=4, target_modules="all-linear"))
+    policy = fsdp_auto_wrap_policy(model)
+
+    units = [name for name, m in model.named_modules() if policy(module=m, recurse=False, nonwrapped_numel=0)]
+    blocks = [name for name in units if name.endswith(("layers.0", "layers.1"))]
+    leaves = [name for name in units if name not in blocks]
+    assert blocks == ["model.layers.0", "model.layers.1"]
+    assert len(leaves) == 28 and all(name.endswith(("lora_A.default", "lora_B.default")) for name in leaves)
+    # Every quantized weight is in a block: sharded with its block, never alone at the root.
+    assert all(
+        name.startswith(tuple(blocks)) for name in model.state_dict() if name.endswith("weight.absmax")
+    )
+
+
+# Strategies that cannot train a quantized model.
+
+
+def test_strategy_kinds():
+    assert strategy_kind(SingleDeviceStrategy("cpu")) == SINGLE_DEVICE
+    assert strategy_kind(DDPStrategy()) == DDP
+    assert strategy_kind(FSDPStrategy()) == FSDP
+
+
+def test_refuses_model_parallel_naming_what_works():
+    with pytest.raises(RuntimeError, match="ModelParallelStrategy: it shards parameters as DTensors.*FSDP"):
+        strategy_kind(ModelParallelStrategy())
+
+
+def test_refuses_deepspeed_naming_what_works():
+    pytest.importorskip("deepspeed")
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    with pytest.raises(RuntimeError, match="DeepSpeedStrategy: DeepSpeed partitions.*DDP"):
+        strategy_kind(DeepSpeedStrategy())
+
+
+# Memory math.
+
+
+def test_base_memory_per_device():
+    model = tiny_llama()
+    quantize_model(model, QuantizationConfig(quant_storage="float32"), device="cpu")
+    inject_adapters(model, LoraConfig(r=4, target_modules="all-linear"))
+    frozen = sum(p.nbytes for p in model.parameters() if not p.requires_grad)
+
+    ddp = base_memory(model, DDP, devices=2)
+    assert ddp.sharded_bytes == frozen and ddp.replicated_bytes > 0
+    assert ddp.per_device_bytes == ddp.total_bytes
+    assert "on each of 2 devices (DDP)" in str(ddp)
+
+    fsdp = base_memory(model, FSDP, devices=4, shards=4)
+    assert fsdp.total_bytes == ddp.total_bytes
+    assert fsdp.per_device_bytes == -(-frozen // 4) + fsdp.replicated_bytes
+    assert fsdp.per_device_bytes < ddp.per_device_bytes / 2
+    assert "per device under FSDP over 4 devices" in str(fsdp)
