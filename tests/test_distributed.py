@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,7 @@ from bnb_lightning.distributed import (
 )
 
 SCRIPT = Path(__file__).parent / "scripts" / "distributed_fit.py"
+BENCHMARK = Path(__file__).parent.parent / "benchmarks" / "multi_gpu.py"
 STEPS, RESUME_STEPS = 8, 4
 
 
@@ -261,3 +263,22 @@ def test_base_memory_per_device():
     assert fsdp.per_device_bytes == -(-frozen // 4) + fsdp.replicated_bytes
     assert fsdp.per_device_bytes < ddp.per_device_bytes / 2
     assert "per device under FSDP over 4 devices" in str(fsdp)
+
+
+def test_multi_gpu_benchmark_smoke_run_on_cpu(tmp_path):
+    out = tmp_path / "results.jsonl"
+    command = [sys.executable, str(BENCHMARK), "--shape", "tiny", "--accelerator", "cpu", "--devices", "2"]
+    result = subprocess.run(
+        [*command, "--steps", "4", "--warmup", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = {row["strategy"]: row for row in map(json.loads, out.read_text().splitlines())}
+    ddp = rows["ddp"]
+    assert ddp["status"] == "measured", ddp
+    assert ddp["adapters_equal"] and ddp["checkpoint_written_once"] and ddp["resumed"]
+    assert ddp["tokens_per_s"] > 0 and len(ddp["tokens_per_s_per_device"]) == 2
+    assert ddp["base_bytes_per_device"] == [ddp["base_bytes_expected"]] * 2
+    assert rows["fsdp"] == {"strategy": "fsdp", "status": "skipped", "reason": "torch's FSDP needs a GPU"}
