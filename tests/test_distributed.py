@@ -113,21 +113,14 @@ def test_ddp_refuses_ranks_with_different_base_weights(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's FSDP needs a GPU")
-@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
-def test_fsdp_fit_on_gpus(tmp_path, precision):
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch's FSDP needs one)")
+@pytest.mark.parametrize(
+    ("strategy", "precision"), [("ddp", "bf16-true"), ("fsdp", "bf16-true"), ("fsdp", "bf16-mixed")]
+)
+def test_fit_on_gpus(tmp_path, strategy, precision):
     devices = min(torch.cuda.device_count(), 2)
-    args = (
-        "--strategy",
-        "fsdp",
-        "--accelerator",
-        "cuda",
-        "--devices",
-        str(devices),
-        "--precision",
-        precision,
-    )
-    result = run_script(tmp_path, *args)
+    args = ("--accelerator", "cuda", "--devices", str(devices), "--precision", precision)
+    result = run_script(tmp_path, "--strategy", strategy, *args)
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(devices)]
     if devices == 2:
