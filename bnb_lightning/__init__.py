@@ -3,6 +3,7 @@
 from .callback import BnbQuantization
 from .config import QuantizationConfig
 from .export import export_adapters, load_adapters
+from .int8 import remove_dequantized_int8, use_dequantized_int8
 from .loss import linear_cross_entropy, remove_chunked_loss, use_chunked_loss
 from .merge import MergedExport, MergeToleranceError, export_merged, merged_model
 from .prepare import compile_blocks, count_parameters, inject_adapters, prepare_for_kbit_training
@@ -22,6 +23,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "compile_blocks",
+    "use_dequantized_int8",
+    "remove_dequantized_int8",
     "linear_cross_entropy",
     "use_chunked_loss",
     "remove_chunked_loss",

@@ -32,6 +32,7 @@ from .distributed import (
     strategy_kind,
 )
 from .export import export_adapters
+from .int8 import use_dequantized_int8
 from .loss import use_chunked_loss
 from .merge import MergedExport, export_merged
 from .prepare import (
@@ -93,6 +94,10 @@ class BnbQuantization(Callback):
             materializing the logits (``logits`` is ``None`` when the model is called with
             ``labels`` while training; see :func:`bnb_lightning.use_chunked_loss`). On by default;
             ``False`` keeps the model's own loss and logits.
+        dequantize_int8: train 8-bit layers by multiplying with their dequantized weight in the
+            compute dtype (see :func:`bnb_lightning.use_dequantized_int8`): faster than
+            bitsandbytes' LLM.int8 matmul and without its activation rounding; the stored int8
+            weights are the same. ``False`` keeps the LLM.int8 matmul. No effect on 4-bit.
 
     Example::
 
@@ -115,6 +120,7 @@ class BnbQuantization(Callback):
         merge_tolerance: float | None = None,
         compile_blocks: bool | None = None,
         chunked_loss: bool = True,
+        dequantize_int8: bool = True,
     ) -> None:
         self.config = as_quantization_config(config)
         if peft_config is not None and not isinstance(peft_config, PeftConfig):
@@ -133,6 +139,7 @@ class BnbQuantization(Callback):
             ("save_base_weights", save_base_weights),
             ("check_base_on_resume", check_base_on_resume),
             ("chunked_loss", chunked_loss),
+            ("dequantize_int8", dequantize_int8),
         ):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}.")
@@ -142,6 +149,7 @@ class BnbQuantization(Callback):
         self.save_base_weights = save_base_weights
         self.check_base_on_resume = check_base_on_resume
         self.chunked_loss = chunked_loss
+        self.dequantize_int8 = dequantize_int8
         for name, target in (
             ("export_adapters_to", export_adapters_to),
             ("export_merged_to", export_merged_to),
@@ -326,6 +334,8 @@ class BnbQuantization(Callback):
             cast_to_float32(pl_module, trainable_only=True)
         # Taken before any forward: bitsandbytes' CPU kernels rewrite 4-bit statistics on the first one.
         self._fingerprint = base_fingerprint(pl_module)
+        if config.bits == 8 and self.dequantize_int8 and use_dequantized_int8(pl_module):
+            rank_zero_info("bnb_lightning: 8-bit layers train through their dequantized weights.")
         if self.chunked_loss and use_chunked_loss(pl_module):
             # Before compiling: the check runs one short forward of each model.
             rank_zero_info("bnb_lightning: the causal-LM loss is computed in chunks, without full logits.")

@@ -282,6 +282,7 @@ def test_refuses_float_storage_the_precision_would_cast(tmp_path):
         ({"gradient_checkpointing": "yes"}, "gradient_checkpointing must be True, False or None"),
         ({"upcast_to_float32": 1}, "upcast_to_float32 must be True or False"),
         ({"chunked_loss": "auto"}, "chunked_loss must be True or False"),
+        ({"dequantize_int8": None}, "dequantize_int8 must be True or False"),
         ({"config": {"bits": 3}}, "bits=3 is not supported"),
     ],
 )
@@ -332,4 +333,18 @@ def test_chunked_loss_switch(tmp_path, chunked_loss):
     # Default on: the training forward computes the loss in chunks and returns no logits.
     assert isinstance(vars(module.model).get("forward"), ChunkedLossForward) is chunked_loss
     assert module.returned_logits is not chunked_loss
+    assert module.losses[-1] < module.losses[0] - 0.5, module.losses
+
+
+@pytest.mark.parametrize("dequantize_int8", [True, False])
+def test_dequantize_int8_switch(tmp_path, dequantize_int8):
+    module = CausalLM()
+    callback = BnbQuantization(
+        QuantizationConfig(bits=8), peft_config=lora(), dequantize_int8=dequantize_int8
+    )
+    trainer(tmp_path, [callback]).fit(module, batches())
+    layers = [m for m in module.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    # Default on: each 8-bit layer's forward is the dequantized matmul; off: bitsandbytes' own.
+    assert len(layers) == 14
+    assert all(("forward" in vars(layer)) is dequantize_int8 for layer in layers)
     assert module.losses[-1] < module.losses[0] - 0.5, module.losses

@@ -1,0 +1,86 @@
+"""Training matmul for 8-bit layers: dequantize the int8 weight, multiply in the activations' dtype.
+
+bitsandbytes' LLM.int8 matmul quantizes every activation to int8 (with a float16 side path for
+outlier columns) and runs each layer as a chain of small custom kernels driven from Python. For
+training with frozen weights, multiplying by the dequantized weight instead is faster, on tensor
+cores in the compute dtype, traceable by ``torch.compile``, and closer to the stored weights (no
+activation quantization). The stored int8 weights, their statistics and the state dict are those of
+``bnb.nn.Linear8bitLt``; only the arithmetic of the forward and backward pass differs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backend import require_bitsandbytes
+
+# bitsandbytes stores one absmax per output row (SCB); int8 value * SCB / 127 is the weight.
+_INV_127 = 1.0 / 127.0
+
+
+def dequantize_int8(weight: torch.Tensor, row_absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight * row_absmax / 127`` in float32, rounded once to ``dtype``."""
+    return (weight.float() * (row_absmax.float() * _INV_127).unsqueeze(1)).to(dtype)
+
+
+class _DequantizedInt8Linear(torch.autograd.Function):
+    """``F.linear(x, dequantize(weight), bias)`` saving only the int8 weight for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, weight, row_absmax, bias):
+        ctx.save_for_backward(weight, row_absmax)
+        ctx.bias_needs_grad = bias is not None and bias.requires_grad
+        return F.linear(x, dequantize_int8(weight, row_absmax, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        weight, row_absmax = ctx.saved_tensors
+        grad_x = grad_output @ dequantize_int8(weight, row_absmax, grad_output.dtype)
+        grad_bias = grad_output.flatten(0, -2).sum(0) if ctx.bias_needs_grad else None
+        return grad_x, None, None, grad_bias
+
+
+def dequantized_int8_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Forward of a ``bnb.nn.Linear8bitLt`` (``has_fp16_weights=False``) by a dequantized matmul."""
+    # Where the row statistics live depends on whether bitsandbytes' own forward ran yet.
+    row_absmax = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    bias = None if layer.bias is None else layer.bias.to(dtype)
+    with torch.autocast(device_type, enabled=False):
+        return _DequantizedInt8Linear.apply(x.to(dtype), layer.weight.data, row_absmax, bias)
+
+
+def _is_dequantized(module: nn.Module) -> bool:
+    forward = vars(module).get("forward")
+    return isinstance(forward, functools.partial) and forward.func is dequantized_int8_forward
+
+
+def use_dequantized_int8(model: nn.Module) -> int:
+    """Make every 8-bit layer of ``model`` multiply by its dequantized weight; returns how many.
+
+    Layers that keep float weights (``has_fp16_weights=True``) are left alone. Undo with
+    :func:`remove_dequantized_int8`.
+    """
+    bnb = require_bitsandbytes()
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear8bitLt) or module.state.has_fp16_weights:
+            continue
+        if not _is_dequantized(module):
+            # An instance attribute (a partial, so copies and pickles follow the module), not a
+            # class change; `remove_dequantized_int8` deletes it.
+            module.forward = functools.partial(dequantized_int8_forward, module)
+        changed += 1
+    return changed
+
+
+def remove_dequantized_int8(model: nn.Module) -> None:
+    """Undo :func:`use_dequantized_int8`: 8-bit layers use bitsandbytes' LLM.int8 matmul again."""
+    for module in model.modules():
+        if _is_dequantized(module):
+            del module.forward

@@ -1,0 +1,83 @@
+"""8-bit layers trained through a dequantized matmul: same stored weights, exact arithmetic on them."""
+
+from __future__ import annotations
+
+import copy
+
+import bitsandbytes as bnb
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_llama
+
+from bnb_lightning import QuantizationConfig, quantize_model
+from bnb_lightning.int8 import dequantize_int8, remove_dequantized_int8, use_dequantized_int8
+
+
+def int8_layers(model):
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+
+
+@pytest.fixture
+def model():
+    model = tiny_llama(tie=False)
+    quantize_model(model, QuantizationConfig(bits=8))
+    return model
+
+
+def test_forward_and_backward_use_the_dequantized_weight(model):
+    layer = int8_layers(model)[0]
+    weight = dequantize_int8(layer.weight.data, layer.weight.SCB, torch.float32)
+    assert use_dequantized_int8(model) == 14
+    x = torch.randn(3, 5, layer.in_features, requires_grad=True)
+
+    out = layer(x)
+    out.square().sum().backward()
+
+    reference_x = x.detach().clone().requires_grad_()
+    reference = F.linear(reference_x, weight)
+    reference.square().sum().backward()
+    torch.testing.assert_close(out, reference)
+    torch.testing.assert_close(x.grad, reference_x.grad)
+    # The weight is the one bitsandbytes stores: SCB / 127 per row times the int8 values.
+    torch.testing.assert_close(weight, layer.weight.data.float() * layer.weight.SCB[:, None] / 127)
+
+
+def test_close_to_the_llm_int8_matmul(model, tokens):
+    with torch.no_grad():
+        expected = model.train()(tokens).logits
+        use_dequantized_int8(model)
+        actual = model(tokens).logits
+    # On CUDA, LLM.int8 also quantizes activations, so the two differ by that rounding; bitsandbytes'
+    # CPU backend multiplies by the dequantized weight too.
+    assert (actual - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_stored_weights_and_state_dict_are_unchanged(model, tokens):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    use_dequantized_int8(model)
+    model.train()(tokens, labels=tokens).loss.backward()
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_autocast_runs_the_matmul_in_bfloat16(model):
+    use_dequantized_int8(model)
+    layer = int8_layers(model)[0]
+    x = torch.randn(2, layer.in_features, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+
+
+def test_copies_follow_and_removal_restores_bitsandbytes_matmul(model):
+    use_dequantized_int8(model)
+    clone = copy.deepcopy(model)
+    assert all(layer.forward.args == (layer,) for layer in int8_layers(clone))
+
+    remove_dequantized_int8(model)
+    assert all("forward" not in vars(layer) for layer in int8_layers(model))
+    assert use_dequantized_int8(model) == 14
