@@ -7,6 +7,8 @@ batches:
 - ``bnb``: ``BnbQuantization`` (its defaults, LoRA, ``gradient_checkpointing=True``) under a Lightning
   ``Trainer(precision="bf16-true")``.
 - ``bnb_full_loss``: the same with ``chunked_loss=False`` (the model's own full-vocabulary loss).
+- ``bnb_compile``: ``bnb`` with ``compile_blocks=True`` (already the default for 4-bit on CUDA).
+- ``bnb_llm_int8``: ``bnb`` with ``dequantize_int8=False`` (bitsandbytes' LLM.int8 matmul; 8-bit only).
 - ``hf_prepare``: ``from_pretrained(quantization_config=BitsAndBytesConfig(...))``, PEFT's
   ``prepare_model_for_kbit_training`` (float32 upcast) and ``get_peft_model``; a plain torch loop.
 - ``hf_noupcast``: the same without the upcast (non-reentrant checkpointing, ``enable_input_require_grads``).
@@ -42,7 +44,17 @@ import lightning.pytorch as pl
 import torch
 from peft import LoraConfig
 
-RECIPES = ("bnb", "bnb_full_loss", "hf_prepare", "hf_noupcast", "hf_compile", "bnb_precision", "bf16_lora")
+RECIPES = (
+    "bnb",
+    "bnb_full_loss",
+    "bnb_compile",
+    "bnb_llm_int8",
+    "hf_prepare",
+    "hf_noupcast",
+    "hf_compile",
+    "bnb_precision",
+    "bf16_lora",
+)
 # Ratios in the table are taken against these recipes, where they were measured.
 BASELINES = ("hf_prepare", "hf_noupcast", "hf_compile")
 
@@ -340,6 +352,16 @@ def run_bnb_full_loss(setup: Setup, bits: int, result: Measurement) -> None:
     run_bnb(setup, bits, result, chunked_loss=False)
 
 
+def run_bnb_compile(setup: Setup, bits: int, result: Measurement) -> None:
+    run_bnb(setup, bits, result, compile_blocks=True)
+
+
+def run_bnb_llm_int8(setup: Setup, bits: int, result: Measurement) -> None:
+    if bits != 8:
+        raise Skipped("8-bit only")
+    run_bnb(setup, bits, result, dequantize_int8=False)
+
+
 def load_hf_quantized(setup: Setup, bits: int, result: Measurement) -> torch.nn.Module:
     start = time.perf_counter()
     model = load_bf16(setup, setup.device, quantization_config=bnb_config(bits))
@@ -423,6 +445,8 @@ def run_bf16_lora(setup: Setup, bits: int | None, result: Measurement) -> None:
 RUNNERS: dict[str, Callable[[Setup, Any, Measurement], None]] = {
     "bnb": run_bnb,
     "bnb_full_loss": run_bnb_full_loss,
+    "bnb_compile": run_bnb_compile,
+    "bnb_llm_int8": run_bnb_llm_int8,
     "hf_prepare": run_hf_prepare,
     "hf_noupcast": run_hf_noupcast,
     "hf_compile": run_hf_compile,
