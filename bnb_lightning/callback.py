@@ -89,7 +89,8 @@ class BnbQuantization(Callback):
         merge_tolerance: largest accepted max |logits difference| for ``export_merged_to``
             (default: 5% of the largest |logit| on that batch).
         compile_blocks: ``torch.compile`` each transformer block after quantization. ``None``
-            (default): on for 4-bit on CUDA, where it was measured faster; off for 8-bit and on CPU.
+            (default): on for 4-bit on CUDA, where it was measured faster; off for 8-bit, on CPU and
+            under FSDP.
         chunked_loss: compute a transformers causal LM's training loss chunk by chunk, without
             materializing the logits (``logits`` is ``None`` when the model is called with
             ``labels`` while training; see :func:`bnb_lightning.use_chunked_loss`). On by default;
@@ -283,7 +284,7 @@ class BnbQuantization(Callback):
 
     def _should_compile(self, config: QuantizationConfig, trainer: pl.Trainer) -> bool:
         if self.compile_blocks is None:
-            return _default_compile(config, trainer.strategy.root_device)
+            return _default_compile(config, trainer.strategy)
         return self.compile_blocks
 
     def _config_for(self, trainer: pl.Trainer) -> QuantizationConfig:
@@ -353,10 +354,11 @@ class BnbQuantization(Callback):
         rank_zero_info(f"bnb_lightning: {count_parameters(pl_module)}")
 
 
-def _default_compile(config: QuantizationConfig, device: torch.device) -> bool:
-    # Measured on an H100 (benchmarks/RESULTS.md): compiled blocks train 4-bit models faster, and
-    # LLM.int8 slower. On the CPU, compiling costs more than it brings for short runs.
-    return config.bits == 4 and device.type == "cuda"
+def _default_compile(config: QuantizationConfig, strategy: Any) -> bool:
+    # Measured on an H100 (benchmarks/RESULTS.md): compiled blocks train 4-bit models faster; 8-bit
+    # gained nothing and once failed checkpoint recomputation. On the CPU, compiling costs more than
+    # it brings for short runs. Under FSDP, blocks are wrapped after this point; not measured there.
+    return config.bits == 4 and strategy.root_device.type == "cuda" and strategy_kind(strategy) != FSDP
 
 
 def _has_linear_layers(module: nn.Module) -> bool:
