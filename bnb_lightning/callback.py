@@ -89,8 +89,8 @@ class BnbQuantization(Callback):
         merge_tolerance: largest accepted max |logits difference| for ``export_merged_to``
             (default: 5% of the largest |logit| on that batch).
         compile_blocks: ``torch.compile`` each transformer block after quantization. ``None``
-            (default): on for 4-bit on CUDA, where it was measured faster; off for 8-bit, on CPU and
-            under FSDP.
+            (default): on for 4-bit on a single CUDA device, where it was measured faster; off for
+            8-bit, on CPU and under DDP or FSDP.
         chunked_loss: compute a transformers causal LM's training loss chunk by chunk, without
             materializing the logits (``logits`` is ``None`` when the model is called with
             ``labels`` while training; see :func:`bnb_lightning.use_chunked_loss`). On by default;
@@ -355,10 +355,16 @@ class BnbQuantization(Callback):
 
 
 def _default_compile(config: QuantizationConfig, strategy: Any) -> bool:
-    # Measured on an H100 (benchmarks/RESULTS.md): compiled blocks train 4-bit models faster; 8-bit
-    # gained nothing and once failed checkpoint recomputation. On the CPU, compiling costs more than
-    # it brings for short runs. Under FSDP, blocks are wrapped after this point; not measured there.
-    return config.bits == 4 and strategy.root_device.type == "cuda" and strategy_kind(strategy) != FSDP
+    # Measured on an H100 (benchmarks/RESULTS.md): compiled blocks train 4-bit models faster on one
+    # GPU; 8-bit gained nothing and once failed checkpoint recomputation, as did a 1B-shape DDP run
+    # on one GPU. On the CPU, compiling costs more than it brings for short runs.
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    return (
+        config.bits == 4
+        and strategy.root_device.type == "cuda"
+        and isinstance(strategy, SingleDeviceStrategy)
+    )
 
 
 def _has_linear_layers(module: nn.Module) -> bool:

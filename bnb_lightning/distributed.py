@@ -221,6 +221,39 @@ def fsdp_mixed_precision(strategy: Any, storage: torch.dtype) -> Any | None:
     return MixedPrecision(param_dtype=None, reduce_dtype=current.reduce_dtype, buffer_dtype=None)
 
 
+def sharding_safe_4bit_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``bnb.nn.Linear4bit.forward`` that reads the quant state from the module when the weight lost it.
+
+    FSDP replaces each weight with a plain view of its flat parameter, without the ``quant_state``
+    attribute. bitsandbytes' own forward then re-registers a new ``Params4bit`` as the weight, which
+    FSDP (``use_orig_params=True``, Lightning's default) rejects. This forward never reassigns it.
+    """
+    import bitsandbytes as bnb
+
+    quant_state = getattr(layer.weight, "quant_state", None) or layer.quant_state
+    if not layer.compute_type_is_set:
+        layer.set_compute_type(x)
+        layer.compute_type_is_set = True
+    input_dtype = x.dtype
+    if layer.compute_dtype is not None:
+        x = x.to(layer.compute_dtype)
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    return bnb.matmul_4bit(x, layer.weight, bias=bias, quant_state=quant_state).to(input_dtype)
+
+
+def use_sharding_safe_4bit_forward(model: nn.Module) -> int:
+    """Give every 4-bit layer of ``model`` :func:`sharding_safe_4bit_forward`; returns how many.
+
+    An instance attribute (a partial, so copies follow the module), not a change to bitsandbytes' class.
+    """
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.forward = functools.partial(sharding_safe_4bit_forward, layer)
+    return len(layers)
+
+
 def configure_fsdp(strategy: Any, model: nn.Module, config: QuantizationConfig, adapter_only: bool) -> None:
     """Set what ``strategy`` (an ``FSDPStrategy``) needs to wrap the quantized ``model``, before it does.
 
@@ -230,6 +263,7 @@ def configure_fsdp(strategy: Any, model: nn.Module, config: QuantizationConfig, 
     checkpoints holding only part of a model (FSDP loads them before any hook could add the base).
     """
     strategy.kwargs.setdefault("auto_wrap_policy", fsdp_auto_wrap_policy(model))
+    use_sharding_safe_4bit_forward(model)
     mixed_precision = fsdp_mixed_precision(strategy, config.quant_storage)
     if mixed_precision is not None:
         strategy.mixed_precision = mixed_precision

@@ -275,3 +275,28 @@ def test_multi_gpu_benchmark_smoke_run_on_cpu(tmp_path):
     assert ddp["tokens_per_s"] > 0 and len(ddp["tokens_per_s_per_device"]) == 2
     assert ddp["base_bytes_per_device"] == [ddp["base_bytes_expected"]] * 2
     assert rows["fsdp"] == {"strategy": "fsdp", "status": "skipped", "reason": "torch's FSDP needs a GPU"}
+
+
+def test_sharding_safe_forward_keeps_a_weight_that_lost_its_quant_state(tokens):
+    import bitsandbytes as bnb
+    from conftest import tiny_llama
+
+    from bnb_lightning import QuantizationConfig, quantize_model
+    from bnb_lightning.distributed import use_sharding_safe_4bit_forward
+
+    model = tiny_llama().train()
+    quantize_model(model, QuantizationConfig(bits=4, quant_storage="bfloat16"))
+    with torch.no_grad():
+        expected = model(tokens).logits
+    assert use_sharding_safe_4bit_forward(model) == 14
+    # What FSDP does: each weight becomes a plain view of its flat parameter, without quant_state.
+    views = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, bnb.nn.Linear4bit):
+            layer.weight = torch.nn.Parameter(layer.weight.data.view_as(layer.weight), requires_grad=False)
+            views[name] = layer.weight
+    with torch.no_grad():
+        actual = model(tokens).logits
+    assert torch.equal(actual, expected)
+    modules = dict(model.named_modules())
+    assert all(modules[name].weight is view for name, view in views.items())  # never re-registered
