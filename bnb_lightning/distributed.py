@@ -82,8 +82,9 @@ def check_strategy(
     """The strategy's kind (``SINGLE_DEVICE``, ``DDP``, ``FSDP``), once it is known to work with ``config``.
 
     Raises:
-        RuntimeError: an unsupported strategy (see :func:`strategy_kind`); under FSDP, sharded
-            adapter-only checkpoints, exports at the end of fit, or ``precision='16-true'``.
+        RuntimeError: an unsupported strategy (see :func:`strategy_kind`), FSDP included for now
+            (after its specific checks: sharded adapter-only checkpoints, exports at the end of fit,
+            ``precision='16-true'``).
         ValueError: 8-bit under FSDP, or a ``quant_storage`` FSDP cannot flatten with the precision.
     """
     kind = strategy_kind(strategy)
@@ -123,7 +124,12 @@ def check_strategy(
             "sharded checkpoints strictly, base weights included. Use state_dict_type='full' (the default: rank zero "
             "gathers the state and writes the adapters only)."
         )
-    return kind
+    # Checked last, so a configuration with a specific problem hears about that one first.
+    raise RuntimeError(
+        "BnbQuantization cannot train under FSDP yet: on a GPU (torch 2.11, bitsandbytes 0.50.2), FSDP's "
+        "resharding after the first forward fails on the 4-bit weights ('as_params=True type(prim_param)=Tensor'). "
+        "Use strategy='ddp' (each GPU holds the whole 4-bit base, about 5.4 GiB for an 8B model)."
+    )
 
 
 def _precision_dtype(precision: str) -> torch.dtype | None:
