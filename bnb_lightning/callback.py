@@ -19,6 +19,7 @@ from .checkpoint import (
     add_frozen_base,
     base_fingerprint,
     check_record,
+    frozen_state_keys,
     quantization_record,
 )
 from .config import QuantizationConfig, compute_dtype_for_precision
@@ -175,6 +176,7 @@ class BnbQuantization(Callback):
         self._done = False
         self._config: QuantizationConfig | None = None
         self._fingerprint: str | None = None
+        self._frozen_keys: set[str] | None = None
         self._restored_trainables: dict[str, torch.Tensor] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -255,7 +257,9 @@ class BnbQuantization(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         if self._done and not self.save_base_weights:
-            checkpoint["state_dict"] = adapter_state_dict(checkpoint["state_dict"], pl_module)
+            checkpoint["state_dict"] = adapter_state_dict(
+                checkpoint["state_dict"], pl_module, frozen_keys=self._frozen_keys
+            )
 
     def _watch_checkpoint_restore(self, pl_module: pl.LightningModule) -> None:
         # Lightning loads the module's weights (strictly) right after the module's own
@@ -335,6 +339,8 @@ class BnbQuantization(Callback):
             cast_to_float32(pl_module, trainable_only=True)
         # Taken before any forward: bitsandbytes' CPU kernels rewrite 4-bit statistics on the first one.
         self._fingerprint = base_fingerprint(pl_module)
+        # Before the strategy wraps the module: FSDP flattens the parameters these names come from.
+        self._frozen_keys = frozen_state_keys(pl_module)
         if config.bits == 8 and self.dequantize_int8 and use_dequantized_int8(pl_module):
             rank_zero_info("bnb_lightning: 8-bit layers train through their dequantized weights.")
         if self.chunked_loss and use_chunked_loss(pl_module):

@@ -47,9 +47,15 @@ def frozen_state_keys(module: nn.Module, keys: Iterable[str] | None = None) -> s
     return frozen
 
 
-def adapter_state_dict(state_dict: Mapping[str, Any], module: nn.Module) -> dict[str, Any]:
-    """``state_dict`` without the frozen base of ``module``: adapters, other trainables and buffers."""
-    frozen = frozen_state_keys(module, state_dict.keys())
+def adapter_state_dict(
+    state_dict: Mapping[str, Any], module: nn.Module, frozen_keys: Iterable[str] | None = None
+) -> dict[str, Any]:
+    """``state_dict`` without the frozen base of ``module``: adapters, other trainables and buffers.
+
+    ``frozen_keys``: the base's keys, taken before a strategy wrapped ``module`` (FSDP without
+    ``use_orig_params`` hides the original parameters); default: found from ``module`` now.
+    """
+    frozen = set(frozen_keys) if frozen_keys is not None else frozen_state_keys(module, state_dict.keys())
     return {key: value for key, value in state_dict.items() if key not in frozen}
 
 

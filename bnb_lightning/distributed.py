@@ -125,10 +125,15 @@ def check_strategy(
             "gathers the state and writes the adapters only)."
         )
     # Checked last, so a configuration with a specific problem hears about that one first.
+    # Found on one H100 (torch 2.11, bitsandbytes 0.50.2, Lightning 2.6): with use_orig_params=True
+    # (Lightning's default) FSDP fails to reshard tied weights after the first forward; with
+    # use_orig_params=False training runs but Lightning cannot save the optimizer state of flat
+    # parameters that hold several weights.
     raise RuntimeError(
-        "BnbQuantization cannot train under FSDP yet: on a GPU (torch 2.11, bitsandbytes 0.50.2), FSDP's "
-        "resharding after the first forward fails on the 4-bit weights ('as_params=True type(prim_param)=Tensor'). "
-        "Use strategy='ddp' (each GPU holds the whole 4-bit base, about 5.4 GiB for an 8B model)."
+        "BnbQuantization cannot train under FSDP yet: on a GPU, FSDP fails to reshard tied weights "
+        "('as_params=True type(prim_param)=Tensor') with use_orig_params=True, and Lightning cannot save the "
+        "optimizer state with use_orig_params=False. Use strategy='ddp' (each GPU holds the whole 4-bit base, "
+        "about 5.4 GiB for an 8B model)."
     )
 
 
