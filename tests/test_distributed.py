@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,14 @@ BENCHMARK = Path(__file__).parent.parent / "benchmarks" / "multi_gpu.py"
 STEPS, RESUME_STEPS = 8, 4
 
 
+def clean_env() -> dict[str, str]:
+    """This environment without an earlier launch's settings: after an in-process distributed Trainer,
+    Lightning leaves MASTER_PORT (a port this process still holds), LOCAL_RANK and the like set, and a
+    script inheriting them would act as an already launched rank instead of starting the others."""
+    launch = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+    return {k: v for k, v in os.environ.items() if k not in launch and not k.startswith("LOCAL_WORLD")}
+
+
 def run_script(out: Path, *args: str) -> subprocess.CompletedProcess:
     # Lightning's "ddp" starts the other ranks by running the script again: it must be a script of its own.
     return subprocess.run(
@@ -55,6 +64,7 @@ def run_script(out: Path, *args: str) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=600,
+        env=clean_env(),
     )
 
 
@@ -270,6 +280,7 @@ def test_multi_gpu_benchmark_smoke_run_on_cpu(tmp_path):
         capture_output=True,
         text=True,
         timeout=600,
+        env=clean_env(),
     )
     assert result.returncode == 0, result.stderr[-4000:]
     rows = {row["strategy"]: row for row in map(json.loads, out.read_text().splitlines())}
