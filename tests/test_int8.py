@@ -81,3 +81,16 @@ def test_copies_follow_and_removal_restores_bitsandbytes_matmul(model):
     remove_dequantized_int8(model)
     assert all("forward" not in vars(layer) for layer in int8_layers(model))
     assert use_dequantized_int8(model) == 14
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dequantization_rounds_once_from_float32(dtype):
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randint(-127, 128, (96, 130), dtype=torch.int8, generator=generator)
+    row_absmax = torch.rand(96, generator=generator) * 4
+    # What bitsandbytes' int8_vectorwise_dequant computes, in float32, then one rounding to dtype.
+    expected = (weight.float() * (row_absmax * (1 / 127))[:, None]).to(dtype)
+    assert torch.equal(dequantize_int8(weight, row_absmax, dtype), expected)
+    # bitsandbytes multiplies in another order: the same values up to float32 rounding.
+    reference = bnb.functional.int8_vectorwise_dequant(weight, row_absmax).to(dtype)
+    torch.testing.assert_close(dequantize_int8(weight, row_absmax, dtype), reference)
