@@ -124,7 +124,18 @@ def test_ddp_refuses_ranks_with_different_base_weights(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize(("strategy", "precision"), [("ddp", "bf16-true")])
+@pytest.mark.parametrize(
+    ("strategy", "precision"),
+    [("ddp", "bf16-true")]
+    + [
+        pytest.param(
+            "fsdp",
+            precision,
+            marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP needs 2 GPUs"),
+        )
+        for precision in ("bf16-true", "bf16-mixed")
+    ],
+)
 def test_fit_on_gpus(tmp_path, strategy, precision):
     devices = min(torch.cuda.device_count(), 2)
     args = ("--accelerator", "cuda", "--devices", str(devices), "--precision", precision)
@@ -175,10 +186,41 @@ def test_fsdp_refusals_name_the_fix(kwargs, precision, message):
         check_strategy(FSDPStrategy(**kwargs), QuantizationConfig(), precision, adapter_only=True)
 
 
-def test_fsdp_is_refused_until_it_trains_on_a_gpu(tmp_path):
-    # A configuration that passes every FSDP-specific check is still refused, naming DDP.
-    with pytest.raises(RuntimeError, match="cannot train under FSDP yet.*strategy='ddp'"):
+def test_fsdp_on_one_device_is_refused_and_on_two_allowed_with_a_warning():
+    with pytest.raises(RuntimeError, match="FSDP on one device shards nothing.*default strategy"):
         check_strategy(FSDPStrategy(), QuantizationConfig(), "bf16-true", adapter_only=True)
+    two = FSDPStrategy(parallel_devices=[torch.device("cuda", 0), torch.device("cuda", 1)])
+    with pytest.warns(UserWarning, match="not been run with them on several GPUs.*strategy='ddp'"):
+        assert check_strategy(two, QuantizationConfig(), "bf16-true", adapter_only=True) == FSDP
+
+
+def test_torch_fsdp_trains_the_quantized_model_on_two_cpu_processes(tmp_path):
+    """What the callback sets up under FSDP, run by torch's FSDP itself (Lightning's needs CUDA)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        sys.executable,
+        str(SCRIPT.parent / "fsdp_torch_fit.py"),
+        "--out",
+        str(tmp_path),
+        "--port",
+        str(port),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=clean_env())
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+    for rank in ranks:
+        assert rank["losses"][-1] < rank["losses"][0] - 0.5, rank["losses"]
+        assert rank["quant_storage"] == "torch.float32"  # the dtype of the other parameters
+        assert rank["chunked_loss"] == [""]
+        # FULL_SHARD: each rank holds half of the frozen base, packed 4-bit weights included.
+        assert rank["frozen_local"] * 2 == rank["frozen_total"]
+    assert ranks[0]["adapters"].keys() == ranks[1]["adapters"].keys() and ranks[0]["adapters"]
+    assert all(torch.equal(ranks[0]["adapters"][k], ranks[1]["adapters"][k]) for k in ranks[0]["adapters"])
 
 
 def test_fsdp_refuses_exports():
