@@ -30,6 +30,7 @@ from .distributed import (
     check_strategy,
     config_for_fsdp,
     configure_fsdp,
+    is_fsdp_wrapped,
     strategy_kind,
 )
 from .export import export_adapters
@@ -281,6 +282,11 @@ class BnbQuantization(Callback):
         state = checkpoint["state_dict"]
         if self.check_base_on_resume:
             check_record(record, self._config, self._fingerprint)
+        if is_fsdp_wrapped(pl_module):
+            # FSDP loads the state into its shards itself (not strictly); the names of the wrapped
+            # module's parameters are not the checkpoint's, and 16-true, whose rounding the copy
+            # below undoes, is refused under FSDP.
+            return
         if record.get("adapter_only"):
             add_frozen_base(state, pl_module)
         trainable = {name for name, p in pl_module.named_parameters() if p.requires_grad}
