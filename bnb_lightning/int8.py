@@ -76,6 +76,8 @@ def use_dequantized_int8(model: nn.Module) -> int:
     for module in model.modules():
         if not isinstance(module, bnb.nn.Linear8bitLt) or module.state.has_fp16_weights:
             continue
+        if "forward" in vars(module) and not _is_dequantized(module):
+            continue  # someone else's per-instance forward (e.g. accelerate's hooks): left in place
         if not _is_dequantized(module):
             # An instance attribute (a partial, so copies and pickles follow the module), not a
             # class change; `remove_dequantized_int8` deletes it.

@@ -220,6 +220,9 @@ def remove_chunked_loss(model: nn.Module) -> None:
 
 
 def _unsupported_reason(hf_model: nn.Module) -> str | None:
+    if "forward" in vars(hf_model):
+        # E.g. accelerate's hooks for a model dispatched with device_map: replacing them would skip them.
+        return "its forward is already replaced on the instance, e.g. by accelerate's hooks"
     head = hf_model.get_output_embeddings() if hasattr(hf_model, "get_output_embeddings") else None
     if type(head) is not nn.Linear:
         return "its output layer is not a plain nn.Linear"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import bitsandbytes as bnb
 import pytest
@@ -94,3 +95,10 @@ def test_dequantization_rounds_once_from_float32(dtype):
     # bitsandbytes multiplies in another order: the same values up to float32 rounding.
     reference = bnb.functional.int8_vectorwise_dequant(weight, row_absmax).to(dtype)
     torch.testing.assert_close(dequantize_int8(weight, row_absmax, dtype), reference)
+
+
+def test_a_forward_replaced_by_someone_else_is_left_alone(model):
+    layer = int8_layers(model)[0]
+    layer.forward = layer.forward  # e.g. accelerate's hooks
+    assert use_dequantized_int8(model) == 13
+    assert not isinstance(vars(layer)["forward"], functools.partial)

@@ -185,3 +185,12 @@ def test_models_without_transformers_structure_are_left_alone():
     model = TiedMLP()
     assert use_chunked_loss(model) == []
     assert "forward" not in vars(model)
+
+
+def test_a_forward_replaced_by_someone_else_is_left_alone(tokens):
+    model = quantized_lora(tiny_llama)
+    replaced = model.forward  # e.g. accelerate's hooks put a wrapped forward on the instance
+    model.forward = replaced
+    with pytest.warns(UserWarning, match="already replaced on the instance"):
+        assert use_chunked_loss(model) == []
+    assert vars(model)["forward"] is replaced
