@@ -237,36 +237,24 @@ def fsdp_mixed_precision(strategy: Any, storage: torch.dtype) -> Any | None:
     return MixedPrecision(param_dtype=None, reduce_dtype=current.reduce_dtype, buffer_dtype=None)
 
 
-def sharding_safe_4bit_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``bnb.nn.Linear4bit.forward`` that reads the quant state from the module when the weight lost it.
+def _give_weight_view_its_quant_state(layer: nn.Module, args: tuple) -> None:
+    if getattr(layer.weight, "quant_state", None) is None:
+        layer.weight.quant_state = layer.quant_state
+
+
+def share_quant_state_with_weight_views(model: nn.Module) -> int:
+    """Let every 4-bit layer of ``model`` run on the weight views FSDP gives it; returns how many.
 
     FSDP replaces each weight with a plain view of its flat parameter, without the ``quant_state``
-    attribute. bitsandbytes' own forward then re-registers a new ``Params4bit`` as the weight, which
-    FSDP (``use_orig_params=True``, Lightning's default) rejects. This forward never reassigns it.
-    """
-    import bitsandbytes as bnb
-
-    quant_state = getattr(layer.weight, "quant_state", None) or layer.quant_state
-    if not layer.compute_type_is_set:
-        layer.set_compute_type(x)
-        layer.compute_type_is_set = True
-    input_dtype = x.dtype
-    if layer.compute_dtype is not None:
-        x = x.to(layer.compute_dtype)
-    bias = None if layer.bias is None else layer.bias.to(x.dtype)
-    return bnb.matmul_4bit(x, layer.weight, bias=bias, quant_state=quant_state).to(input_dtype)
-
-
-def use_sharding_safe_4bit_forward(model: nn.Module) -> int:
-    """Give every 4-bit layer of ``model`` :func:`sharding_safe_4bit_forward`; returns how many.
-
-    An instance attribute (a partial, so copies follow the module), not a change to bitsandbytes' class.
+    attribute. bitsandbytes' forward would then re-register a new ``Params4bit`` as the weight, which
+    FSDP (``use_orig_params=True``, Lightning's default) rejects. A forward pre-hook hands the view the
+    quant state bitsandbytes keeps on the module, so its own forward runs unchanged.
     """
     import bitsandbytes as bnb
 
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     for layer in layers:
-        layer.forward = functools.partial(sharding_safe_4bit_forward, layer)
+        layer.register_forward_pre_hook(_give_weight_view_its_quant_state)
     return len(layers)
 
 
@@ -279,7 +267,7 @@ def configure_fsdp(strategy: Any, model: nn.Module, config: QuantizationConfig, 
     checkpoints holding only part of a model (FSDP loads them before any hook could add the base).
     """
     strategy.kwargs.setdefault("auto_wrap_policy", fsdp_auto_wrap_policy(model))
-    use_sharding_safe_4bit_forward(model)
+    share_quant_state_with_weight_views(model)
     mixed_precision = fsdp_mixed_precision(strategy, config.quant_storage)
     if mixed_precision is not None:
         strategy.mixed_precision = mixed_precision

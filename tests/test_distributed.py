@@ -334,18 +334,18 @@ def test_multi_gpu_benchmark_smoke_run_on_cpu(tmp_path):
     assert rows["fsdp"] == {"strategy": "fsdp", "status": "skipped", "reason": "torch's FSDP needs a GPU"}
 
 
-def test_sharding_safe_forward_keeps_a_weight_that_lost_its_quant_state(tokens):
+def test_4bit_layers_keep_a_weight_view_that_lost_its_quant_state(tokens):
     import bitsandbytes as bnb
     from conftest import tiny_llama
 
     from bnb_lightning import QuantizationConfig, quantize_model
-    from bnb_lightning.distributed import use_sharding_safe_4bit_forward
+    from bnb_lightning.distributed import share_quant_state_with_weight_views
 
     model = tiny_llama().train()
     quantize_model(model, QuantizationConfig(bits=4, quant_storage="bfloat16"))
     with torch.no_grad():
         expected = model(tokens).logits
-    assert use_sharding_safe_4bit_forward(model) == 14
+    assert share_quant_state_with_weight_views(model) == 14
     # What FSDP does: each weight becomes a plain view of its flat parameter, without quant_state.
     views = {}
     for name, layer in model.named_modules():

@@ -3,7 +3,7 @@
 Lightning's FSDPStrategy runs on CUDA only; torch's FSDP also runs on the CPU when given
 ``device_id=cpu``. This script wraps the model with the pieces ``BnbQuantization`` sets up under
 FSDP (``quant_storage`` from :func:`config_for_fsdp`, :func:`fsdp_auto_wrap_policy`, the 4-bit
-forward that keeps FSDP's weight views, the chunked loss) and trains. Each rank writes its losses,
+pre-hook that hands FSDP's weight views their quant state, the chunked loss) and trains. Each rank writes its losses,
 its adapters (gathered) and the sizes of its frozen shards to ``--out``/rank<N>.pt.
 
     python tests/scripts/fsdp_torch_fit.py --out /tmp/run --world-size 2 --port 29600
@@ -45,7 +45,7 @@ def fit(rank: int, args: argparse.Namespace) -> None:
     from bnb_lightning.distributed import (
         config_for_fsdp,
         fsdp_auto_wrap_policy,
-        use_sharding_safe_4bit_forward,
+        share_quant_state_with_weight_views,
     )
 
     torch.set_num_threads(1)
@@ -55,7 +55,7 @@ def fit(rank: int, args: argparse.Namespace) -> None:
     config = config_for_fsdp(QuantizationConfig(bits=4), model, "32-true")
     quantize_model(model, config)
     inject_adapters(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    use_sharding_safe_4bit_forward(model)
+    share_quant_state_with_weight_views(model)
     chunked = use_chunked_loss(model)
     wrapped = FullyShardedDataParallel(
         model,
