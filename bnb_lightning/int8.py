@@ -76,13 +76,13 @@ def use_dequantized_int8(model: nn.Module) -> int:
     for module in model.modules():
         if not isinstance(module, bnb.nn.Linear8bitLt) or module.state.has_fp16_weights:
             continue
-        if "forward" in vars(module) and not _is_dequantized(module):
-            continue  # someone else's per-instance forward (e.g. accelerate's hooks): left in place
-        if not _is_dequantized(module):
+        if _is_dequantized(module):
+            changed += 1
+        elif "forward" not in vars(module):  # else someone else's (e.g. accelerate's hooks): left in place
             # An instance attribute (a partial, so copies and pickles follow the module), not a
             # class change; `remove_dequantized_int8` deletes it.
             module.forward = functools.partial(dequantized_int8_forward, module)
-        changed += 1
+            changed += 1
     return changed
 
 
