@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -24,24 +25,14 @@ from torch.utils.data import DataLoader
 
 from bnb_lightning import BnbQuantization, QuantizationConfig
 
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from conftest import tiny_llama  # noqa: E402  (the tests' tiny Llama)
+
 
 class CausalLM(pl.LightningModule):
     def __init__(self, seed: int) -> None:
         super().__init__()
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(seed)
-        config = LlamaConfig(
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            tie_word_embeddings=True,
-        )
-        self.model = LlamaForCausalLM(config).train()
+        self.model = tiny_llama(seed=seed).train()
         self.losses: list[float] = []
 
     def training_step(self, batch, batch_idx):

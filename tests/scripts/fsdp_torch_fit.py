@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -20,22 +21,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from peft import LoraConfig
 
-
-def tiny_llama() -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)  # the same base on every rank
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).train()
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from conftest import tiny_llama  # noqa: E402  (the tests' tiny Llama)
 
 
 def fit(rank: int, args: argparse.Namespace) -> None:
@@ -51,7 +38,7 @@ def fit(rank: int, args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(args.port)
     dist.init_process_group("gloo", rank=rank, world_size=args.world_size)
-    model = tiny_llama()
+    model = tiny_llama().train()  # seed 0: the same base on every rank
     config = config_for_fsdp(QuantizationConfig(bits=4), model, "32-true")
     quantize_model(model, config)
     inject_adapters(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
