@@ -329,7 +329,8 @@ class BnbQuantization(Callback):
     def _quantize(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, config: QuantizationConfig
     ) -> None:
-        if strategy_kind(trainer.strategy) == FSDP:
+        fsdp = strategy_kind(trainer.strategy) == FSDP
+        if fsdp:
             config = config_for_fsdp(config, pl_module, str(trainer.precision))
         self.report = quantize_model(pl_module, config, device=trainer.strategy.root_device)
         self._done = True
@@ -357,7 +358,7 @@ class BnbQuantization(Callback):
                 f"bnb_lightning: compiled {compile_blocks(pl_module)} transformer blocks with torch.compile."
             )
         check_same_base_on_all_ranks(trainer.strategy, self._fingerprint)
-        if strategy_kind(trainer.strategy) == FSDP:
+        if fsdp:
             configure_fsdp(trainer.strategy, pl_module, config, adapter_only=not self.save_base_weights)
         rank_zero_info(str(base_memory_for(trainer.strategy, pl_module)))
         self._watch_checkpoint_restore(pl_module)
