@@ -279,14 +279,15 @@ class BnbQuantization(Callback):
 
     def _complete_checkpoint(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         record = checkpoint.get("callbacks", {}).get(self.state_key) or {}
-        state = checkpoint["state_dict"]
         if self.check_base_on_resume:
             check_record(record, self._config, self._fingerprint)
-        if is_fsdp_wrapped(pl_module):
-            # FSDP loads the state into its shards itself (not strictly); the names of the wrapped
-            # module's parameters are not the checkpoint's, and 16-true, whose rounding the copy
-            # below undoes, is refused under FSDP.
+        if "state_dict" not in checkpoint or is_fsdp_wrapped(pl_module):
+            # The strategy loads the state itself: FSDP's `load_checkpoint` puts a full checkpoint's
+            # state into its shards (not strictly) and removes it before any hook runs. The names
+            # of the wrapped module's parameters are not the checkpoint's either, and 16-true,
+            # whose rounding the copy below undoes, is refused under FSDP.
             return
+        state = checkpoint["state_dict"]
         if record.get("adapter_only"):
             add_frozen_base(state, pl_module)
         trainable = {name for name, p in pl_module.named_parameters() if p.requires_grad}

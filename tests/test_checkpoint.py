@@ -240,3 +240,28 @@ def test_exported_files_are_readable_like_any_other(tmp_path):
     plain = tmp_path / "plain.bin"
     plain.write_bytes(b"data")
     assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+class LoadsStateItself(pl.strategies.SingleDeviceStrategy):
+    """A strategy that, like FSDP's with a full checkpoint, loads the module state in `load_checkpoint`
+    (not strictly) and hands the hooks the checkpoint without its `state_dict`."""
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        self.lightning_module.load_state_dict(checkpoint.pop("state_dict"), strict=False)
+        return checkpoint
+
+    def load_model_state_dict(self, checkpoint, strict=True):
+        pass
+
+
+def test_resume_under_a_strategy_that_loads_the_state_itself(tmp_path, saved_checkpoint):
+    saved = torch.load(saved_checkpoint, weights_only=False)["state_dict"]
+    resumed = CausalLM()
+    callback = BnbQuantization(QuantizationConfig(quant_type="nf4"), peft_config=lora())
+    run = trainer(tmp_path / "resumed", [callback], max_steps=4, strategy=LoadsStateItself("cpu"))
+    run.fit(resumed, batches(n=8), ckpt_path=saved_checkpoint)  # no step left: restores only
+    assert run.global_step == 4
+    got = adapters(resumed)
+    assert got.keys() == saved.keys()
+    assert all(torch.equal(saved[name], got[name]) for name in saved)
