@@ -25,6 +25,7 @@ from .config import QuantizationConfig
 from .replace import as_quantization_config, new_bnb_linear
 from .report import ALREADY_QUANTIZED, CONVERTED, SKIPPED, ModuleReport, QuantizationReport
 from .skip import KEEP_IN_FP32, NOT_TARGETED, USER_SKIP, default_skips, keep_in_fp32_patterns, matches_any
+from .transfer import HostToDevice
 
 # Set on each layer this package creates, so a second call knows the layer is its own.
 _OWN_LAYER = "_bnb_lightning_quantized"
@@ -94,9 +95,15 @@ def estimated_nbytes(module: nn.Module, config: QuantizationConfig) -> int:
     return (count + 1) // 2 + statistics + bias
 
 
-def _quantized_weight(module: nn.Module, layer: nn.Module, config: QuantizationConfig, device: torch.device):
+def _quantized_weight(
+    module: nn.Module,
+    layer: nn.Module,
+    config: QuantizationConfig,
+    device: torch.device,
+    upload: HostToDevice,
+):
     bnb = require_bitsandbytes()
-    weight = module.weight.detach()
+    weight = upload(module.weight.detach())
     if type(module) is conv1d_class():
         weight = weight.T
     if config.bits == 4:
@@ -115,24 +122,26 @@ def _quantized_weight(module: nn.Module, layer: nn.Module, config: QuantizationC
     return bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)._quantize(device)
 
 
-def _convert(module: nn.Module, config: QuantizationConfig, device: torch.device) -> nn.Module:
+def _convert(
+    module: nn.Module, config: QuantizationConfig, device: torch.device, upload: HostToDevice
+) -> nn.Module:
     layer = new_bnb_linear(module, config)
-    layer.weight = _quantized_weight(module, layer, config, device)
+    layer.weight = _quantized_weight(module, layer, config, device, upload)
     if module.bias is not None:
-        layer.bias = nn.Parameter(module.bias.detach().to(device), requires_grad=False)
+        layer.bias = nn.Parameter(upload(module.bias.detach()), requires_grad=False)
     setattr(layer, _OWN_LAYER, True)
     return layer
 
 
-def _move_rest(model: nn.Module, device: torch.device) -> None:
+def _move_rest(model: nn.Module, device: torch.device, upload: HostToDevice) -> None:
     """Move parameters and buffers that stay in full precision, keeping their objects (ties survive)."""
     for parameter in model.parameters():
         if not is_quantized_parameter(parameter) and parameter.device != device:
-            parameter.data = parameter.data.to(device)
+            parameter.data = upload(parameter.data)
     for module in model.modules():
         for name, buffer in module._buffers.items():
             if buffer is not None and buffer.device != device:
-                module._buffers[name] = buffer.to(device)
+                module._buffers[name] = upload(buffer)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -221,6 +230,7 @@ def quantize_model(
         )
 
     start = time.perf_counter()
+    upload = HostToDevice(target)
     replaced: list[tuple[str, nn.Module]] = []
     for name, reason in decisions.items():
         original = layers[name]
@@ -234,7 +244,7 @@ def quantize_model(
             after = estimated_nbytes(original, config)
         else:
             try:
-                layer = _convert(original, config, target)
+                layer = _convert(original, config, target, upload)
             except Exception as error:
                 _rollback_or_explain(model, replaced, name, error, target)
             model.set_submodule(name, layer)
@@ -246,7 +256,7 @@ def quantize_model(
         report.modules.append(ModuleReport(name, type(original).__name__, CONVERTED, "", before, after))
     if not dry_run:
         if device is not None:
-            _move_rest(model, target)
+            _move_rest(model, target, upload)
         report.seconds = time.perf_counter() - start
     return report
 

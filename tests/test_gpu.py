@@ -75,3 +75,37 @@ def test_quantized_model_trains_on_gpu():
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 1.0, losses
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.randn(1000, 333, dtype=torch.bfloat16),  # spans several staging chunks, the last one partial
+        torch.randn(7, dtype=torch.float32),
+        torch.tensor(3.5),
+        torch.rand(4097) > 0.5,
+        torch.randn(64, 48).T,  # not contiguous: a plain copy
+    ],
+    ids=["bf16-chunks", "fp32-small", "scalar", "bool", "transposed"],
+)
+def test_host_to_device_copies_exactly(tensor):
+    from bnb_lightning.transfer import HostToDevice
+
+    upload = HostToDevice(torch.device("cuda"), chunk_bytes=4096)
+    copies = [upload(tensor) for _ in range(3)]  # the staging buffers are reused across calls
+    for copy in copies:
+        assert copy.device.type == "cuda" and copy.dtype == tensor.dtype and copy.shape == tensor.shape
+        assert torch.equal(copy.cpu(), tensor)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantizing_from_the_cpu_matches_quantizing_on_the_device(bits):
+    from_cpu = llama_on_cpu(hidden=256, layers=2)
+    on_device = llama_on_cpu(hidden=256, layers=2).cuda()
+    quantize_model(from_cpu, QuantizationConfig(bits=bits), device="cuda")
+    quantize_model(on_device, QuantizationConfig(bits=bits), device="cuda")
+    expected, got = on_device.state_dict(), from_cpu.state_dict()
+    assert expected.keys() == got.keys()
+    for key, value in expected.items():
+        # bitsandbytes keeps some 8-bit state (weight_format) on the CPU either way.
+        assert got[key].device == value.device and torch.equal(got[key], value), key
