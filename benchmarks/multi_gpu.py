@@ -161,10 +161,17 @@ def make_trainer(args, steps: int, out: Path, callbacks: list, io: RecordingChec
         gradient_checkpointing=True,
         compile_blocks={"auto": None, "on": True, "off": False}[args.compile],
     )
+    strategy: Any = args.run
+    if args.run == "fsdp" and args.fsdp_wrap == "blocks":
+        from lightning.pytorch.strategies import FSDPStrategy
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        # One FSDP unit per decoder block, adapters included (mixed requires_grad, use_orig_params=True).
+        strategy = FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer})
     return pl.Trainer(
         accelerator=args.accelerator,
         devices=args.devices,
-        strategy=args.run,
+        strategy=strategy,
         precision="bf16-true",
         max_steps=steps,
         callbacks=[
@@ -241,6 +248,7 @@ def summarize(strategy: str, args, work: Path, seconds: float) -> dict[str, Any]
         "accelerator": args.accelerator,
         "seq": args.seq,
         "compile_blocks": args.compile,
+        "fsdp_wrap": args.fsdp_wrap if strategy == "fsdp" else None,
         "seconds": round(seconds, 1),
         "peak_memory_gib": [r["peak_memory_gib"] for r in ranks],
         "tokens_per_s_per_device": per_device,
@@ -273,6 +281,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=("auto", "on", "off"),
         default="auto",
         help="compile_blocks: auto is BnbQuantization's default (on for 4-bit on CUDA)",
+    )
+    parser.add_argument(
+        "--fsdp-wrap",
+        choices=("callback", "blocks"),
+        default="callback",
+        help="FSDP units: the callback's policy (a unit per block and per trainable leaf) or one per block",
     )
     parser.add_argument("--out", type=Path, default=Path("multi_gpu.jsonl"))
     parser.add_argument("--work", help=argparse.SUPPRESS)  # set for the per-strategy runs
