@@ -265,3 +265,21 @@ def test_resume_under_a_strategy_that_loads_the_state_itself(tmp_path, saved_che
     got = adapters(resumed)
     assert got.keys() == saved.keys()
     assert all(torch.equal(saved[name], got[name]) for name in saved)
+
+
+def test_base_checksums_are_exact_across_chunks():
+    """The fingerprint in saved checkpoints must not change with how it is computed."""
+    from bnb_lightning.checkpoint import _CHUNK_ROWS, _PERIOD, _checksums
+
+    data = torch.randint(
+        0,
+        256,
+        (2 * _CHUNK_ROWS * _PERIOD + 7 * _PERIOD + 12345,),
+        dtype=torch.uint8,
+        generator=torch.Generator().manual_seed(0),
+    )
+    as_int = data.to(torch.int64)
+    positions = torch.arange(data.numel(), dtype=torch.int64) % 65521 + 1
+    assert _checksums(data) == (int(as_int.sum()), int((as_int * positions).sum()))
+    weights = torch.randn(1000, 3, dtype=torch.bfloat16)
+    assert _checksums(weights) == _checksums(weights.view(torch.uint8))
