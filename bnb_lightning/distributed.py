@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from .backend import is_bnb_linear, is_quantized_parameter
@@ -134,11 +133,6 @@ def check_strategy(
             "the embedding: 'as_params=True type(prim_param)=Tensor'). Use the default strategy on one device, "
             "or FSDP on 2 or more devices."
         )
-    rank_zero_warn(
-        "bnb_lightning under FSDP: these settings train with torch's FSDP on 2 CPU processes in the tests; "
-        "Lightning's FSDPStrategy (CUDA only) has not been run with them on several GPUs yet. Use strategy='ddp' "
-        "for the tested multi-GPU path."
-    )
     return kind
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -186,11 +187,12 @@ def test_fsdp_refusals_name_the_fix(kwargs, precision, message):
         check_strategy(FSDPStrategy(**kwargs), QuantizationConfig(), precision, adapter_only=True)
 
 
-def test_fsdp_on_one_device_is_refused_and_on_two_allowed_with_a_warning():
+def test_fsdp_on_one_device_is_refused_and_on_two_allowed():
     with pytest.raises(RuntimeError, match="FSDP on one device shards nothing.*default strategy"):
         check_strategy(FSDPStrategy(), QuantizationConfig(), "bf16-true", adapter_only=True)
     two = FSDPStrategy(parallel_devices=[torch.device("cuda", 0), torch.device("cuda", 1)])
-    with pytest.warns(UserWarning, match="not been run with them on several GPUs.*strategy='ddp'"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         assert check_strategy(two, QuantizationConfig(), "bf16-true", adapter_only=True) == FSDP
 
 
