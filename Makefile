@@ -4,6 +4,7 @@ VENV ?= .venv
 # torch is installed first, on its own: on CPU-only machines 2.13.0 is the CPU build; set TORCH=torch
 # (or a CUDA wheel spec) to pick another.
 TORCH ?= torch==2.13.0
+DEEPSPEED ?= deepspeed==0.19.8
 PYTEST_ARGS ?=
 
 .PHONY: example test lint
@@ -15,10 +16,16 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/python -m pip install -q -e ".[test]"
 	touch $@
 
+# DeepSpeed, for the tests only (the test of its refusal): a source package, built against the
+# torch above (build isolation would fetch another torch) and without its compiled ops.
+$(VENV)/.deepspeed: $(VENV)/.installed
+	DS_BUILD_OPS=0 $(VENV)/bin/python -m pip install -q --no-build-isolation "$(DEEPSPEED)"
+	touch $@
+
 example: $(VENV)/.installed
 	$(VENV)/bin/python examples/qlora_finetune.py
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(VENV)/.deepspeed
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
