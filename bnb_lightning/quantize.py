@@ -162,10 +162,12 @@ def quantize_model(
 
     Each layer's full-precision weight is moved to ``device``, quantized there and dropped before
     the next layer, so the device never holds the full-precision model: its peak is the quantized
-    model plus one layer. Modules kept in full precision (tied weights, output embeddings, last
-    module, ``skip_modules``) keep their very tensor objects, so ties survive. Quantized weights are
-    frozen. A second call changes nothing. A model quantized by someone else (for example
-    transformers' ``from_pretrained(quantization_config=...)``) is left alone, with a warning.
+    model plus one layer. From the CPU to a CUDA device, weights travel through pinned staging
+    buffers, so copying one layer overlaps with quantizing the previous one. Modules kept in full
+    precision (tied weights, output embeddings, last module, ``skip_modules``) keep their very
+    tensor objects, so ties survive. Quantized weights are frozen. A second call changes nothing.
+    A model quantized by someone else (for example transformers'
+    ``from_pretrained(quantization_config=...)``) is left alone, with a warning.
 
     Args:
         model: any ``nn.Module`` with its weights in memory (not on the meta device).
