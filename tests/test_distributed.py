@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from lightning.pytorch.strategies import (
 )
 from peft import LoraConfig
 from torch.distributed.fsdp import MixedPrecision
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from bnb_lightning import QuantizationConfig, inject_adapters, quantize_model
 from bnb_lightning.distributed import (
@@ -30,6 +32,7 @@ from bnb_lightning.distributed import (
     base_memory,
     check_strategy,
     config_for_fsdp,
+    configure_fsdp,
     fsdp_auto_wrap_policy,
     fsdp_mixed_precision,
     strategy_kind,
@@ -271,6 +274,25 @@ def test_fsdp_auto_wrap_policy_wraps_blocks_and_trainable_leaves():
     assert all(
         name.startswith(tuple(blocks)) for name in model.state_dict() if name.endswith("weight.absmax")
     )
+
+
+def test_configure_fsdp_sets_the_lean_policy_and_names_the_faster_one(caplog):
+    model = tiny_llama()
+    quantize_model(model, QuantizationConfig(quant_storage="float32"), device="cpu")
+    inject_adapters(model, LoraConfig(r=4, target_modules="all-linear"))
+    strategy = FSDPStrategy()
+    with caplog.at_level(logging.INFO):
+        configure_fsdp(strategy, model, QuantizationConfig(quant_storage="float32"), adapter_only=True)
+    policy = strategy.kwargs["auto_wrap_policy"]
+    assert policy(module=model.model.layers[0], recurse=False, nonwrapped_numel=0)  # a block: a unit
+    assert "FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}) trains faster" in caplog.text
+
+    caplog.clear()
+    users = FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer})
+    chosen = users.kwargs["auto_wrap_policy"]
+    with caplog.at_level(logging.INFO):
+        configure_fsdp(users, model, QuantizationConfig(quant_storage="float32"), adapter_only=True)
+    assert users.kwargs["auto_wrap_policy"] is chosen and "trains faster" not in caplog.text
 
 
 # Strategies that cannot train a quantized model.
