@@ -9,6 +9,7 @@ batches:
 - ``bnb_full_loss``: the same with ``chunked_loss=False`` (the model's own full-vocabulary loss).
 - ``bnb_compile``: ``bnb`` with ``compile_blocks=True`` (already the default for 4-bit on CUDA).
 - ``bnb_llm_int8``: ``bnb`` with ``dequantize_int8=False`` (bitsandbytes' LLM.int8 matmul; 8-bit only).
+- ``bnb_paged_adamw``: ``bnb`` with bitsandbytes' ``PagedAdamW`` instead of torch's ``AdamW``.
 - ``hf_prepare``: ``from_pretrained(quantization_config=BitsAndBytesConfig(...))``, PEFT's
   ``prepare_model_for_kbit_training`` (float32 upcast) and ``get_peft_model``; a plain torch loop.
 - ``hf_noupcast``: the same without the upcast (non-reentrant checkpointing, ``enable_input_require_grads``).
@@ -49,6 +50,7 @@ RECIPES = (
     "bnb_full_loss",
     "bnb_compile",
     "bnb_llm_int8",
+    "bnb_paged_adamw",
     "hf_prepare",
     "hf_noupcast",
     "hf_compile",
@@ -285,16 +287,19 @@ def load_bf16(setup: Setup, device: torch.device | None = None, **kwargs: Any) -
 
 
 class CausalLMModule(pl.LightningModule):
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(
+        self, model: torch.nn.Module, optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW
+    ) -> None:
         super().__init__()
         # from_pretrained returns eval mode, which Lightning keeps; transformers checkpoints only in training.
         self.model = model.train()
+        self.optimizer = optimizer
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         return self.model(input_ids=batch, labels=batch).loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(trainable(self), lr=1e-4, weight_decay=0.0)
+        return self.optimizer(trainable(self), lr=1e-4, weight_decay=0.0)
 
 
 class BenchmarkHooks(pl.Callback):
@@ -318,12 +323,18 @@ class BenchmarkHooks(pl.Callback):
         self.result.final_loss = float(outputs["loss"])
 
 
-def run_bnb(setup: Setup, bits: int, result: Measurement, **options: Any) -> None:
+def run_bnb(
+    setup: Setup,
+    bits: int,
+    result: Measurement,
+    optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
+    **options: Any,
+) -> None:
     from bnb_lightning import BnbQuantization, QuantizationConfig
 
     start = time.perf_counter()
     # Loaded on the CPU: the callback quantizes layer by layer onto the GPU in `setup`.
-    module = CausalLMModule(load_bf16(setup))
+    module = CausalLMModule(load_bf16(setup), optimizer)
     quantization = BnbQuantization(
         QuantizationConfig(bits=bits),
         peft_config=lora_config(setup.lora_r),
@@ -360,6 +371,13 @@ def run_bnb_llm_int8(setup: Setup, bits: int, result: Measurement) -> None:
     if bits != 8:
         raise Skipped("8-bit only")
     run_bnb(setup, bits, result, dequantize_int8=False)
+
+
+def run_bnb_paged_adamw(setup: Setup, bits: int, result: Measurement) -> None:
+    import bitsandbytes as bnb
+
+    # On the CPU bitsandbytes falls back to an unpaged AdamW, with a warning.
+    run_bnb(setup, bits, result, optimizer=bnb.optim.PagedAdamW)
 
 
 def load_hf_quantized(setup: Setup, bits: int, result: Measurement) -> torch.nn.Module:
@@ -447,6 +465,7 @@ RUNNERS: dict[str, Callable[[Setup, Any, Measurement], None]] = {
     "bnb_full_loss": run_bnb_full_loss,
     "bnb_compile": run_bnb_compile,
     "bnb_llm_int8": run_bnb_llm_int8,
+    "bnb_paged_adamw": run_bnb_paged_adamw,
     "hf_prepare": run_hf_prepare,
     "hf_noupcast": run_hf_noupcast,
     "hf_compile": run_hf_compile,
