@@ -345,10 +345,10 @@ class BnbQuantization(Callback):
         if str(trainer.precision) != "bf16-true":
             # Already here, so a checkpoint's float32 adapters are restored without rounding.
             cast_to_float32(pl_module, trainable_only=True)
-        # Taken before any forward: bitsandbytes' CPU kernels rewrite 4-bit statistics on the first one.
-        self._fingerprint = base_fingerprint(pl_module)
         # Before the strategy wraps the module: FSDP flattens the parameters these names come from.
         self._frozen_keys = frozen_state_keys(pl_module)
+        # Taken before any forward: bitsandbytes' CPU kernels rewrite 4-bit statistics on the first one.
+        self._fingerprint = base_fingerprint(pl_module, self._frozen_keys)
         if config.bits == 8 and self.dequantize_int8 and use_dequantized_int8(pl_module):
             rank_zero_info("bnb_lightning: 8-bit layers train through their dequantized weights.")
         if self.chunked_loss and use_chunked_loss(pl_module):

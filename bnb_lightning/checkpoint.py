@@ -35,11 +35,14 @@ def frozen_state_keys(module: nn.Module, keys: Iterable[str] | None = None) -> s
     those of the state dict at hand: ``module.state_dict()`` would gather the whole sharded model.
     """
     keys = set(module.state_dict(keep_vars=True) if keys is None else keys)
-    frozen: set[str] = set()
-    for name, parameter in module.named_parameters(remove_duplicate=False):
-        if not parameter.requires_grad:
-            name = unwrapped_name(name)
-            frozen.update(key for key in keys if key == name or key.startswith(f"{name}."))
+    frozen_names = {
+        unwrapped_name(name)
+        for name, parameter in module.named_parameters(remove_duplicate=False)
+        if not parameter.requires_grad
+    }
+    # A key belongs to a frozen parameter when it is its name or starts with it at a dot
+    # ("...weight.absmax"): look its dotted prefixes up, once per key.
+    frozen = {key for key in keys if any(prefix in frozen_names for prefix in _dotted_prefixes(key))}
     for name, layer in module.named_modules(remove_duplicate=False):
         if is_bnb_linear(layer) and not layer.weight.requires_grad:
             name = unwrapped_name(name)
@@ -58,6 +61,11 @@ def adapter_state_dict(
     """
     frozen = set(frozen_keys) if frozen_keys is not None else frozen_state_keys(module, state_dict.keys())
     return {key: value for key, value in state_dict.items() if key not in frozen}
+
+
+def _dotted_prefixes(key: str) -> list[str]:
+    parts = key.split(".")
+    return [".".join(parts[:end]) for end in range(1, len(parts) + 1)]
 
 
 def _checksums(tensor: torch.Tensor) -> tuple[int, int]:
@@ -80,15 +88,16 @@ def _checksums(tensor: torch.Tensor) -> tuple[int, int]:
     return int(columns.sum()), int((columns * positions).sum())
 
 
-def base_fingerprint(module: nn.Module) -> str:
+def base_fingerprint(module: nn.Module, frozen_keys: Iterable[str] | None = None) -> str:
     """A short hash of the frozen base (quantized bytes, statistics, frozen full-precision weights).
 
     Computed where the tensors live, a chunk at a time. Take it right after quantization: on CPUs
     with AVX512-BF16, bitsandbytes rewrites 4-bit statistics on the first eval-mode forward.
+    ``frozen_keys``: the base's keys if already known (:func:`frozen_state_keys`).
     """
     state = module.state_dict()
     digest = hashlib.sha256()
-    for key in sorted(frozen_state_keys(module)):
+    for key in sorted(frozen_state_keys(module) if frozen_keys is None else frozen_keys):
         tensor = state[key]
         total, weighted = _checksums(tensor)
         digest.update(f"{key}|{tuple(tensor.shape)}|{tensor.dtype}|{total}|{weighted};".encode())

@@ -117,7 +117,7 @@ def _quantized_weight(
             module=layer,
         ).to(device)
     if config.has_fp16_weights:
-        return bnb.nn.Int8Params(weight.to(device), requires_grad=False, has_fp16_weights=True)
+        return bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=True)
     # Int8Params.to() only quantizes weights coming from the CPU; _quantize is the same step for any device.
     return bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)._quantize(device)
 
