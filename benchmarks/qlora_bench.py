@@ -10,10 +10,16 @@ batches:
 - ``bnb_compile``: ``bnb`` with ``compile_blocks=True`` (already the default for 4-bit on CUDA).
 - ``bnb_llm_int8``: ``bnb`` with ``dequantize_int8=False`` (bitsandbytes' LLM.int8 matmul; 8-bit only).
 - ``bnb_paged_adamw``: ``bnb`` with bitsandbytes' ``PagedAdamW`` instead of torch's ``AdamW``.
+- ``bnb_uncheckpointed``: ``bnb`` with ``uncheckpointed_blocks=--uncheckpointed-blocks`` (the last
+  blocks keep their activations instead of recomputing them).
 - ``hf_prepare``: ``from_pretrained(quantization_config=BitsAndBytesConfig(...))``, PEFT's
-  ``prepare_model_for_kbit_training`` (float32 upcast) and ``get_peft_model``; a plain torch loop.
+  ``prepare_model_for_kbit_training`` (float32 upcast) and ``get_peft_model``; a plain torch loop
+  under bfloat16 autocast, as transformers' ``Trainer(bf16=True)`` runs it.
 - ``hf_noupcast``: the same without the upcast (non-reentrant checkpointing, ``enable_input_require_grads``).
 - ``hf_compile``: ``hf_noupcast`` with every decoder layer ``torch.compile``-d.
+- ``hf_prepare_no_autocast``, ``hf_noupcast_no_autocast``, ``hf_compile_no_autocast``: the same three
+  in a loop without autocast, where what is float32 computes in float32 (with the upcast: norms,
+  embeddings, lm_head and the hidden states between layers; always: PEFT's float32 adapters).
 - ``bnb_precision``: Lightning's ``BitsandbytesPrecision`` quantization only (CUDA only).
 - ``bf16_lora``: a bfloat16 base with the same LoRA, no quantization.
 
@@ -38,6 +44,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,14 +58,25 @@ RECIPES = (
     "bnb_compile",
     "bnb_llm_int8",
     "bnb_paged_adamw",
+    "bnb_uncheckpointed",
     "hf_prepare",
     "hf_noupcast",
     "hf_compile",
+    "hf_prepare_no_autocast",
+    "hf_noupcast_no_autocast",
+    "hf_compile_no_autocast",
     "bnb_precision",
     "bf16_lora",
 )
 # Ratios in the table are taken against these recipes, where they were measured.
-BASELINES = ("hf_prepare", "hf_noupcast", "hf_compile")
+BASELINES = (
+    "hf_prepare",
+    "hf_noupcast",
+    "hf_compile",
+    "hf_prepare_no_autocast",
+    "hf_noupcast_no_autocast",
+    "hf_compile_no_autocast",
+)
 
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": dict(
@@ -131,6 +149,7 @@ class Setup:
     warmup: int
     steps: int
     lora_r: int
+    uncheckpointed_blocks: int = 1
     profile_dir: str | None = None  # profile PROFILE_STEPS extra steps after the timed ones
 
 
@@ -235,15 +254,15 @@ def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def train_loop(model: torch.nn.Module, setup: Setup, result: Measurement) -> None:
-    """A plain torch loop, under bfloat16 autocast as transformers' Trainer(bf16=True) runs it."""
+def train_loop(model: torch.nn.Module, setup: Setup, result: Measurement, autocast: bool = True) -> None:
+    """A plain torch loop, by default under bfloat16 autocast as transformers' Trainer(bf16=True) runs it."""
     optimizer = torch.optim.AdamW(trainable(model), lr=1e-4, weight_decay=0.0)
     clock = StepClock(setup, result.profile_name())
     model.train()
     reset_peak(setup.device)
     for step, batch in enumerate(setup.batches):
         clock.begin(step)
-        with torch.autocast(setup.device.type, dtype=torch.bfloat16):
+        with torch.autocast(setup.device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         optimizer.step()
@@ -380,6 +399,10 @@ def run_bnb_paged_adamw(setup: Setup, bits: int, result: Measurement) -> None:
     run_bnb(setup, bits, result, optimizer=bnb.optim.PagedAdamW)
 
 
+def run_bnb_uncheckpointed(setup: Setup, bits: int, result: Measurement) -> None:
+    run_bnb(setup, bits, result, uncheckpointed_blocks=setup.uncheckpointed_blocks)
+
+
 def load_hf_quantized(setup: Setup, bits: int, result: Measurement) -> torch.nn.Module:
     start = time.perf_counter()
     model = load_bf16(setup, setup.device, quantization_config=bnb_config(bits))
@@ -394,7 +417,7 @@ def peft_model(model: torch.nn.Module, setup: Setup) -> torch.nn.Module:
     return get_peft_model(model, lora_config(setup.lora_r))
 
 
-def run_hf_prepare(setup: Setup, bits: int, result: Measurement) -> None:
+def run_hf_prepare(setup: Setup, bits: int, result: Measurement, autocast: bool = True) -> None:
     from peft import prepare_model_for_kbit_training
 
     start = time.perf_counter()
@@ -404,7 +427,7 @@ def run_hf_prepare(setup: Setup, bits: int, result: Measurement) -> None:
     )
     model = peft_model(model, setup)
     mark_ready(result, setup, start)
-    train_loop(model, setup, result)
+    train_loop(model, setup, result, autocast=autocast)
 
 
 def noupcast_model(setup: Setup, bits: int, result: Measurement, start: float) -> torch.nn.Module:
@@ -414,21 +437,21 @@ def noupcast_model(setup: Setup, bits: int, result: Measurement, start: float) -
     return peft_model(model, setup)
 
 
-def run_hf_noupcast(setup: Setup, bits: int, result: Measurement) -> None:
+def run_hf_noupcast(setup: Setup, bits: int, result: Measurement, autocast: bool = True) -> None:
     start = time.perf_counter()
     model = noupcast_model(setup, bits, result, start)
     mark_ready(result, setup, start)
-    train_loop(model, setup, result)
+    train_loop(model, setup, result, autocast=autocast)
 
 
-def run_hf_compile(setup: Setup, bits: int, result: Measurement) -> None:
+def run_hf_compile(setup: Setup, bits: int, result: Measurement, autocast: bool = True) -> None:
     start = time.perf_counter()
     model = noupcast_model(setup, bits, result, start)
     for layer in model.base_model.model.model.layers:
         layer.compile()
     mark_ready(result, setup, start)
     try:
-        train_loop(model, setup, result)
+        train_loop(model, setup, result, autocast=autocast)
     except Exception as error:  # compilation errors surface on the first step
         raise Skipped(f"torch.compile failed: {type(error).__name__}: {first_line(error)}") from error
 
@@ -466,9 +489,13 @@ RUNNERS: dict[str, Callable[[Setup, Any, Measurement], None]] = {
     "bnb_compile": run_bnb_compile,
     "bnb_llm_int8": run_bnb_llm_int8,
     "bnb_paged_adamw": run_bnb_paged_adamw,
+    "bnb_uncheckpointed": run_bnb_uncheckpointed,
     "hf_prepare": run_hf_prepare,
     "hf_noupcast": run_hf_noupcast,
     "hf_compile": run_hf_compile,
+    "hf_prepare_no_autocast": partial(run_hf_prepare, autocast=False),
+    "hf_noupcast_no_autocast": partial(run_hf_noupcast, autocast=False),
+    "hf_compile_no_autocast": partial(run_hf_compile, autocast=False),
     "bnb_precision": run_bnb_precision,
     "bf16_lora": run_bf16_lora,
 }
@@ -637,6 +664,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each configuration, interleaved")
     parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument(
+        "--uncheckpointed-blocks",
+        type=int,
+        help="for bnb_uncheckpointed: blocks that keep their activations (default: a quarter of them)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results.jsonl", help="JSON lines, one per measurement")
     parser.add_argument("--markdown", default="benchmarks/results.md", help="the Markdown table")
@@ -673,13 +705,19 @@ def main(argv: Sequence[str] | None = None) -> list[Measurement]:
         batches = random_batches(
             model["vocab_size"], args.warmup + args.steps + extra, args.batch, args.seq, device, args.seed
         )
-        setup = Setup(model_dir, device, batches, args.warmup, args.steps, args.lora_r, args.profile)
+        kept = args.uncheckpointed_blocks
+        if kept is None:
+            kept = max(1, SHAPES[args.shape]["num_hidden_layers"] // 4)
+        setup = Setup(
+            model_dir, device, batches, args.warmup, args.steps, args.lora_r, kept, profile_dir=args.profile
+        )
         meta = {
             "shape": args.shape,
             "seq": args.seq,
             "batch": args.batch,
             "warmup": args.warmup,
             "steps": args.steps,
+            "uncheckpointed_blocks": kept,
         }
         jsonl.write(json.dumps({"type": "environment", **env, **meta, "model": model}) + "\n")
         for repeat in range(args.repeats):

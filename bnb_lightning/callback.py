@@ -39,10 +39,13 @@ from .loss import use_chunked_loss
 from .merge import MergedExport, export_merged
 from .prepare import (
     cast_to_float32,
+    check_block_count,
+    check_uncheckpointed_blocks,
     compile_blocks,
     count_parameters,
     inject_adapters,
     prepare_for_kbit_training,
+    will_checkpoint,
 )
 from .quantize import quantize_model
 from .replace import as_quantization_config
@@ -101,6 +104,11 @@ class BnbQuantization(Callback):
             compute dtype (see :func:`bnb_lightning.use_dequantized_int8`): faster than
             bitsandbytes' LLM.int8 matmul and without its activation rounding; the stored int8
             weights are the same. ``False`` keeps the LLM.int8 matmul. No effect on 4-bit.
+        uncheckpointed_blocks: with gradient checkpointing on, the last this many transformer
+            blocks keep their activations instead of recomputing their forward in the backward
+            pass: each one saves a third of its matmul work per step and holds its activations
+            (measured: 0.49 GiB per Llama-3-8B block at 4,096 tokens a step) until its backward. 0
+            (default) checkpoints every block: QLoRA is chosen for memory first.
 
     Example::
 
@@ -124,6 +132,7 @@ class BnbQuantization(Callback):
         compile_blocks: bool | None = None,
         chunked_loss: bool = True,
         dequantize_int8: bool = True,
+        uncheckpointed_blocks: int = 0,
     ) -> None:
         self.config = as_quantization_config(config)
         if peft_config is not None and not isinstance(peft_config, PeftConfig):
@@ -153,6 +162,13 @@ class BnbQuantization(Callback):
         self.check_base_on_resume = check_base_on_resume
         self.chunked_loss = chunked_loss
         self.dequantize_int8 = dequantize_int8
+        check_block_count(uncheckpointed_blocks)
+        if uncheckpointed_blocks and gradient_checkpointing is False:
+            raise ValueError(
+                f"uncheckpointed_blocks={uncheckpointed_blocks} only applies with gradient checkpointing on, "
+                "but gradient_checkpointing=False. Pass gradient_checkpointing=True, or leave uncheckpointed_blocks=0."
+            )
+        self.uncheckpointed_blocks = uncheckpointed_blocks
         for name, target in (
             ("export_adapters_to", export_adapters_to),
             ("export_merged_to", export_merged_to),
@@ -330,6 +346,10 @@ class BnbQuantization(Callback):
     def _quantize(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, config: QuantizationConfig
     ) -> None:
+        # Refused before anything changes, so the module is left as it was.
+        check_uncheckpointed_blocks(
+            pl_module, self.uncheckpointed_blocks, will_checkpoint(pl_module, self.gradient_checkpointing)
+        )
         fsdp = strategy_kind(trainer.strategy) == FSDP
         if fsdp:
             config = config_for_fsdp(config, pl_module, str(trainer.precision))
@@ -338,7 +358,9 @@ class BnbQuantization(Callback):
         self._config = config
         rank_zero_info(self.report.compact())
         checkpointing = prepare_for_kbit_training(
-            pl_module, gradient_checkpointing=self.gradient_checkpointing
+            pl_module,
+            gradient_checkpointing=self.gradient_checkpointing,
+            uncheckpointed_blocks=self.uncheckpointed_blocks,
         )
         if self.peft_config is not None:
             inject_adapters(pl_module, self.peft_config)
@@ -364,7 +386,10 @@ class BnbQuantization(Callback):
         rank_zero_info(str(base_memory_for(trainer.strategy, pl_module)))
         self._watch_checkpoint_restore(pl_module)
         if checkpointing:
-            rank_zero_info("bnb_lightning: gradient checkpointing is on (non-reentrant).")
+            kept = (
+                f", except the last {self.uncheckpointed_blocks} blocks" if self.uncheckpointed_blocks else ""
+            )
+            rank_zero_info(f"bnb_lightning: gradient checkpointing is on (non-reentrant){kept}.")
         rank_zero_info(f"bnb_lightning: {count_parameters(pl_module)}")
 
 

@@ -87,10 +87,64 @@ def _set_checkpointing(hf_model: nn.Module, enabled: bool) -> None:
         hf_model.gradient_checkpointing_disable()
 
 
+def _wants_checkpointing(hf_model: nn.Module, gradient_checkpointing: bool | None) -> bool:
+    return _checkpointing_enabled(hf_model) if gradient_checkpointing is None else gradient_checkpointing
+
+
+def will_checkpoint(model: nn.Module, gradient_checkpointing: bool | None) -> bool:
+    """Whether :func:`prepare_for_kbit_training` would leave checkpointing on, without changing anything."""
+    return any(
+        _wants_checkpointing(hf_model, gradient_checkpointing) for hf_model in transformers_models(model)
+    )
+
+
+def checkpointable_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks of the transformers models in ``model`` that checkpoint themselves, in model order.
+
+    These are transformers' ``GradientCheckpointingLayer`` instances (decoder layers since
+    transformers 4.53); older versions checkpoint from the model's own loop and list none.
+    """
+    return [
+        module
+        for module in model.modules()
+        if any(cls.__name__ == "GradientCheckpointingLayer" for cls in type(module).__mro__)
+    ]
+
+
+def check_block_count(count: Any) -> None:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"uncheckpointed_blocks must be an int >= 0, got {count!r}.")
+
+
+def check_uncheckpointed_blocks(model: nn.Module, count: int, checkpointing: bool) -> None:
+    """Refuse a ``count`` of blocks to leave out of checkpointing that ``model`` cannot honour."""
+    check_block_count(count)
+    if count == 0:
+        return
+    if not checkpointing:
+        raise ValueError(
+            f"uncheckpointed_blocks={count} only applies with gradient checkpointing on; "
+            "pass gradient_checkpointing=True, or uncheckpointed_blocks=0."
+        )
+    available = len(checkpointable_blocks(model))
+    if count > available:
+        found = (
+            f"has {available}"
+            if available
+            else "has none (it needs a transformers model whose decoder layers checkpoint themselves, "
+            "transformers >= 4.53)"
+        )
+        raise ValueError(
+            f"uncheckpointed_blocks={count} asks to keep the activations of {count} transformer blocks, "
+            f"but {type(model).__name__} {found}. Pass a number from 0 to {available}."
+        )
+
+
 def prepare_for_kbit_training(
     model: nn.Module,
     gradient_checkpointing: bool | None = None,
     upcast_to_float32: bool = False,
+    uncheckpointed_blocks: int = 0,
 ) -> bool:
     """Get a quantized model ready for adapter training, without the float32 upcast.
 
@@ -102,29 +156,36 @@ def prepare_for_kbit_training(
             still passes gradients to the adapters.
         upcast_to_float32: cast the full-precision half parameters (norms, embeddings) to float32,
             as PEFT's ``prepare_model_for_kbit_training`` does. Slower and larger; off by default.
+        uncheckpointed_blocks: with checkpointing on, the last this many blocks keep their
+            activations for the backward pass instead of recomputing their forward: faster, at the
+            memory of those activations. 0 (default) checkpoints every block.
 
     Returns:
         Whether gradient checkpointing is on.
     """
-    if upcast_to_float32:
-        cast_to_float32(model)
-    checkpointing = False
-    for hf_model in transformers_models(model):
-        enabled = _checkpointing_enabled(hf_model)
-        wanted = enabled if gradient_checkpointing is None else gradient_checkpointing
-        if wanted:
-            _set_checkpointing(hf_model, True)
-            # The frozen base gives activations that need no grad; the adapters behind them do.
-            hf_model.enable_input_require_grads()
-        elif enabled:
-            _set_checkpointing(hf_model, False)
-        checkpointing = checkpointing or wanted
-    if gradient_checkpointing and not transformers_models(model):
+    roots = transformers_models(model)
+    if gradient_checkpointing and not roots:
         raise ValueError(
             f"gradient_checkpointing=True needs a transformers model inside {type(model).__name__} to turn it on; "
             "for other models, wrap your blocks in torch.utils.checkpoint.checkpoint(..., use_reentrant=False) "
             "and leave gradient_checkpointing=None."
         )
+    wanted = {id(hf_model): _wants_checkpointing(hf_model, gradient_checkpointing) for hf_model in roots}
+    checkpointing = any(wanted.values())
+    # Checked before anything changes, so a refused call leaves the model as it was.
+    check_uncheckpointed_blocks(model, uncheckpointed_blocks, checkpointing)
+    if upcast_to_float32:
+        cast_to_float32(model)
+    for hf_model in roots:
+        if wanted[id(hf_model)]:
+            _set_checkpointing(hf_model, True)
+            # The frozen base gives activations that need no grad; the adapters behind them do.
+            hf_model.enable_input_require_grads()
+        elif _checkpointing_enabled(hf_model):
+            _set_checkpointing(hf_model, False)
+    if uncheckpointed_blocks:
+        for block in checkpointable_blocks(model)[-uncheckpointed_blocks:]:
+            block.gradient_checkpointing = False
     return checkpointing
 
 

@@ -249,6 +249,23 @@ def test_gradient_checkpointing_is_non_reentrant(tmp_path):
     assert module.losses[-1] < module.losses[0]
 
 
+def test_uncheckpointed_blocks_under_a_trainer(tmp_path):
+    module = CausalLM()
+    callback = BnbQuantization(peft_config=lora(), gradient_checkpointing=True, uncheckpointed_blocks=1)
+    trainer(tmp_path, [callback]).fit(module, batches())
+    assert [layer.gradient_checkpointing for layer in module.model.model.layers] == [True, False]
+    assert module.losses[-1] < module.losses[0]
+
+
+def test_too_many_uncheckpointed_blocks_are_refused_before_quantizing(tmp_path):
+    module = CausalLM()
+    callback = BnbQuantization(gradient_checkpointing=True, uncheckpointed_blocks=5)
+    with pytest.raises(ValueError, match="uncheckpointed_blocks=5 .* has 2"):
+        trainer(tmp_path, [callback]).fit(module, batches())
+    assert type(module.model.model.layers[0].mlp.up_proj) is torch.nn.Linear
+    assert not any(layer.gradient_checkpointing for layer in module.model.model.layers)
+
+
 @pytest.mark.parametrize("upcast", [False, True])
 def test_no_float32_upcast_unless_asked(tmp_path, upcast):
     module = CausalLM()
@@ -283,6 +300,11 @@ def test_refuses_float_storage_the_precision_would_cast(tmp_path):
         ({"upcast_to_float32": 1}, "upcast_to_float32 must be True or False"),
         ({"chunked_loss": "auto"}, "chunked_loss must be True or False"),
         ({"dequantize_int8": None}, "dequantize_int8 must be True or False"),
+        ({"uncheckpointed_blocks": 1.5}, "uncheckpointed_blocks must be an int >= 0"),
+        (
+            {"uncheckpointed_blocks": 2, "gradient_checkpointing": False},
+            "only applies with gradient checkpointing",
+        ),
         ({"config": {"bits": 3}}, "bits=3 is not supported"),
     ],
 )

@@ -101,6 +101,64 @@ def test_checkpointed_training_reaches_the_adapters():
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+def saved_activation_bytes(model: nn.Module, tokens: torch.Tensor) -> int:
+    """Bytes the autograd graph keeps from one forward outside checkpointed blocks."""
+    saved = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+    return saved
+
+
+def test_uncheckpointed_blocks_keep_their_activations_and_train_the_same():
+    tokens = torch.arange(64).remainder(7).view(2, 32)
+    config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    runs = {}
+    for kept in (0, 1, 2):
+        torch.manual_seed(0)
+        model = quantized_llama()
+        assert prepare_for_kbit_training(model, gradient_checkpointing=True, uncheckpointed_blocks=kept)
+        inject_adapters(model, config)
+        flags = [layer.gradient_checkpointing for layer in model.model.layers]
+        assert flags == [True] * (len(flags) - kept) + [False] * kept
+        saved = saved_activation_bytes(model, tokens)
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        runs[kept] = saved, grads
+    # Each block left out of checkpointing keeps more for the backward pass ...
+    assert runs[0][0] < runs[1][0] < runs[2][0]
+    # ... and the adapters get the same gradients as with recomputation.
+    for kept in (1, 2):
+        for name, grad in runs[0][1].items():
+            torch.testing.assert_close(runs[kept][1][name], grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"gradient_checkpointing": True, "uncheckpointed_blocks": 3}, r"has 2\. Pass a number from 0 to 2"),
+        ({"gradient_checkpointing": True, "uncheckpointed_blocks": -1}, "must be an int >= 0"),
+        ({"gradient_checkpointing": True, "uncheckpointed_blocks": True}, "must be an int >= 0"),
+        (
+            {"gradient_checkpointing": False, "uncheckpointed_blocks": 1},
+            "only applies with gradient checkpointing on",
+        ),
+        ({"uncheckpointed_blocks": 1}, "only applies with gradient checkpointing on"),
+    ],
+)
+def test_uncheckpointed_blocks_refused_leave_the_model_unchanged(kwargs, message):
+    model = quantized_llama(dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=message):
+        prepare_for_kbit_training(model, upcast_to_float32=True, **kwargs)
+    assert not any(layer.gradient_checkpointing for layer in model.model.layers)
+    assert model.model.norm.weight.dtype == torch.bfloat16
+
+
 def test_gradient_checkpointing_needs_a_transformers_model():
     model = TiedMLP()
     with pytest.raises(ValueError, match="gradient_checkpointing=True needs a transformers model"):
