@@ -68,12 +68,13 @@ def _dotted_prefixes(key: str) -> list[str]:
     return [".".join(parts[:end]) for end in range(1, len(parts) + 1)]
 
 
-def _checksums(tensor: torch.Tensor) -> tuple[int, int]:
-    """The byte sum and the sum of bytes weighted by (position mod 65521) + 1, exactly.
+def _checksums(tensor: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """The byte sum and the sum of bytes weighted by (position mod 65521) + 1, exactly, on the device.
 
     Viewed as rows of 65521 bytes, the weights are the column numbers, so both sums come from the
     column sums, added up on the device. Each step casts a few MiB (a cast inside a reduction would
-    copy the whole chunk to int64), so the fingerprint adds little to the setup peak.
+    copy the whole chunk to int64), so the fingerprint adds little to the setup peak. The result
+    stays on the device (an int64 pair), so many tensors cost one transfer to the host.
     """
     data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
     whole = data.numel() // _PERIOD * _PERIOD
@@ -84,22 +85,33 @@ def _checksums(tensor: torch.Tensor) -> tuple[int, int]:
         columns += rows.to(torch.float32).sum(0).to(torch.int64)
     tail = data[whole:].to(torch.int64)
     columns[: tail.numel()] += tail
-    positions = torch.arange(1, _PERIOD + 1, dtype=torch.int64, device=data.device)
-    return int(columns.sum()), int((columns * positions).sum())
+    if positions is None:
+        positions = torch.arange(1, _PERIOD + 1, dtype=torch.int64, device=data.device)
+    return torch.stack((columns.sum(), (columns * positions).sum()))
 
 
 def base_fingerprint(module: nn.Module, frozen_keys: Iterable[str] | None = None) -> str:
     """A short hash of the frozen base (quantized bytes, statistics, frozen full-precision weights).
 
-    Computed where the tensors live, a chunk at a time. Take it right after quantization: on CPUs
-    with AVX512-BF16, bitsandbytes rewrites 4-bit statistics on the first eval-mode forward.
-    ``frozen_keys``: the base's keys if already known (:func:`frozen_state_keys`).
+    Computed where the tensors live, a chunk at a time, with one transfer of the sums at the end.
+    Take it right after quantization: on CPUs with AVX512-BF16, bitsandbytes rewrites 4-bit
+    statistics on the first eval-mode forward. ``frozen_keys``: the base's keys if already known
+    (:func:`frozen_state_keys`).
     """
     state = module.state_dict()
+    keys = sorted(frozen_state_keys(module) if frozen_keys is None else frozen_keys)
+    positions: dict[torch.device, torch.Tensor] = {}
+    sums = []
+    for key in keys:
+        device = state[key].device
+        if device not in positions:
+            positions[device] = torch.arange(1, _PERIOD + 1, dtype=torch.int64, device=device)
+        sums.append(_checksums(state[key], positions[device]))
+    # One transfer when every tensor is on one device.
+    values = torch.stack(sums).tolist() if len(positions) == 1 else [pair.tolist() for pair in sums]
     digest = hashlib.sha256()
-    for key in sorted(frozen_state_keys(module) if frozen_keys is None else frozen_keys):
+    for key, (total, weighted) in zip(keys, values, strict=True):
         tensor = state[key]
-        total, weighted = _checksums(tensor)
         digest.update(f"{key}|{tuple(tensor.shape)}|{tensor.dtype}|{total}|{weighted};".encode())
     return digest.hexdigest()[:16]
 
