@@ -239,19 +239,34 @@ def _mismatch_reason(hf_model: nn.Module) -> str | None:
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, head.shape[0], (1, 8), generator=generator).to(head.device)
     devices = [head.device] if head.device.type == "cuda" else []
+    base = hf_model.base_model
+    # What is compared is the head and the loss: both runs share one forward of the base model.
+    own_forward = vars(base).get("forward")
+    base_forward = base.forward
+    outputs: list[Any] = []
+
+    def base_forward_once(*args: Any, **kwargs: Any) -> Any:
+        if not outputs:
+            outputs.append(base_forward(*args, **kwargs))
+        return outputs[0]
 
     def loss(forward) -> torch.Tensor:
-        # The model's current mode, so nothing is switched behind the user's back; the same seed
-        # gives both runs the same dropout masks.
+        # The model's current mode, so nothing is switched behind the user's back.
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             torch.manual_seed(0)
             return forward(input_ids=input_ids, labels=input_ids).loss
 
+    base.forward = base_forward_once
     try:
         expected = loss(lambda **kw: type(hf_model).forward(hf_model, **kw))
         actual = loss(ChunkedLossForward(hf_model).loss_forward)
     except Exception as error:  # noqa: BLE001 - any failure means: keep the model's own loss
         return f"a test forward failed: {type(error).__name__}: {error}"
+    finally:
+        if own_forward is None:
+            del base.forward
+        else:
+            base.forward = own_forward
     if expected is None or not torch.allclose(actual.float(), expected.float(), rtol=1e-3, atol=1e-3):
         return f"its own loss on a test sequence is {expected} and the chunked one {actual.item():.6g}"
     return None

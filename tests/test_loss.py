@@ -164,6 +164,22 @@ def test_model_with_soft_capped_logits_keeps_its_own_loss():
     assert "forward" not in vars(model)
 
 
+def test_the_setup_check_runs_the_base_model_once_and_leaves_it_as_it_was():
+    model = quantized_lora(tiny_llama)
+    base = model.base_model
+    calls = []
+    base.layers[0].register_forward_hook(lambda module, args, output: calls.append(output))
+    assert use_chunked_loss(model) == [""]
+    assert len(calls) == 1
+    assert "forward" not in vars(base)
+    # A forward someone already put on the base instance (e.g. a hook library's) is put back.
+    remove_chunked_loss(model)
+    instance_forward = base.forward
+    base.forward = instance_forward
+    assert use_chunked_loss(model) == [""]
+    assert vars(base)["forward"] is instance_forward
+
+
 def test_copies_of_the_model_use_their_own_weights(tokens):
     model = quantized_lora(tiny_llama)
     use_chunked_loss(model)
