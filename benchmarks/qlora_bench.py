@@ -69,14 +69,7 @@ RECIPES = (
     "bf16_lora",
 )
 # Ratios in the table are taken against these recipes, where they were measured.
-BASELINES = (
-    "hf_prepare",
-    "hf_noupcast",
-    "hf_compile",
-    "hf_prepare_no_autocast",
-    "hf_noupcast_no_autocast",
-    "hf_compile_no_autocast",
-)
+BASELINES = tuple(recipe for recipe in RECIPES if recipe.startswith("hf_"))
 
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": dict(
