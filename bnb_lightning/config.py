@@ -48,7 +48,8 @@ def parse_dtype(value: DTypeLike, field: str, allowed: Sequence[torch.dtype]) ->
     return dtype
 
 
-def _as_patterns(value: Any, field: str) -> tuple[str, ...]:
+def as_patterns(value: Any, field: str) -> tuple[str, ...]:
+    """Module-name patterns from a string or a sequence of strings, each a valid regular expression."""
     if value is None:
         return ()
     if isinstance(value, str):
@@ -134,9 +135,9 @@ class QuantizationConfig:
             raise ValueError(
                 "quant_storage=None is not supported; expected a dtype such as 'uint8' (the default)."
             )
-        set_field(self, "skip_modules", _as_patterns(self.skip_modules, "skip_modules"))
+        set_field(self, "skip_modules", as_patterns(self.skip_modules, "skip_modules"))
         if self.target_modules is not None:
-            targets = _as_patterns(self.target_modules, "target_modules")
+            targets = as_patterns(self.target_modules, "target_modules")
             if not targets:
                 raise ValueError(
                     "target_modules=[] would quantize nothing; leave it None to quantize every linear layer."

@@ -21,7 +21,7 @@ from .backend import (
     linear_shape,
     require_bitsandbytes,
 )
-from .config import QuantizationConfig
+from .config import QuantizationConfig, as_patterns
 from .layer_state import (
     STATS_8BIT,
     check_shape,
@@ -120,7 +120,7 @@ def replace_with_bnb_linear(
         load_quantized_state_dict(model, safetensors.torch.load_file("model.safetensors"), "cuda")
     """
     config = as_quantization_config(quantization_config)
-    skip = ["lm_head"] if modules_to_not_convert is None else list(modules_to_not_convert)
+    skip = _name_patterns(modules_to_not_convert)
     skip += [pattern for pattern in config.skip_modules if pattern not in skip]
     prefix = ".".join(current_key_name or ())
     replaced = 0
@@ -139,6 +139,21 @@ def replace_with_bnb_linear(
             stacklevel=2,
         )
     return model
+
+
+def _name_patterns(modules_to_not_convert: Any) -> list[str]:
+    if modules_to_not_convert is None:
+        return ["lm_head"]
+    if isinstance(modules_to_not_convert, (QuantizationConfig, Mapping)) or hasattr(
+        modules_to_not_convert, "to_dict"
+    ):
+        raise TypeError(
+            f"modules_to_not_convert got a {type(modules_to_not_convert).__name__}, which looks like a "
+            "quantization config. Pass it by name: replace_with_bnb_linear(model, quantization_config=config), "
+            "as in transformers' function of the same name."
+        )
+    # A single string is one pattern, not a list of its characters.
+    return list(as_patterns(modules_to_not_convert, "modules_to_not_convert"))
 
 
 def _resolve(module: nn.Module, tensor_name: str) -> tuple[nn.Module, str]:

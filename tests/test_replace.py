@@ -476,6 +476,7 @@ def test_replaced_layers_are_empty_frozen_and_shaped_like_the_original(arch, bit
         (None, {"lm_head"}),
         ([], set()),
         (["q_proj"], {"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"}),
+        ("down_proj", {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}),  # one pattern
         (["model.layers.1"], {f"model.layers.1.{n}" for n in ("self_attn.q_proj", "self_attn.k_proj",
          "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}),
         (["model.layers.*.mlp", "lm_head"], {"lm_head"} | {f"model.layers.{i}.mlp.{n}" for i in (0, 1)
@@ -560,6 +561,14 @@ def test_quantization_config_forms(form, bits):
 def test_quantization_config_of_another_type_is_refused():
     with pytest.raises(TypeError, match="quantization_config must be a QuantizationConfig.*got str"):
         replace_with_bnb_linear(TiedMLP(), quantization_config="nf4")
+
+
+@pytest.mark.parametrize("config", [QuantizationConfig(), {"bits": 4}], ids=["QuantizationConfig", "dict"])
+def test_a_config_passed_as_modules_to_not_convert_is_refused_by_name(config):
+    model = TiedMLP()
+    with pytest.raises(TypeError, match="looks like a quantization config. Pass it by name"):
+        replace_with_bnb_linear(model, config)
+    assert type(model.up) is nn.Linear
 
 
 def test_config_skip_and_target_modules_are_honoured():
