@@ -25,6 +25,7 @@ from .checkpoint import (
 from .config import QuantizationConfig, compute_dtype_for_precision
 from .distributed import (
     FSDP,
+    SINGLE_DEVICE,
     base_memory_for,
     check_same_base_on_all_ranks,
     check_strategy,
@@ -162,12 +163,7 @@ class BnbQuantization(Callback):
         self.check_base_on_resume = check_base_on_resume
         self.chunked_loss = chunked_loss
         self.dequantize_int8 = dequantize_int8
-        check_block_count(uncheckpointed_blocks)
-        if uncheckpointed_blocks and gradient_checkpointing is False:
-            raise ValueError(
-                f"uncheckpointed_blocks={uncheckpointed_blocks} only applies with gradient checkpointing on, "
-                "but gradient_checkpointing=False. Pass gradient_checkpointing=True, or leave uncheckpointed_blocks=0."
-            )
+        check_block_count(uncheckpointed_blocks, checkpointing=gradient_checkpointing is not False)
         self.uncheckpointed_blocks = uncheckpointed_blocks
         for name, target in (
             ("export_adapters_to", export_adapters_to),
@@ -397,12 +393,8 @@ def _default_compile(config: QuantizationConfig, strategy: Any) -> bool:
     # Measured on an H100 (benchmarks/RESULTS.md): compiled blocks train 4-bit models faster on one
     # GPU; 8-bit gained nothing and once failed checkpoint recomputation, as did a 1B-shape DDP run
     # on one GPU. On the CPU, compiling costs more than it brings for short runs.
-    from lightning.pytorch.strategies import SingleDeviceStrategy
-
     return (
-        config.bits == 4
-        and strategy.root_device.type == "cuda"
-        and isinstance(strategy, SingleDeviceStrategy)
+        config.bits == 4 and strategy.root_device.type == "cuda" and strategy_kind(strategy) == SINGLE_DEVICE
     )
 
 

@@ -191,6 +191,12 @@ def _dtype_field(value: Any) -> DTypeLike:
     return value if value is None or isinstance(value, (str, torch.dtype)) else str(value)
 
 
+def matmul_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on ``tensor`` runs in here: autocast's, where it is on for the device."""
+    device_type = tensor.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else tensor.dtype
+
+
 def compute_dtype_for_precision(precision: str | None) -> torch.dtype | None:
     """The compute dtype a Trainer precision implies: its half dtype, or ``None`` (the weights' own)."""
     precision = str(precision or "")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backend import require_bitsandbytes
+from .config import matmul_dtype
 
 # bitsandbytes stores one absmax per output row (SCB); int8 value * SCB / 127 is the weight.
 _INV_127 = 1.0 / 127.0
@@ -54,7 +55,7 @@ def dequantized_int8_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # Where the row statistics live depends on whether bitsandbytes' own forward ran yet.
     row_absmax = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
     device_type = x.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    dtype = matmul_dtype(x)
     bias = None if layer.bias is None else layer.bias.to(dtype)
     with torch.autocast(device_type, enabled=False):
         return _DequantizedInt8Linear.apply(x.to(dtype), layer.weight.data, row_absmax, bias)

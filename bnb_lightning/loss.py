@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import matmul_dtype
 from .prepare import transformers_models
 
 # Float32 logits of one chunk stay near this size (64 Mi elements = 256 MiB).
@@ -94,10 +95,7 @@ def linear_cross_entropy(
     The gradients are computed during the forward pass, one chunk at a time.
     """
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-    else:
-        dtype = hidden.dtype
+    dtype = matmul_dtype(hidden)
     hidden = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
     targets = targets.reshape(-1).to(hidden.device)
     if targets.shape[0] != hidden.shape[0]:

@@ -111,21 +111,22 @@ def checkpointable_blocks(model: nn.Module) -> list[nn.Module]:
     ]
 
 
-def check_block_count(count: Any) -> None:
+def check_block_count(count: Any, checkpointing: bool) -> None:
+    """Refuse a ``count`` that is no number of blocks, or that asks for blocks without checkpointing."""
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise ValueError(f"uncheckpointed_blocks must be an int >= 0, got {count!r}.")
-
-
-def check_uncheckpointed_blocks(model: nn.Module, count: int, checkpointing: bool) -> None:
-    """Refuse a ``count`` of blocks to leave out of checkpointing that ``model`` cannot honour."""
-    check_block_count(count)
-    if count == 0:
-        return
-    if not checkpointing:
+    if count and not checkpointing:
         raise ValueError(
             f"uncheckpointed_blocks={count} only applies with gradient checkpointing on; "
             "pass gradient_checkpointing=True, or uncheckpointed_blocks=0."
         )
+
+
+def check_uncheckpointed_blocks(model: nn.Module, count: int, checkpointing: bool) -> None:
+    """Refuse a ``count`` of blocks to leave out of checkpointing that ``model`` cannot honour."""
+    check_block_count(count, checkpointing)
+    if count == 0:
+        return
     available = len(checkpointable_blocks(model))
     if count > available:
         found = (

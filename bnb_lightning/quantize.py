@@ -95,14 +95,9 @@ def estimated_nbytes(module: nn.Module, config: QuantizationConfig) -> int:
     return (count + 1) // 2 + statistics + bias
 
 
-def _quantized_weight(
-    module: nn.Module,
-    layer: nn.Module,
-    config: QuantizationConfig,
-    device: torch.device,
-    upload: HostToDevice,
-):
+def _quantized_weight(module: nn.Module, layer: nn.Module, config: QuantizationConfig, upload: HostToDevice):
     bnb = require_bitsandbytes()
+    device = upload.device
     weight = upload(module.weight.detach())
     if type(module) is conv1d_class():
         weight = weight.T
@@ -122,19 +117,19 @@ def _quantized_weight(
     return bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)._quantize(device)
 
 
-def _convert(
-    module: nn.Module, config: QuantizationConfig, device: torch.device, upload: HostToDevice
-) -> nn.Module:
+def _convert(module: nn.Module, config: QuantizationConfig, upload: HostToDevice) -> nn.Module:
+    """A bnb layer for ``module``, its weight quantized on ``upload.device``."""
     layer = new_bnb_linear(module, config)
-    layer.weight = _quantized_weight(module, layer, config, device, upload)
+    layer.weight = _quantized_weight(module, layer, config, upload)
     if module.bias is not None:
         layer.bias = nn.Parameter(upload(module.bias.detach()), requires_grad=False)
     setattr(layer, _OWN_LAYER, True)
     return layer
 
 
-def _move_rest(model: nn.Module, device: torch.device, upload: HostToDevice) -> None:
+def _move_rest(model: nn.Module, upload: HostToDevice) -> None:
     """Move parameters and buffers that stay in full precision, keeping their objects (ties survive)."""
+    device = upload.device
     for parameter in model.parameters():
         if not is_quantized_parameter(parameter) and parameter.device != device:
             parameter.data = upload(parameter.data)
@@ -246,7 +241,7 @@ def quantize_model(
             after = estimated_nbytes(original, config)
         else:
             try:
-                layer = _convert(original, config, target, upload)
+                layer = _convert(original, config, upload)
             except Exception as error:
                 _rollback_or_explain(model, replaced, name, error, target)
             model.set_submodule(name, layer)
@@ -258,7 +253,7 @@ def quantize_model(
         report.modules.append(ModuleReport(name, type(original).__name__, CONVERTED, "", before, after))
     if not dry_run:
         if device is not None:
-            _move_rest(model, target, upload)
+            _move_rest(model, upload)
         if target.type == "cuda":
             torch.cuda.synchronize(target)  # the copies and kernels run ahead of the host
         report.seconds = time.perf_counter() - start

@@ -68,8 +68,7 @@ class HostToDevice:
 
 
 def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    flat = tensor.reshape(-1)
-    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+    return tensor.reshape(-1).view(torch.uint8)
 
 
 def _recorded_event(device: torch.device) -> torch.cuda.Event:
