@@ -7,8 +7,10 @@ batches:
 - ``bnb``: ``BnbQuantization`` (its defaults, LoRA, ``gradient_checkpointing=True``) under a Lightning
   ``Trainer(precision="bf16-true")``.
 - ``bnb_full_loss``: the same with ``chunked_loss=False`` (the model's own full-vocabulary loss).
-- ``bnb_compile``: ``bnb`` with ``compile_blocks=True`` (already the default for 4-bit on CUDA).
+- ``bnb_compile``: ``bnb`` with ``compile_blocks=True`` (already the default on one CUDA device).
 - ``bnb_llm_int8``: ``bnb`` with ``dequantize_int8=False`` (bitsandbytes' LLM.int8 matmul; 8-bit only).
+- ``bnb_bnb_dequantize``: ``bnb`` with ``fuse_4bit_dequantize=False`` (bitsandbytes' own 4-bit op in
+  the compiled blocks; 4-bit only).
 - ``bnb_paged_adamw``: ``bnb`` with bitsandbytes' ``PagedAdamW`` instead of torch's ``AdamW``.
 - ``bnb_uncheckpointed``: ``bnb`` with ``uncheckpointed_blocks=--uncheckpointed-blocks`` (the last
   blocks keep their activations instead of recomputing them).
@@ -57,6 +59,7 @@ RECIPES = (
     "bnb_full_loss",
     "bnb_compile",
     "bnb_llm_int8",
+    "bnb_bnb_dequantize",
     "bnb_paged_adamw",
     "bnb_uncheckpointed",
     "hf_prepare",
@@ -385,6 +388,12 @@ def run_bnb_llm_int8(setup: Setup, bits: int, result: Measurement) -> None:
     run_bnb(setup, bits, result, dequantize_int8=False)
 
 
+def run_bnb_bnb_dequantize(setup: Setup, bits: int, result: Measurement) -> None:
+    if bits != 4:
+        raise Skipped("4-bit only")
+    run_bnb(setup, bits, result, fuse_4bit_dequantize=False)
+
+
 def run_bnb_paged_adamw(setup: Setup, bits: int, result: Measurement) -> None:
     import bitsandbytes as bnb
 
@@ -481,6 +490,7 @@ RUNNERS: dict[str, Callable[[Setup, Any, Measurement], None]] = {
     "bnb_full_loss": run_bnb_full_loss,
     "bnb_compile": run_bnb_compile,
     "bnb_llm_int8": run_bnb_llm_int8,
+    "bnb_bnb_dequantize": run_bnb_bnb_dequantize,
     "bnb_paged_adamw": run_bnb_paged_adamw,
     "bnb_uncheckpointed": run_bnb_uncheckpointed,
     "hf_prepare": run_hf_prepare,

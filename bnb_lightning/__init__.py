@@ -4,6 +4,7 @@ from .callback import BnbQuantization
 from .config import QuantizationConfig
 from .export import export_adapters, load_adapters
 from .int8 import remove_dequantized_int8, use_dequantized_int8
+from .linear4bit import remove_fused_4bit_dequantize, use_fused_4bit_dequantize
 from .loss import linear_cross_entropy, remove_chunked_loss, use_chunked_loss
 from .merge import MergedExport, MergeToleranceError, export_merged, merged_model
 from .prepare import compile_blocks, count_parameters, inject_adapters, prepare_for_kbit_training
@@ -25,6 +26,8 @@ __all__ = [
     "compile_blocks",
     "use_dequantized_int8",
     "remove_dequantized_int8",
+    "use_fused_4bit_dequantize",
+    "remove_fused_4bit_dequantize",
     "linear_cross_entropy",
     "use_chunked_loss",
     "remove_chunked_loss",

@@ -36,6 +36,7 @@ from .distributed import (
 )
 from .export import export_adapters
 from .int8 import use_dequantized_int8
+from .linear4bit import use_fused_4bit_dequantize
 from .loss import use_chunked_loss
 from .merge import MergedExport, export_merged
 from .prepare import (
@@ -95,8 +96,8 @@ class BnbQuantization(Callback):
         merge_tolerance: largest accepted max |logits difference| for ``export_merged_to``
             (default: 5% of the largest |logit| on that batch).
         compile_blocks: ``torch.compile`` each transformer block after quantization. ``None``
-            (default): on for 4-bit on a single CUDA device, where it was measured faster; off for
-            8-bit, on CPU and under DDP or FSDP.
+            (default): on for a single CUDA device, where it was measured faster; off on CPU and
+            under DDP or FSDP.
         chunked_loss: compute a transformers causal LM's training loss chunk by chunk, without
             materializing the logits (``logits`` is ``None`` when the model is called with
             ``labels`` while training; see :func:`bnb_lightning.use_chunked_loss`). On by default;
@@ -105,6 +106,11 @@ class BnbQuantization(Callback):
             compute dtype (see :func:`bnb_lightning.use_dequantized_int8`): faster than
             bitsandbytes' LLM.int8 matmul and without its activation rounding; the stored int8
             weights are the same. ``False`` keeps the LLM.int8 matmul. No effect on 4-bit.
+        fuse_4bit_dequantize: in compiled code, 4-bit layers dequantize their weights in plain
+            torch ops that ``torch.compile`` fuses into the block's graph (same values; see
+            :func:`bnb_lightning.use_fused_4bit_dequantize`), instead of calling bitsandbytes'
+            op, whose Python dispatch makes small models host-bound. Eager forwards use
+            bitsandbytes' kernels either way. ``False`` keeps bitsandbytes' op. No effect on 8-bit.
         uncheckpointed_blocks: with gradient checkpointing on, the last this many transformer
             blocks keep their activations instead of recomputing their forward in the backward
             pass: each one saves a third of its matmul work per step and holds its activations
@@ -134,6 +140,7 @@ class BnbQuantization(Callback):
         chunked_loss: bool = True,
         dequantize_int8: bool = True,
         uncheckpointed_blocks: int = 0,
+        fuse_4bit_dequantize: bool = True,
     ) -> None:
         self.config = as_quantization_config(config)
         if peft_config is not None and not isinstance(peft_config, PeftConfig):
@@ -153,6 +160,7 @@ class BnbQuantization(Callback):
             ("check_base_on_resume", check_base_on_resume),
             ("chunked_loss", chunked_loss),
             ("dequantize_int8", dequantize_int8),
+            ("fuse_4bit_dequantize", fuse_4bit_dequantize),
         ):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}.")
@@ -163,6 +171,7 @@ class BnbQuantization(Callback):
         self.check_base_on_resume = check_base_on_resume
         self.chunked_loss = chunked_loss
         self.dequantize_int8 = dequantize_int8
+        self.fuse_4bit_dequantize = fuse_4bit_dequantize
         check_block_count(uncheckpointed_blocks, checkpointing=gradient_checkpointing is not False)
         self.uncheckpointed_blocks = uncheckpointed_blocks
         for name, target in (
@@ -305,9 +314,9 @@ class BnbQuantization(Callback):
         trainable = {name for name, p in pl_module.named_parameters() if p.requires_grad}
         self._restored_trainables = {name: state[name] for name in trainable if name in state}
 
-    def _should_compile(self, config: QuantizationConfig, trainer: pl.Trainer) -> bool:
+    def _should_compile(self, trainer: pl.Trainer) -> bool:
         if self.compile_blocks is None:
-            return _default_compile(config, trainer.strategy)
+            return _default_compile(trainer.strategy)
         return self.compile_blocks
 
     def _config_for(self, trainer: pl.Trainer) -> QuantizationConfig:
@@ -369,10 +378,12 @@ class BnbQuantization(Callback):
         self._fingerprint = base_fingerprint(pl_module, self._frozen_keys)
         if config.bits == 8 and self.dequantize_int8 and use_dequantized_int8(pl_module):
             rank_zero_info("bnb_lightning: 8-bit layers train through their dequantized weights.")
+        if config.bits == 4 and self.fuse_4bit_dequantize:
+            use_fused_4bit_dequantize(pl_module)
         if self.chunked_loss and use_chunked_loss(pl_module):
             # Before compiling: the check runs one short forward of each model.
             rank_zero_info("bnb_lightning: the causal-LM loss is computed in chunks, without full logits.")
-        if self._should_compile(config, trainer):
+        if self._should_compile(trainer):
             rank_zero_info(
                 f"bnb_lightning: compiled {compile_blocks(pl_module)} transformer blocks with torch.compile."
             )
@@ -389,13 +400,11 @@ class BnbQuantization(Callback):
         rank_zero_info(f"bnb_lightning: {count_parameters(pl_module)}")
 
 
-def _default_compile(config: QuantizationConfig, strategy: Any) -> bool:
-    # Measured on an H100 (benchmarks/RESULTS.md): compiled blocks train 4-bit models faster on one
-    # GPU; 8-bit gained nothing and once failed checkpoint recomputation, as did a 1B-shape DDP run
-    # on one GPU. On the CPU, compiling costs more than it brings for short runs.
-    return (
-        config.bits == 4 and strategy.root_device.type == "cuda" and strategy_kind(strategy) == SINGLE_DEVICE
-    )
+def _default_compile(strategy: Any) -> bool:
+    # Measured on an H100 (benchmarks/RESULTS.md): compiled blocks train 4-bit and 8-bit models
+    # faster on one GPU. A 1B-shape DDP run on one GPU once failed checkpoint recomputation. On the
+    # CPU, compiling costs more than it brings for short runs.
+    return strategy.root_device.type == "cuda" and strategy_kind(strategy) == SINGLE_DEVICE
 
 
 def _has_linear_layers(module: nn.Module) -> bool:

@@ -10,13 +10,11 @@ activation quantization). The stored int8 weights, their statistics and the stat
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backend import require_bitsandbytes
+from .backend import find_layer_subclass, remove_layer_subclass, require_bitsandbytes, use_layer_subclass
 from .config import matmul_dtype
 
 # bitsandbytes stores one absmax per output row (SCB); int8 value * SCB / 127 is the weight.
@@ -50,45 +48,37 @@ class _DequantizedInt8Linear(torch.autograd.Function):
         return grad_x, None, None, grad_bias
 
 
-def dequantized_int8_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Forward of a ``bnb.nn.Linear8bitLt`` (``has_fp16_weights=False``) by a dequantized matmul."""
-    # Where the row statistics live depends on whether bitsandbytes' own forward ran yet.
-    row_absmax = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
-    device_type = x.device.type
-    dtype = matmul_dtype(x)
-    bias = None if layer.bias is None else layer.bias.to(dtype)
-    with torch.autocast(device_type, enabled=False):
-        return _DequantizedInt8Linear.apply(x.to(dtype), layer.weight.data, row_absmax, bias)
+class Dequantized:
+    """Mixin for ``bnb.nn.Linear8bitLt`` (``has_fp16_weights=False``): multiply by the dequantized weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Where the row statistics live depends on whether bitsandbytes' own forward ran yet.
+        row_absmax = self.weight.SCB if self.weight.SCB is not None else self.state.SCB
+        dtype = matmul_dtype(x)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return _DequantizedInt8Linear.apply(x.to(dtype), self.weight.data, row_absmax, bias)
 
 
-def _is_dequantized(module: nn.Module) -> bool:
-    forward = vars(module).get("forward")
-    return isinstance(forward, functools.partial) and forward.func is dequantized_int8_forward
+def __getattr__(name: str) -> type:
+    return find_layer_subclass(Dequantized, name)
 
 
 def use_dequantized_int8(model: nn.Module) -> int:
     """Make every 8-bit layer of ``model`` multiply by its dequantized weight; returns how many.
 
-    Layers that keep float weights (``has_fp16_weights=True``) are left alone. Undo with
-    :func:`remove_dequantized_int8`.
+    Each ``bnb.nn.Linear8bitLt`` becomes a ``DequantizedLinear8bitLt`` (a subclass: same parameters
+    and state dict). Layers that keep float weights (``has_fp16_weights=True``) are left alone.
+    Undo with :func:`remove_dequantized_int8`.
     """
-    bnb = require_bitsandbytes()
-    changed = 0
-    for module in model.modules():
-        if not isinstance(module, bnb.nn.Linear8bitLt) or module.state.has_fp16_weights:
-            continue
-        if _is_dequantized(module):
-            changed += 1
-        elif "forward" not in vars(module):  # else someone else's (e.g. accelerate's hooks): left in place
-            # An instance attribute (a partial, so copies and pickles follow the module), not a
-            # class change; `remove_dequantized_int8` deletes it.
-            module.forward = functools.partial(dequantized_int8_forward, module)
-            changed += 1
-    return changed
+    return use_layer_subclass(
+        model,
+        require_bitsandbytes().nn.Linear8bitLt,
+        Dequantized,
+        lambda module: not module.state.has_fp16_weights,
+    )
 
 
 def remove_dequantized_int8(model: nn.Module) -> None:
     """Undo :func:`use_dequantized_int8`: 8-bit layers use bitsandbytes' LLM.int8 matmul again."""
-    for module in model.modules():
-        if _is_dequantized(module):
-            del module.forward
+    remove_layer_subclass(model, Dequantized)

@@ -320,6 +320,11 @@ def _remember_unpacked_state(layer: nn.Module, args: tuple) -> None:
     :func:`_restore_unpacked_weight` undo the repacking exactly. While packed, this holds the original
     scales: 1/8 of the packed weight bytes (1/32 with double quantization).
     """
+    x = args[0] if args else None
+    # bitsandbytes repacks only on this forward (its own test); anything else leaves the state alone,
+    # so training forwards (compiled ones too) change nothing here.
+    if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or layer.training or x.requires_grad:
+        return
     quant_state = getattr(layer.weight, "quant_state", None)
     if quant_state is not None and not getattr(quant_state, "packing_format_for_cpu", False):
         fields = ("absmax", "dtype", "nested", "offset", "state2")

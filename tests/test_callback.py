@@ -14,6 +14,7 @@ from peft import LoraConfig
 from torch.utils.data import DataLoader
 
 from bnb_lightning import BnbQuantization, QuantizationConfig
+from bnb_lightning.backend import is_bnb_linear
 
 BNB_LAYERS = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
 
@@ -300,6 +301,7 @@ def test_refuses_float_storage_the_precision_would_cast(tmp_path):
         ({"upcast_to_float32": 1}, "upcast_to_float32 must be True or False"),
         ({"chunked_loss": "auto"}, "chunked_loss must be True or False"),
         ({"dequantize_int8": None}, "dequantize_int8 must be True or False"),
+        ({"fuse_4bit_dequantize": "yes"}, "fuse_4bit_dequantize must be True or False"),
         ({"uncheckpointed_blocks": 1.5}, "uncheckpointed_blocks must be an int >= 0"),
         (
             {"uncheckpointed_blocks": 2, "gradient_checkpointing": False},
@@ -311,6 +313,20 @@ def test_refuses_float_storage_the_precision_would_cast(tmp_path):
 def test_bad_arguments_fail_at_construction(kwargs, message):
     with pytest.raises((TypeError, ValueError), match=message):
         BnbQuantization(**kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cuda_defaults_compile_checkpointed_blocks(tmp_path, bits):
+    module = CausalLM(layers=3)
+    callback = BnbQuantization(QuantizationConfig(bits=bits), peft_config=lora(), gradient_checkpointing=True)
+    trainer(tmp_path, [callback], accelerator="cuda", precision="bf16-true").fit(module, batches())
+    # One compiled graph per block class serves all blocks, through forward and recomputation.
+    assert all(layer._compiled_call_impl is not None for layer in module.model.model.layers)
+    names = {type(m).__name__ for m in module.modules() if is_bnb_linear(m)}
+    assert names == {"FusedLinear4bit" if bits == 4 else "DequantizedLinear8bitLt"}
+    assert module.losses[-1] < module.losses[0] - 0.5, module.losses
 
 
 @pytest.mark.gpu
@@ -368,5 +384,22 @@ def test_dequantize_int8_switch(tmp_path, dequantize_int8):
     layers = [m for m in module.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
     # Default on: each 8-bit layer's forward is the dequantized matmul; off: bitsandbytes' own.
     assert len(layers) == 14
-    assert all(("forward" in vars(layer)) is dequantize_int8 for layer in layers)
+    expected = "DequantizedLinear8bitLt" if dequantize_int8 else "Linear8bitLt"
+    assert {type(layer).__name__ for layer in layers} == {expected}
     assert module.losses[-1] < module.losses[0] - 0.5, module.losses
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("fuse_4bit_dequantize", [True, False])
+def test_fuse_4bit_dequantize_switch(tmp_path, bits, fuse_4bit_dequantize):
+    module = CausalLM()
+    callback = BnbQuantization(
+        QuantizationConfig(bits=bits), peft_config=lora(), fuse_4bit_dequantize=fuse_4bit_dequantize
+    )
+    trainer(tmp_path, [callback], max_steps=2).fit(module, batches())
+    names = {type(m).__name__ for m in module.modules() if is_bnb_linear(m)}
+    # Default on for 4-bit: the layers dequantize in traceable ops once compiled; off, or 8-bit: unchanged.
+    fused = bits == 4 and fuse_4bit_dequantize
+    assert names == (
+        {"FusedLinear4bit"} if fused else {"Linear4bit" if bits == 4 else "DequantizedLinear8bitLt"}
+    )

@@ -109,3 +109,48 @@ def test_quantizing_from_the_cpu_matches_quantizing_on_the_device(bits):
     for key, value in expected.items():
         # bitsandbytes keeps some 8-bit state (weight_format) on the CPU either way.
         assert got[key].device == value.device and torch.equal(got[key], value), key
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape", [(4096, 1024), (96, 200), (130, 70)])
+def test_fused_dequantization_equals_bitsandbytes_kernel(quant_type, double_quant, shape):
+    import bitsandbytes.functional as BF
+
+    from bnb_lightning.linear4bit import dequantize_4bit
+
+    torch.manual_seed(0)
+    weight = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
+    packed, state = BF.quantize_4bit(weight, quant_type=quant_type, compress_statistics=double_quant)
+    expected = BF.dequantize_4bit(packed, state).to(torch.bfloat16)
+    assert torch.equal(dequantize_4bit(packed, state, torch.bfloat16), expected)
+    compiled = torch.compile(dequantize_4bit)(packed, state, torch.bfloat16)
+    # A compiled kernel may contract the double-quantized scale's multiply-add: one float32 rounding.
+    torch.testing.assert_close(compiled, expected, rtol=2**-7, atol=0)
+    if not double_quant:
+        assert torch.equal(compiled, expected)
+
+
+def test_compiled_blocks_with_fused_dequantization_match_bitsandbytes_op():
+    from bnb_lightning.linear4bit import remove_fused_4bit_dequantize, use_fused_4bit_dequantize
+
+    model = llama_on_cpu(hidden=512, layers=2)
+    quantize_model(model, QuantizationConfig(bits=4, compute_dtype=torch.bfloat16), device="cuda")
+    tokens = torch.randint(0, 32000, (2, 2048), device="cuda")
+
+    def loss_and_input_grad():
+        embeddings = model.model.embed_tokens(tokens).detach().requires_grad_()
+        loss = model(inputs_embeds=embeddings, labels=tokens).loss
+        loss.backward()
+        return loss.detach(), embeddings.grad
+
+    for layer in model.model.layers:
+        layer.compile()
+    expected = loss_and_input_grad()
+    torch._dynamo.reset()
+    assert use_fused_4bit_dequantize(model) == 14
+    actual = loss_and_input_grad()
+    remove_fused_4bit_dequantize(model)
+    torch.testing.assert_close(actual[0], expected[0], rtol=1e-3, atol=0)
+    # The same weights; the graphs around them fuse differently, so bfloat16 rounding differs.
+    torch.testing.assert_close(actual[1], expected[1], rtol=0.05, atol=0.01 * expected[1].abs().max().item())

@@ -1,0 +1,132 @@
+"""Training matmul for 4-bit layers inside compiled blocks: dequantize in torch ops the compiler fuses.
+
+bitsandbytes runs a 4-bit training matmul (more than 1,536 rows) as its ``gemm_4bit`` op:
+dequantize the weight, then ``F.linear``. Inside a ``torch.compile``'d block that op stays opaque,
+and each call pays its Python dispatch on the host, about 0.3 ms on an H100 host; a 1B model makes
+hundreds of such calls a step and trains host-bound. Written as plain torch ops (a 16-entry table
+lookup and a per-block scale), the same dequantization becomes one generated kernel in the block's
+graph. The values are bitsandbytes' own: ``code[q] * absmax`` in float32, rounded once to the
+compute dtype. Outside compiled code the layer runs bitsandbytes' forward unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backend import find_layer_subclass, remove_layer_subclass, require_bitsandbytes, use_layer_subclass
+from .config import matmul_dtype
+
+
+def _blockwise_scale(values: torch.Tensor, absmax: torch.Tensor, blocksize: int, numel: int) -> torch.Tensor:
+    """``values[i] * absmax[i // blocksize]`` for the first ``numel`` values (the last block may be short)."""
+    padded = absmax.numel() * blocksize
+    values = values[:numel]
+    if padded != numel:
+        values = F.pad(values, (0, padded - numel))
+    return (values.view(-1, blocksize) * absmax.view(-1, 1)).view(-1)[:numel]
+
+
+def _float_absmax(absmax, code2, absmax2, offset, blocksize2: int) -> torch.Tensor:
+    """The per-block float32 scales; with double quantization (``code2`` given), decoded from 8 bits."""
+    if code2 is None:
+        return absmax.float()
+    return _blockwise_scale(code2[absmax.long()], absmax2, blocksize2, absmax.numel()) + offset
+
+
+def _dequantize(packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, shape, dtype):
+    rows, cols = shape
+    nibbles = packed.view(torch.uint8).view(-1)
+    # bitsandbytes packs two 4-bit indices a byte, the first one in the high nibble.
+    indices = torch.stack((nibbles >> 4, nibbles & 0xF), dim=-1).view(-1)
+    scales = _float_absmax(absmax, code2, absmax2, offset, blocksize2)
+    values = _blockwise_scale(code[indices.long()], scales, blocksize, rows * cols)
+    return values.view(rows, cols).to(dtype)
+
+
+def _state_args(quant_state) -> tuple:
+    """The quant state as the tensors and numbers :func:`_dequantize` takes after ``packed``."""
+    if quant_state.nested:
+        state2 = quant_state.state2
+        nested = (state2.code, state2.absmax, quant_state.offset, state2.blocksize)
+    else:
+        nested = (None, None, None, 0)
+    code2, absmax2, offset, blocksize2 = nested
+    shape = tuple(quant_state.shape)
+    return (
+        quant_state.absmax,
+        quant_state.code,
+        code2,
+        absmax2,
+        offset,
+        quant_state.blocksize,
+        blocksize2,
+        shape,
+    )
+
+
+def dequantize_4bit(packed: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
+    """A ``Linear4bit`` weight as a ``dtype`` matrix, equal to bitsandbytes' ``dequantize_4bit``.
+
+    Plain torch ops, so ``torch.compile`` can fuse them into one kernel.
+    """
+    return _dequantize(packed, *_state_args(quant_state), dtype)
+
+
+class _Dequantized4bitLinear(torch.autograd.Function):
+    """``F.linear(x, dequantize(weight), bias)`` saving only the packed weight for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, bias, packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, shape):
+        ctx.save_for_backward(packed, absmax, code, code2, absmax2, offset)
+        ctx.sizes = (blocksize, blocksize2, shape)
+        ctx.bias_needs_grad = bias is not None and bias.requires_grad
+        weight = _dequantize(
+            packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, shape, x.dtype
+        )
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        weight = _dequantize(*ctx.saved_tensors, *ctx.sizes, grad_output.dtype)
+        grad_x = grad_output @ weight
+        grad_bias = grad_output.flatten(0, -2).sum(0) if ctx.bias_needs_grad else None
+        return (grad_x, grad_bias) + (None,) * 9
+
+
+class Fused:
+    """Mixin for ``bnb.nn.Linear4bit``: under ``torch.compile``, dequantize in traceable torch ops."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        quant_state = self.weight.quant_state
+        # Eager code keeps bitsandbytes' kernels; so does a parameter whose state a wrapper dropped
+        # (bitsandbytes' forward restores it from the layer).
+        if not torch.compiler.is_compiling() or quant_state is None:
+            return super().forward(x)
+        inp_dtype = x.dtype
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        dtype = matmul_dtype(x)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            out = _Dequantized4bitLinear.apply(x.to(dtype), bias, self.weight.data, *_state_args(quant_state))
+        return out.to(inp_dtype)
+
+
+def __getattr__(name: str) -> type:
+    return find_layer_subclass(Fused, name)
+
+
+def use_fused_4bit_dequantize(model: nn.Module) -> int:
+    """Make every 4-bit layer of ``model`` dequantize in traceable torch ops when compiled; returns how many.
+
+    Each ``bnb.nn.Linear4bit`` becomes a ``FusedLinear4bit`` (a subclass: same parameters, state
+    dict and eager forward). Undo with :func:`remove_fused_4bit_dequantize`.
+    """
+    return use_layer_subclass(model, require_bitsandbytes().nn.Linear4bit, Fused, lambda module: True)
+
+
+def remove_fused_4bit_dequantize(model: nn.Module) -> None:
+    """Undo :func:`use_fused_4bit_dequantize`: 4-bit layers call bitsandbytes' op when compiled too."""
+    remove_layer_subclass(model, Fused)

@@ -1,0 +1,143 @@
+"""4-bit layers in compiled blocks: bitsandbytes' dequantization written as ops torch.compile fuses."""
+
+from __future__ import annotations
+
+import copy
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as BF
+import pytest
+import torch
+from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+from bitsandbytes.backends.utils import _get_4bit_code
+from conftest import tiny_llama
+from peft import LoraConfig
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from bnb_lightning import (
+    QuantizationConfig,
+    inject_adapters,
+    prepare_for_kbit_training,
+    quantize_model,
+    remove_fused_4bit_dequantize,
+    use_fused_4bit_dequantize,
+)
+from bnb_lightning.linear4bit import dequantize_4bit
+
+
+def four_bit_layers(model):
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def quantized_llama(double_quant=True, quant_type="nf4", layers=2):
+    model = tiny_llama(tie=False, dtype=torch.bfloat16, layers=layers)
+    config = QuantizationConfig(
+        double_quant=double_quant, quant_type=quant_type, compute_dtype=torch.bfloat16
+    )
+    quantize_model(model, config)
+    return model
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape", [(128, 192), (96, 200), (33, 70)])
+def test_dequantization_equals_bitsandbytes(quant_type, double_quant, shape):
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    packed, state = BF.quantize_4bit(weight, quant_type=quant_type, compress_statistics=double_quant)
+    absmax = state.absmax
+    if double_quant:
+        absmax = BF.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    # bitsandbytes' reference implementation; its CPU kernel agrees where rows are whole blocks
+    # (in bitsandbytes 0.50.2 it misplaces the scales of rows that are not).
+    code = _get_4bit_code(quant_type, packed.device)
+    expected = _dequantize_4bit_compute(packed.view(-1), absmax, code, 64, shape, torch.bfloat16)
+    assert torch.equal(dequantize_4bit(packed, state, torch.bfloat16), expected)
+    if shape[1] % 64 == 0:
+        assert torch.equal(BF.dequantize_4bit(packed, state), expected)
+
+
+def test_eager_forward_is_bitsandbytes_own():
+    model = quantized_llama()
+    layer = four_bit_layers(model)[0]
+    x = torch.randn(2, 3, layer.in_features, dtype=torch.bfloat16)
+    expected = layer(x)
+    assert use_fused_4bit_dequantize(model) == 14
+    assert type(layer).__name__ == "FusedLinear4bit"
+    assert torch.equal(layer(x), expected)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_compiled_forward_and_backward_match_bitsandbytes(quant_type, double_quant):
+    model = quantized_llama(double_quant, quant_type)
+    layer = four_bit_layers(model)[0]
+    weight = BF.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16)
+    use_fused_4bit_dequantize(model)
+    x = torch.randn(4, 5, layer.in_features, dtype=torch.bfloat16, requires_grad=True)
+    counter = CompileCounterWithBackend("aot_eager")
+
+    out = torch.compile(layer, backend=counter, fullgraph=True)(x)
+    out.float().square().sum().backward()
+
+    reference_x = x.detach().clone().requires_grad_()
+    reference = torch.nn.functional.linear(reference_x, weight)
+    reference.float().square().sum().backward()
+    assert counter.frame_count == 1
+    assert torch.equal(out, reference)
+    torch.testing.assert_close(x.grad, reference_x.grad)
+
+
+def test_compiled_lora_blocks_train_like_bitsandbytes_with_one_graph():
+    def loss_and_grads(fused: bool):
+        model = quantized_llama(layers=3)
+        prepare_for_kbit_training(model, gradient_checkpointing=True)
+        inject_adapters(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+        if fused:
+            use_fused_4bit_dequantize(model)
+        counter = CompileCounterWithBackend("aot_eager")
+        for block in model.model.layers:
+            block.compile(backend=counter)
+        model.train()
+        tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+        loss = model(tokens, labels=tokens).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), grads, counter.frame_count
+
+    torch._dynamo.reset()
+    expected_loss, expected_grads, _ = loss_and_grads(fused=False)
+    torch._dynamo.reset()
+    loss, grads, graphs = loss_and_grads(fused=True)
+    # One graph serves every block: the compiler guards on the layer class, the same in each block.
+    assert graphs == 1
+    torch.testing.assert_close(loss, expected_loss)
+    assert grads.keys() == expected_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected_grads[name], rtol=0.02, atol=1e-3, msg=name)
+
+
+def test_state_dict_copies_pickles_and_removal(tmp_path):
+    model = quantized_llama()
+    before = model.state_dict()
+    tokens = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        expected = model(tokens).logits
+    use_fused_4bit_dequantize(model)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    torch.save(model, tmp_path / "model.pt")
+    for copied in (copy.deepcopy(model), torch.load(tmp_path / "model.pt", weights_only=False)):
+        assert {type(layer).__name__ for layer in four_bit_layers(copied)} == {"FusedLinear4bit"}
+        with torch.no_grad():
+            assert torch.equal(copied(tokens).logits, expected)
+
+    remove_fused_4bit_dequantize(model)
+    assert all(type(layer) is bnb.nn.Linear4bit for layer in four_bit_layers(model))
+
+
+def test_a_forward_replaced_by_someone_else_is_left_alone():
+    model = quantized_llama()
+    layer = four_bit_layers(model)[0]
+    layer.forward = layer.forward  # e.g. accelerate's hooks
+    assert use_fused_4bit_dequantize(model) == 13
+    assert type(layer) is bnb.nn.Linear4bit
