@@ -37,9 +37,11 @@ def _float_absmax(absmax, code2, absmax2, offset, blocksize2: int) -> torch.Tens
 
 def _dequantize(packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, shape, dtype):
     rows, cols = shape
-    nibbles = packed.view(torch.uint8).view(-1)
-    # bitsandbytes packs two 4-bit indices a byte, the first one in the high nibble.
-    indices = torch.stack((nibbles >> 4, nibbles & 0xF), dim=-1).view(-1)
+    packed_bytes = packed.view(torch.uint8).view(-1, 1)
+    # bitsandbytes packs two 4-bit indices a byte, the first one in the high nibble. A broadcast
+    # shift (not a stack) so the compiler fuses the unpacking into the kernel that writes the weight.
+    shifts = torch.arange(4, -1, -4, dtype=torch.uint8, device=packed.device)
+    indices = ((packed_bytes >> shifts) & 0xF).view(-1)
     scales = _float_absmax(absmax, code2, absmax2, offset, blocksize2)
     values = _blockwise_scale(code[indices.long()], scales, blocksize, rows * cols)
     return values.view(rows, cols).to(dtype)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as BF
@@ -13,6 +14,7 @@ from bitsandbytes.backends.utils import _get_4bit_code
 from conftest import tiny_llama
 from peft import LoraConfig
 from torch._dynamo.testing import CompileCounterWithBackend
+from torch._inductor.utils import run_and_get_code
 
 from bnb_lightning import (
     QuantizationConfig,
@@ -54,6 +56,20 @@ def test_dequantization_equals_bitsandbytes(quant_type, double_quant, shape):
     assert torch.equal(dequantize_4bit(packed, state, torch.bfloat16), expected)
     if shape[1] % 64 == 0:
         assert torch.equal(BF.dequantize_4bit(packed, state), expected)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape", [(128, 192), (33, 70)])
+def test_compiled_dequantization_is_one_kernel_writing_only_the_weight(double_quant, shape):
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    packed, state = BF.quantize_4bit(weight, compress_statistics=double_quant)
+    torch._dynamo.reset()
+    out, (code, *_) = run_and_get_code(torch.compile(dequantize_4bit), packed, state, torch.bfloat16)
+    call = code[code.index("def call(") :]
+    # No unpacked indices or float32 scales in memory: only the bfloat16 weight is allocated.
+    assert re.findall(r"= empty_strided_\w+\(\(([\d, ]+)\)", call) == [f"{shape[0]}, {shape[1]}"]
+    assert len(re.findall(r"cpp_fused_\w+\(", call)) == 1
+    assert torch.equal(out, dequantize_4bit(packed, state, torch.bfloat16))
 
 
 def test_eager_forward_is_bitsandbytes_own():
