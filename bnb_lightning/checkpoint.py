@@ -26,6 +26,7 @@ RECORD_VERSION = 1
 # Fingerprints read the bytes as rows of _PERIOD, _CHUNK_ROWS rows at a time.
 _PERIOD = 65521  # the largest prime below 2**16
 _CHUNK_ROWS = 16  # rows of _PERIOD bytes per step: 4 MiB as float32
+_SMALL_BATCH_BYTES = 2**18  # tensors under _PERIOD bytes are summed together, this many bytes at a time
 
 
 def frozen_state_keys(module: nn.Module, keys: Iterable[str] | None = None) -> set[str]:
@@ -90,6 +91,33 @@ def _checksums(tensor: torch.Tensor, positions: torch.Tensor | None = None) -> t
     return torch.stack((columns.sum(), (columns * positions).sum()))
 
 
+def _small_checksums(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """:func:`_checksums` of tensors under ``_PERIOD`` bytes each, on one device: a ``(len, 2)`` tensor.
+
+    A model has hundreds of such tensors (norms, 4-bit statistics); summing them side by side in a
+    few kernels, instead of a few each, keeps the fingerprint from costing seconds of launches.
+    """
+    datas = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+    device = datas[0].device
+    sums = torch.zeros(len(datas), 2, dtype=torch.int64, device=device)
+    start = 0
+    while start < len(datas):
+        end, size = start, 0
+        while end < len(datas) and (end == start or size + datas[end].numel() <= _SMALL_BATCH_BYTES):
+            size += datas[end].numel()
+            end += 1
+        sizes = torch.tensor([d.numel() for d in datas[start:end]], device=device)
+        data = torch.cat(datas[start:end]).to(torch.int64)
+        owner = torch.repeat_interleave(torch.arange(start, end, device=device), sizes, output_size=size)
+        # Each tensor is shorter than _PERIOD, so its byte positions (1-based) are the weights.
+        firsts = torch.cumsum(sizes, 0) - sizes
+        positions = torch.arange(1, size + 1, device=device) - firsts[owner - start]
+        sums[:, 0].index_add_(0, owner, data)
+        sums[:, 1].index_add_(0, owner, data * positions)
+        start = end
+    return sums
+
+
 def base_fingerprint(module: nn.Module, frozen_keys: Iterable[str] | None = None) -> str:
     """A short hash of the frozen base (quantized bytes, statistics, frozen full-precision weights).
 
@@ -101,14 +129,24 @@ def base_fingerprint(module: nn.Module, frozen_keys: Iterable[str] | None = None
     state = module.state_dict()
     keys = sorted(frozen_state_keys(module) if frozen_keys is None else frozen_keys)
     positions: dict[torch.device, torch.Tensor] = {}
-    sums = []
-    for key in keys:
-        device = state[key].device
+    small: dict[torch.device, list[int]] = {}
+    sums: list[torch.Tensor | None] = []
+    for index, key in enumerate(keys):
+        tensor = state[key]
+        device = tensor.device
+        if tensor.numel() * tensor.element_size() < _PERIOD:
+            small.setdefault(device, []).append(index)
+            sums.append(None)
+            continue
         if device not in positions:
             positions[device] = torch.arange(1, _PERIOD + 1, dtype=torch.int64, device=device)
-        sums.append(_checksums(state[key], positions[device]))
+        sums.append(_checksums(tensor, positions[device]))
+    for indices in small.values():
+        for index, pair in zip(indices, _small_checksums([state[keys[i]] for i in indices]), strict=True):
+            sums[index] = pair
     # One transfer when every tensor is on one device.
-    values = torch.stack(sums).tolist() if len(positions) == 1 else [pair.tolist() for pair in sums]
+    one_device = len({state[key].device for key in keys}) == 1
+    values = torch.stack(sums).tolist() if one_device else [pair.tolist() for pair in sums]
     digest = hashlib.sha256()
     for key, (total, weighted) in zip(keys, values, strict=True):
         tensor = state[key]

@@ -283,3 +283,15 @@ def test_base_checksums_are_exact_across_chunks():
     assert _checksums(data).tolist() == [int(as_int.sum()), int((as_int * positions).sum())]
     weights = torch.randn(1000, 3, dtype=torch.bfloat16)
     assert torch.equal(_checksums(weights), _checksums(weights.view(torch.uint8)))
+
+
+def test_small_tensors_summed_together_give_each_ones_checksums():
+    from bnb_lightning.checkpoint import _PERIOD, _SMALL_BATCH_BYTES, _checksums, _small_checksums
+
+    generator = torch.Generator().manual_seed(0)
+    sizes = [0, 1, 7, 4096, _PERIOD - 1, 3] + [60_000] * 9 + [64]
+    tensors = [torch.randint(0, 256, (size,), dtype=torch.uint8, generator=generator) for size in sizes]
+    tensors += [torch.randn(100, 7, dtype=torch.bfloat16), torch.randn(5, 3).t(), torch.tensor(2.5)]
+    # Several batches; empty, non-contiguous and 0-d tensors.
+    assert sum(sizes) > 2 * _SMALL_BATCH_BYTES
+    assert torch.equal(_small_checksums(tensors), torch.stack([_checksums(t) for t in tensors]))
