@@ -138,7 +138,7 @@ def find_layer_subclass(mixin: type, name: str) -> type:
     base = None
     if name.startswith(mixin.__name__):
         base = getattr(require_bitsandbytes().nn, name.removeprefix(mixin.__name__), None)
-    if not isinstance(base, type):
+    if not (isinstance(base, type) and issubclass(base, nn.Module)):
         raise AttributeError(f"module {mixin.__module__!r} has no attribute {name!r}")
     return layer_subclass(mixin, base)
 
