@@ -11,7 +11,7 @@ import pytest
 import torch
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 from bitsandbytes.backends.utils import _get_4bit_code
-from conftest import tiny_llama
+from conftest import tiny_gpt2, tiny_llama, tiny_opt
 from peft import LoraConfig
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._inductor.utils import run_and_get_code
@@ -103,15 +103,30 @@ def test_compiled_forward_and_backward_match_bitsandbytes(quant_type, double_qua
     torch.testing.assert_close(x.grad, reference_x.grad)
 
 
-def test_compiled_lora_blocks_train_like_bitsandbytes_with_one_graph():
+@pytest.mark.parametrize(
+    "make, quant_storage",
+    [
+        (lambda: tiny_llama(tie=False, dtype=torch.bfloat16, layers=3), "uint8"),
+        # FSDP's storage: the packed bytes live in a bfloat16 tensor.
+        (lambda: tiny_llama(tie=False, dtype=torch.bfloat16, layers=3), "bfloat16"),
+        # Biases, and GPT-2's Conv1D layers (transposed weights) replaced by Linear4bit.
+        (lambda: tiny_gpt2(dtype=torch.bfloat16), "uint8"),
+        (lambda: tiny_opt(dtype=torch.bfloat16), "uint8"),
+    ],
+    ids=["llama", "llama-bf16-storage", "gpt2", "opt"],
+)
+def test_compiled_lora_blocks_train_like_bitsandbytes_with_one_graph(make, quant_storage):
+    config = QuantizationConfig(quant_storage=quant_storage, compute_dtype=torch.bfloat16)
+
     def loss_and_grads(fused: bool):
-        model = quantized_llama(layers=3)
+        model = make()
+        quantize_model(model, config)
         prepare_for_kbit_training(model, gradient_checkpointing=True)
         inject_adapters(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
         if fused:
             use_fused_4bit_dequantize(model)
         counter = CompileCounterWithBackend("aot_eager")
-        for block in model.model.layers:
+        for block in blocks(model):
             block.compile(backend=counter)
         model.train()
         tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -130,6 +145,11 @@ def test_compiled_lora_blocks_train_like_bitsandbytes_with_one_graph():
     assert grads.keys() == expected_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], expected_grads[name], rtol=0.02, atol=1e-3, msg=name)
+
+
+def blocks(model):
+    names = set(model._no_split_modules)
+    return [module for module in model.modules() if type(module).__name__ in names]
 
 
 def test_state_dict_copies_pickles_and_removal(tmp_path):
