@@ -96,8 +96,8 @@ class BnbQuantization(Callback):
         merge_tolerance: largest accepted max |logits difference| for ``export_merged_to``
             (default: 5% of the largest |logit| on that batch).
         compile_blocks: ``torch.compile`` each transformer block after quantization. ``None``
-            (default): on for a single CUDA device, where it was measured faster; off on CPU and
-            under DDP or FSDP.
+            (default): on for a single CUDA device, where it was measured faster; off on CPU,
+            under DDP or FSDP, and for 8-bit with ``dequantize_int8=False``.
         chunked_loss: compute a transformers causal LM's training loss chunk by chunk, without
             materializing the logits (``logits`` is ``None`` when the model is called with
             ``labels`` while training; see :func:`bnb_lightning.use_chunked_loss`). On by default;
@@ -314,9 +314,10 @@ class BnbQuantization(Callback):
         trainable = {name for name, p in pl_module.named_parameters() if p.requires_grad}
         self._restored_trainables = {name: state[name] for name in trainable if name in state}
 
-    def _should_compile(self, trainer: pl.Trainer) -> bool:
+    def _should_compile(self, config: QuantizationConfig, trainer: pl.Trainer) -> bool:
         if self.compile_blocks is None:
-            return _default_compile(trainer.strategy)
+            # 8-bit blocks were measured compiled with the dequantized matmul only, not LLM.int8's.
+            return _default_compile(trainer.strategy) and (config.bits == 4 or self.dequantize_int8)
         return self.compile_blocks
 
     def _config_for(self, trainer: pl.Trainer) -> QuantizationConfig:
@@ -383,7 +384,7 @@ class BnbQuantization(Callback):
         if self.chunked_loss and use_chunked_loss(pl_module):
             # Before compiling: the check runs one short forward of each model.
             rank_zero_info("bnb_lightning: the causal-LM loss is computed in chunks, without full logits.")
-        if self._should_compile(trainer):
+        if self._should_compile(config, trainer):
             rank_zero_info(
                 f"bnb_lightning: compiled {compile_blocks(pl_module)} transformer blocks with torch.compile."
             )

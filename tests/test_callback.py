@@ -317,15 +317,23 @@ def test_bad_arguments_fail_at_construction(kwargs, message):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("bits", [4, 8])
-def test_cuda_defaults_compile_checkpointed_blocks(tmp_path, bits):
+@pytest.mark.parametrize("bits, dequantize_int8", [(4, True), (8, True), (8, False)])
+def test_cuda_defaults_compile_checkpointed_blocks(tmp_path, bits, dequantize_int8):
     module = CausalLM(layers=3)
-    callback = BnbQuantization(QuantizationConfig(bits=bits), peft_config=lora(), gradient_checkpointing=True)
+    callback = BnbQuantization(
+        QuantizationConfig(bits=bits),
+        peft_config=lora(),
+        gradient_checkpointing=True,
+        dequantize_int8=dequantize_int8,
+    )
     trainer(tmp_path, [callback], accelerator="cuda", precision="bf16-true").fit(module, batches())
-    # One compiled graph per block class serves all blocks, through forward and recomputation.
-    assert all(layer._compiled_call_impl is not None for layer in module.model.model.layers)
+    # One compiled graph per block class serves all blocks, through forward and recomputation;
+    # LLM.int8's matmul stays uncompiled (not measured compiled).
+    compiled = [layer._compiled_call_impl is not None for layer in module.model.model.layers]
+    assert compiled == [dequantize_int8] * 3
     names = {type(m).__name__ for m in module.modules() if is_bnb_linear(m)}
-    assert names == {"FusedLinear4bit" if bits == 4 else "DequantizedLinear8bitLt"}
+    expected = {4: "FusedLinear4bit", 8: "DequantizedLinear8bitLt" if dequantize_int8 else "Linear8bitLt"}
+    assert names == {expected[bits]}
     assert module.losses[-1] < module.losses[0] - 0.5, module.losses
 
 
