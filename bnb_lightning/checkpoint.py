@@ -94,8 +94,8 @@ def _checksums(tensor: torch.Tensor, positions: torch.Tensor | None = None) -> t
 def _small_checksums(tensors: list[torch.Tensor]) -> torch.Tensor:
     """:func:`_checksums` of tensors under ``_PERIOD`` bytes each, on one device: a ``(len, 2)`` tensor.
 
-    A model has hundreds of such tensors (norms, 4-bit statistics); summing them side by side in a
-    few kernels, instead of a few each, keeps the fingerprint from costing seconds of launches.
+    A model has hundreds of such tensors (norms, 4-bit statistics); summing them side by side takes
+    a few kernels a batch instead of several a tensor, each launched from the host.
     """
     datas = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
     device = datas[0].device

@@ -49,13 +49,11 @@ def _dequantize(packed, absmax, code, code2, absmax2, offset, blocksize, blocksi
 
 def _state_args(quant_state) -> tuple:
     """The quant state as the tensors and numbers :func:`_dequantize` takes after ``packed``."""
+    code2 = absmax2 = offset = None
+    blocksize2 = 0
     if quant_state.nested:
         state2 = quant_state.state2
-        nested = (state2.code, state2.absmax, quant_state.offset, state2.blocksize)
-    else:
-        nested = (None, None, None, 0)
-    code2, absmax2, offset, blocksize2 = nested
-    shape = tuple(quant_state.shape)
+        code2, absmax2, offset, blocksize2 = state2.code, state2.absmax, quant_state.offset, state2.blocksize
     return (
         quant_state.absmax,
         quant_state.code,
@@ -64,7 +62,7 @@ def _state_args(quant_state) -> tuple:
         offset,
         quant_state.blocksize,
         blocksize2,
-        shape,
+        tuple(quant_state.shape),
     )
 
 
