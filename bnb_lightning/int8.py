@@ -14,7 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backend import find_layer_subclass, remove_layer_subclass, require_bitsandbytes, use_layer_subclass
+from .backend import (
+    find_layer_subclass,
+    recomputed_weight,
+    remove_layer_subclass,
+    require_bitsandbytes,
+    use_layer_subclass,
+)
 from .config import matmul_dtype
 
 # bitsandbytes stores one absmax per output row (SCB); int8 value * SCB / 127 is the weight.
@@ -27,8 +33,10 @@ def dequantize_int8(weight: torch.Tensor, row_absmax: torch.Tensor, dtype: torch
     One kernel writing only the ``dtype`` result: no float32 copy of the weight is materialized
     (for an 8B model's largest layer that would be 235 MB, twice, at every matmul).
     """
-    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
-    return torch.mul(weight, (row_absmax.float() * _INV_127).unsqueeze(1), out=out)
+    scale = (row_absmax.float() * _INV_127).unsqueeze(1)
+    if torch.compiler.is_compiling():
+        return (weight * scale).to(dtype)  # the compiler fuses this into one kernel itself
+    return torch.mul(weight, scale, out=torch.empty(weight.shape, dtype=dtype, device=weight.device))
 
 
 class _DequantizedInt8Linear(torch.autograd.Function):
@@ -57,6 +65,9 @@ class Dequantized:
         dtype = matmul_dtype(x)
         bias = None if self.bias is None else self.bias.to(dtype)
         with torch.autocast(x.device.type, enabled=False):
+            if torch.compiler.is_compiling():
+                weight = recomputed_weight(dequantize_int8, self.weight.data, row_absmax, dtype)
+                return F.linear(x.to(dtype), weight, bias)
             return _DequantizedInt8Linear.apply(x.to(dtype), self.weight.data, row_absmax, bias)
 
 

@@ -15,7 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backend import find_layer_subclass, remove_layer_subclass, require_bitsandbytes, use_layer_subclass
+from .backend import (
+    find_layer_subclass,
+    recomputed_weight,
+    remove_layer_subclass,
+    require_bitsandbytes,
+    use_layer_subclass,
+)
 from .config import matmul_dtype
 
 
@@ -74,27 +80,6 @@ def dequantize_4bit(packed: torch.Tensor, quant_state, dtype: torch.dtype) -> to
     return _dequantize(packed, *_state_args(quant_state), dtype)
 
 
-class _Dequantized4bitLinear(torch.autograd.Function):
-    """``F.linear(x, dequantize(weight), bias)`` saving only the packed weight for the backward pass."""
-
-    @staticmethod
-    def forward(ctx, x, bias, packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, shape):
-        ctx.save_for_backward(packed, absmax, code, code2, absmax2, offset)
-        ctx.sizes = (blocksize, blocksize2, shape)
-        ctx.bias_needs_grad = bias is not None and bias.requires_grad
-        weight = _dequantize(
-            packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, shape, x.dtype
-        )
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        weight = _dequantize(*ctx.saved_tensors, *ctx.sizes, grad_output.dtype)
-        grad_x = grad_output @ weight
-        grad_bias = grad_output.flatten(0, -2).sum(0) if ctx.bias_needs_grad else None
-        return (grad_x, grad_bias) + (None,) * 9
-
-
 class Fused:
     """Mixin for ``bnb.nn.Linear4bit``: under ``torch.compile``, dequantize in traceable torch ops."""
 
@@ -110,7 +95,8 @@ class Fused:
         dtype = matmul_dtype(x)
         bias = None if self.bias is None else self.bias.to(dtype)
         with torch.autocast(x.device.type, enabled=False):
-            out = _Dequantized4bitLinear.apply(x.to(dtype), bias, self.weight.data, *_state_args(quant_state))
+            weight = recomputed_weight(_dequantize, self.weight.data, *_state_args(quant_state), dtype)
+            out = F.linear(x.to(dtype), weight, bias)
         return out.to(inp_dtype)
 
 

@@ -8,7 +8,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_llama
+from conftest import assert_weight_recomputed, tiny_llama
 
 from bnb_lightning import QuantizationConfig, quantize_model
 from bnb_lightning.int8 import dequantize_int8, remove_dequantized_int8, use_dequantized_int8
@@ -41,6 +41,15 @@ def test_forward_and_backward_use_the_dequantized_weight(model):
     torch.testing.assert_close(x.grad, reference_x.grad)
     # The weight is the one bitsandbytes stores: SCB / 127 per row times the int8 values.
     torch.testing.assert_close(weight, layer.weight.data.float() * layer.weight.SCB[:, None] / 127)
+
+
+@pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
+def test_compiled_backward_recomputes_the_weight_instead_of_saving_it(model, backend):
+    model.to(torch.bfloat16)
+    layer = int8_layers(model)[0]
+    use_dequantized_int8(model)
+    weight = dequantize_int8(layer.weight.data, layer.weight.SCB, torch.bfloat16)
+    assert_weight_recomputed(layer, weight, backend)
 
 
 def test_close_to_the_llm_int8_matmul(model, tokens):

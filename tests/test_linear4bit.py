@@ -11,7 +11,7 @@ import pytest
 import torch
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 from bitsandbytes.backends.utils import _get_4bit_code
-from conftest import tiny_gpt2, tiny_llama, tiny_opt
+from conftest import assert_weight_recomputed, tiny_gpt2, tiny_llama, tiny_opt
 from peft import LoraConfig
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._inductor.utils import run_and_get_code
@@ -101,6 +101,15 @@ def test_compiled_forward_and_backward_match_bitsandbytes(quant_type, double_qua
     assert counter.frame_count == 1
     assert torch.equal(out, reference)
     torch.testing.assert_close(x.grad, reference_x.grad)
+
+
+@pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
+def test_compiled_backward_recomputes_the_weight_instead_of_saving_it(backend):
+    model = quantized_llama()
+    use_fused_4bit_dequantize(model)
+    layer = four_bit_layers(model)[0]
+    weight = BF.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16)
+    assert_weight_recomputed(layer, weight, backend)
 
 
 @pytest.mark.parametrize(
