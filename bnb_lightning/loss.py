@@ -119,7 +119,8 @@ def linear_cross_entropy(
 class ChunkedLossForward:
     """Replacement ``forward`` of one transformers causal LM: with ``labels`` while training with
     gradients, the loss comes from :func:`linear_cross_entropy` and ``logits`` is ``None``;
-    otherwise the model's own forward runs unchanged.
+    otherwise (and for a mixture-of-experts call that adds its router's load-balancing loss) the
+    model's own forward runs unchanged.
 
     A plain object holding the model (not a closure), so ``copy.deepcopy`` and pickling of the
     model keep working and point at the copy.
@@ -142,7 +143,15 @@ class ChunkedLossForward:
             and len(args) <= 1
             and not kwargs.get("logits_to_keep")
             and kwargs.get("return_dict") is not False
+            and not self.adds_router_loss(kwargs)
         )
+
+    def adds_router_loss(self, kwargs: dict[str, Any]) -> bool:
+        """Whether a mixture-of-experts model adds its router's load-balancing loss to this call's loss."""
+        wanted = kwargs.get("output_router_logits")
+        if wanted is None:
+            wanted = getattr(getattr(self.model, "config", None), "output_router_logits", False)
+        return bool(wanted)
 
     def loss_forward(self, *args: Any, **kwargs: Any) -> Any:
         from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -233,15 +242,46 @@ def _unsupported_reason(hf_model: nn.Module) -> str | None:
 
 
 def _mismatch_reason(hf_model: nn.Module) -> str | None:
+    """Why the chunked loss would differ from the model's own, or ``None`` if it matches.
+
+    Both losses run on the same base-model output, so what is compared is what the model does after
+    its base: the head and the loss. That output is first synthetic hidden states, which saves a
+    forward of the quantized base at setup (time, and a dequantized weight's memory); a model whose
+    forward needs more of the base output than its hidden states gets one real base forward.
+    """
     head = hf_model.get_output_embeddings().weight
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, head.shape[0], (1, 8), generator=generator).to(head.device)
-    devices = [head.device] if head.device.type == "cuda" else []
+    hidden = torch.randn(1, 8, head.shape[1], generator=generator).to(head.device, head.dtype)
+    # Logits spread about +-20, whatever the head's scale: a transform of large logits (Gemma-2's
+    # soft-capping at 30, say) then changes the loss clearly. Measured on these 8 tokens' logits,
+    # so no copy of the (vocabulary-sized) head is made.
+    with torch.no_grad():
+        spread = F.linear(hidden, head).float().std().clamp_min(1e-6)
+    hidden *= (20 / spread).to(head.dtype)
+    try:
+        return _compare_losses(hf_model, input_ids, _synthetic_base_output(hidden))
+    except Exception:  # noqa: BLE001 - the forward needs a real base output
+        pass
+    try:
+        return _compare_losses(hf_model, input_ids, None)
+    except Exception as error:  # noqa: BLE001 - any failure means: keep the model's own loss
+        return f"a test forward failed: {type(error).__name__}: {error}"
+
+
+def _synthetic_base_output(hidden: torch.Tensor) -> Any:
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    return BaseModelOutputWithPast(last_hidden_state=hidden)
+
+
+def _compare_losses(hf_model: nn.Module, input_ids: torch.Tensor, base_output: Any) -> str | None:
+    """Compare the two losses with the base model's output fixed to ``base_output`` (or its own, once)."""
+    devices = [input_ids.device] if input_ids.device.type == "cuda" else []
     base = hf_model.base_model
-    # What is compared is the head and the loss: both runs share one forward of the base model.
     own_forward = vars(base).get("forward")
     base_forward = base.forward
-    outputs: list[Any] = []
+    outputs: list[Any] = [] if base_output is None else [base_output]
 
     def base_forward_once(*args: Any, **kwargs: Any) -> Any:
         if not outputs:
@@ -258,8 +298,6 @@ def _mismatch_reason(hf_model: nn.Module) -> str | None:
     try:
         expected = loss(lambda **kw: type(hf_model).forward(hf_model, **kw))
         actual = loss(ChunkedLossForward(hf_model).loss_forward)
-    except Exception as error:  # noqa: BLE001 - any failure means: keep the model's own loss
-        return f"a test forward failed: {type(error).__name__}: {error}"
     finally:
         if own_forward is None:
             del base.forward

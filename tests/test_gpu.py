@@ -56,6 +56,32 @@ def test_peak_device_memory_is_quantized_size_plus_one_layer(bits):
     assert peak - footprint <= 3 * largest_layer
 
 
+def test_the_chunked_loss_check_adds_no_weight_sized_memory():
+    from peft import LoraConfig
+
+    from bnb_lightning import inject_adapters, use_chunked_loss
+
+    model = llama_on_cpu()
+    quantize_model(model, QuantizationConfig(bits=4), device="cuda")
+    inject_adapters(model, LoraConfig(r=8, target_modules="all-linear"))
+    model.train()
+    head = model.get_output_embeddings().weight
+    torch.ones(8, 8, device="cuda") @ torch.ones(8, 8, device="cuda")  # cuBLAS' workspace, made once
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+
+    assert use_chunked_loss(model) == [""]
+
+    torch.cuda.synchronize()
+    added = torch.cuda.max_memory_allocated() - start
+    print(
+        f"\nchunked-loss check: {added / 2**20:.2f} MiB over the model (head {head.nbytes / 2**20:.1f} MiB)"
+    )
+    # No copy of the head and no decoder forward (which dequantizes a layer, 8 MiB here): 8 tokens' logits.
+    assert added <= 4 * 2**20
+
+
 def test_quantized_model_trains_on_gpu():
     from peft import LoraConfig
 

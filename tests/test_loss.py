@@ -142,21 +142,7 @@ def test_num_items_in_batch_is_honoured(tokens):
 
 
 def test_model_with_soft_capped_logits_keeps_its_own_loss():
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    torch.manual_seed(0)
-    config = Gemma2Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        final_logit_softcapping=1.0,
-        tie_word_embeddings=False,
-    )
-    model = Gemma2ForCausalLM(config).train()
+    model = tiny_causal_lm("Gemma2", head_dim=16, final_logit_softcapping=1.0)
     with torch.no_grad():  # logits far beyond the cap, so capped and plain losses differ clearly
         model.lm_head.weight.mul_(100)
     with pytest.warns(UserWarning, match="chunked loss is off for Gemma2ForCausalLM"):
@@ -164,13 +150,40 @@ def test_model_with_soft_capped_logits_keeps_its_own_loss():
     assert "forward" not in vars(model)
 
 
-def test_the_setup_check_runs_the_base_model_once_and_leaves_it_as_it_was():
+def tiny_causal_lm(name: str, **config):
+    """A one-layer transformers ``<name>ForCausalLM`` in training mode, e.g. ``tiny_causal_lm("Gemma2")``."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{name}Config")(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        **config,
+    )
+    return getattr(transformers, f"{name}ForCausalLM")(config).train()
+
+
+def test_soft_capping_is_found_even_while_the_logits_are_small():
+    # Gemma-2's default cap of 30 barely moves a freshly initialized model's logits; the check's
+    # hidden states make them large, so the cap shows in the loss.
+    model = tiny_causal_lm("Gemma2", head_dim=16)
+    assert model.config.final_logit_softcapping == 30.0
+    with pytest.warns(UserWarning, match="chunked loss is off for Gemma2ForCausalLM"):
+        assert use_chunked_loss(model) == []
+
+
+def test_the_setup_check_runs_no_decoder_layer_and_leaves_the_base_as_it_was():
     model = quantized_lora(tiny_llama)
     base = model.base_model
     calls = []
     base.layers[0].register_forward_hook(lambda module, args, output: calls.append(output))
     assert use_chunked_loss(model) == [""]
-    assert len(calls) == 1
+    assert calls == []
     assert "forward" not in vars(base)
     # A forward someone already put on the base instance (e.g. a hook library's) is put back.
     remove_chunked_loss(model)
@@ -178,6 +191,30 @@ def test_the_setup_check_runs_the_base_model_once_and_leaves_it_as_it_was():
     base.forward = instance_forward
     assert use_chunked_loss(model) == [""]
     assert vars(base)["forward"] is instance_forward
+
+
+def test_a_model_needing_more_than_hidden_states_gets_one_real_base_forward(tokens):
+    # With router logits requested, Mixtral's forward reads them from its base output.
+    model = tiny_causal_lm("Mixtral", num_local_experts=4, num_experts_per_tok=2, output_router_logits=True)
+    calls = []
+    model.model.layers[0].register_forward_hook(lambda module, args, output: calls.append(output))
+    assert use_chunked_loss(model) == [""]
+    assert len(calls) == 1
+    assert "forward" not in vars(model.model)
+
+
+def test_router_load_balancing_loss_keeps_the_models_own_forward(tokens):
+    model = tiny_causal_lm("Mixtral", num_local_experts=4, num_experts_per_tok=2, output_router_logits=True)
+    expected = model(input_ids=tokens, labels=tokens)
+    use_chunked_loss(model)
+    # The router's loss is part of the training loss: the model's own forward computes it.
+    output = model(input_ids=tokens, labels=tokens)
+    assert output.logits is not None
+    torch.testing.assert_close(output.loss, expected.loss)
+    assert output.loss > model(input_ids=tokens, labels=tokens, output_router_logits=False).loss
+    # Without it, the loss is chunked.
+    model.config.output_router_logits = False
+    assert model(input_ids=tokens, labels=tokens).logits is None
 
 
 def test_copies_of_the_model_use_their_own_weights(tokens):
