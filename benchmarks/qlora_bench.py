@@ -554,11 +554,13 @@ def warm_up_process(device: torch.device) -> None:
     """Pay the once-per-process costs before any timing, so the recipe run first is not charged them.
 
     Imports every library the recipes use (``torch.compile``'s too), initializes the device's math
-    libraries and loads bitsandbytes' 4-bit and 8-bit kernels.
+    libraries, loads bitsandbytes' 4-bit and 8-bit kernels, and injects LoRA into a tiny model once
+    (PEFT builds transformers' weight-name tables on its first injection, for every recipe).
     """
     import bitsandbytes.functional as bnb_functional
     import transformers.integrations.bitsandbytes  # noqa: F401 - transformers' quantizer path
     from peft import get_peft_model, prepare_model_for_kbit_training  # noqa: F401
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     import bnb_lightning  # noqa: F401
 
@@ -569,6 +571,15 @@ def warm_up_process(device: torch.device) -> None:
     bnb_functional.int8_vectorwise_quant(weight.half())
     weight @ weight
     torch.nn.Identity().compile()  # imports torch._dynamo; nothing is compiled before a call
+    tiny = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    get_peft_model(LlamaForCausalLM(tiny), lora_config(4))
     pl.Trainer(accelerator=device.type, devices=1, logger=False, enable_progress_bar=False)
     synchronize(device)
 
