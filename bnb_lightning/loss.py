@@ -282,8 +282,10 @@ def _compare_losses(hf_model: nn.Module, input_ids: torch.Tensor, base_output: A
     own_forward = vars(base).get("forward")
     base_forward = base.forward
     outputs: list[Any] = [] if base_output is None else [base_output]
+    calls: list[None] = []
 
     def base_forward_once(*args: Any, **kwargs: Any) -> Any:
+        calls.append(None)
         if not outputs:
             outputs.append(base_forward(*args, **kwargs))
         return outputs[0]
@@ -297,6 +299,10 @@ def _compare_losses(hf_model: nn.Module, input_ids: torch.Tensor, base_output: A
     base.forward = base_forward_once
     try:
         expected = loss(lambda **kw: type(hf_model).forward(hf_model, **kw))
+        if base_output is not None and not calls:
+            # The model's forward reaches its hidden states past the base's forward (OPT calls
+            # `model.decoder`): the synthetic output never reached its loss.
+            raise LookupError("the model's forward does not call its base model")
         actual = loss(ChunkedLossForward(hf_model).loss_forward)
     finally:
         if own_forward is None:

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, tiny_gpt2, tiny_llama
+from conftest import VOCAB, tiny_gpt2, tiny_llama, tiny_opt
 from peft import LoraConfig
 
 from bnb_lightning import QuantizationConfig, inject_adapters, quantize_model
@@ -98,13 +98,19 @@ def loss_and_grads(model, tokens, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "build", [tiny_llama, lambda: tiny_llama(tie=False), tiny_gpt2], ids=["llama", "llama-untied", "gpt2"]
+    "build",
+    [tiny_llama, lambda: tiny_llama(tie=False), tiny_gpt2, tiny_opt],
+    # OPT's forward calls its decoder, not its base model.
+    ids=["llama", "llama-untied", "gpt2", "opt"],
 )
 def test_quantized_lora_model_trains_on_the_same_loss_without_logits(build, tokens):
     model = quantized_lora(build)
-    for module in model.modules():  # GPT-2 has dropout: compare like with like
+    for module in model.modules():  # GPT-2 and OPT have dropout: compare like with like
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        for name, value in vars(module).items():
+            if name.endswith("dropout") and isinstance(value, float):
+                setattr(module, name, 0.0)
     labels = tokens.clone()
     labels[1, :5] = -100
     expected = model(input_ids=tokens, labels=labels)
