@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -174,13 +175,38 @@ def tiny_causal_lm(name: str, **config):
     return getattr(transformers, f"{name}ForCausalLM")(config).train()
 
 
-def test_soft_capping_is_found_even_while_the_logits_are_small():
-    # Gemma-2's default cap of 30 barely moves a freshly initialized model's logits; the check's
-    # hidden states make them large, so the cap shows in the loss.
-    model = tiny_causal_lm("Gemma2", head_dim=16)
-    assert model.config.final_logit_softcapping == 30.0
-    with pytest.warns(UserWarning, match="chunked loss is off for Gemma2ForCausalLM"):
-        assert use_chunked_loss(model) == []
+# (transformers name, extra config, whether the chunked loss applies): models whose logits are
+# transformed after the output layer keep their own loss.
+FAMILIES = [
+    ("Llama", {}, True),
+    ("Mistral", {}, True),
+    ("Qwen2", {}, True),
+    ("Phi3", {"pad_token_id": 0}, True),
+    ("Gemma", {"head_dim": 16}, True),
+    ("Olmo2", {}, True),
+    ("StableLm", {}, True),
+    ("Starcoder2", {}, True),
+    ("Phi", {}, True),
+    ("Falcon", {}, True),
+    ("GPTNeoX", {}, True),
+    ("Mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}, True),
+    # Soft-capped logits, found even at initialization, where the logits are too small to be capped.
+    ("Gemma2", {"head_dim": 16}, False),
+    ("Cohere", {}, False),  # logits times logit_scale
+    ("Granite", {"logits_scaling": 8.0}, False),  # logits divided by logits_scaling
+]
+
+
+@pytest.mark.parametrize("name, config, applies", FAMILIES, ids=[family[0] for family in FAMILIES])
+def test_families_train_on_their_own_loss_chunked_or_not(name, config, applies, tokens):
+    model = tiny_causal_lm(name, **config)
+    expected = model(input_ids=tokens, labels=tokens).loss
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert use_chunked_loss(model) == ([""] if applies else [])
+    output = model(input_ids=tokens, labels=tokens)
+    assert (output.logits is None) == applies
+    torch.testing.assert_close(output.loss, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_the_setup_check_runs_no_decoder_layer_and_leaves_the_base_as_it_was():
