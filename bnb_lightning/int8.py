@@ -65,6 +65,8 @@ class Dequantized:
         dtype = matmul_dtype(x)
         bias = None if self.bias is None else self.bias.to(dtype)
         with torch.autocast(x.device.type, enabled=False):
+            # Compiled, the compiler's autograd recomputes the weight; eager, the function below saves
+            # only the int8 weight for the backward pass.
             if torch.compiler.is_compiling():
                 weight = recomputed_weight(dequantize_int8, self.weight.data, row_absmax, dtype)
                 return F.linear(x.to(dtype), weight, bias)
