@@ -246,8 +246,9 @@ def _mismatch_reason(hf_model: nn.Module) -> str | None:
 
     Both losses run on the same base-model output, so what is compared is what the model does after
     its base: the head and the loss. That output is first synthetic hidden states, which saves a
-    forward of the quantized base at setup (time, and a dequantized weight's memory); a model whose
-    forward needs more of the base output than its hidden states gets one real base forward.
+    forward of the quantized base at setup (time, and a dequantized weight's memory). A model whose
+    forward needs more of the base output than its hidden states, or does not call its base model
+    (OPT calls its decoder), gets one real base forward instead.
     """
     head = hf_model.get_output_embeddings().weight
     generator = torch.Generator().manual_seed(0)
