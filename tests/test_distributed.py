@@ -119,6 +119,18 @@ def test_ddp_fit_on_two_cpu_processes(tmp_path, bits):
     assert len(ranks[0]["resumed_written"]) == 1 and ranks[1]["resumed_written"] == []
 
 
+def test_ddp_trains_compiled_checkpointed_blocks_on_two_cpu_processes(tmp_path):
+    # Off by default under DDP (not measured on GPUs), but it must work when asked for.
+    ranks = fit_on_ranks(tmp_path, "--strategy", "ddp", "--bits", "4", "--compile")
+
+    assert any("compiled 2 transformer blocks" in line for line in ranks[0]["logs"])
+    for rank in ranks:
+        assert rank["losses"][-1] < rank["losses"][0] - 0.5, rank["losses"]
+        assert len(rank["resumed_losses"]) == RESUME_STEPS
+    assert_equal_adapters(ranks, "adapters")
+    assert_equal_adapters(ranks, "resumed_adapters")
+
+
 def test_ddp_refuses_ranks_with_different_base_weights(tmp_path):
     result = run_script(tmp_path, "--strategy", "ddp", "--seed-per-rank")
     assert result.returncode != 0

@@ -94,6 +94,9 @@ def make_trainer(
     callback = BnbQuantization(
         QuantizationConfig(bits=args.bits),
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+        # Compiled blocks with gradient checkpointing, as on one GPU; off by default under DDP.
+        compile_blocks=args.compile or None,
+        gradient_checkpointing=True if args.compile else None,
         # Under FSDP exports are refused (rank zero holds only a shard of the adapters).
         export_adapters_to=None if args.strategy == "fsdp" else str(out / "adapters"),
     )
@@ -124,6 +127,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--resume-steps", type=int, default=4)
     parser.add_argument("--seed-per-rank", action="store_true", help="a different base on each rank")
+    parser.add_argument("--compile", action="store_true", help="compile the blocks, checkpointed")
     args = parser.parse_args()
     # Two processes on a small machine: intra-op threads only slow the tiny ops down.
     torch.set_num_threads(1)
