@@ -571,15 +571,7 @@ def warm_up_process(device: torch.device) -> None:
     bnb_functional.int8_vectorwise_quant(weight.half())
     weight @ weight
     torch.nn.Identity().compile()  # imports torch._dynamo; nothing is compiled before a call
-    tiny = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
-    get_peft_model(LlamaForCausalLM(tiny), lora_config(4))
+    get_peft_model(LlamaForCausalLM(LlamaConfig(**SHAPES["tiny"])), lora_config(4))
     pl.Trainer(accelerator=device.type, devices=1, logger=False, enable_progress_bar=False)
     synchronize(device)
 

@@ -121,6 +121,11 @@ def module_nbytes(module: nn.Module) -> int:
     return total
 
 
+def flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``tensor`` as a flat ``uint8`` tensor (a view where it is contiguous)."""
+    return tensor.detach().reshape(-1).view(torch.uint8)
+
+
 def recomputed_weight(dequantize: Callable[..., torch.Tensor], *args: object) -> torch.Tensor:
     """``dequantize(*args)`` in compiled code, recomputed in the backward pass instead of saved.
 

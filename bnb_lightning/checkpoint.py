@@ -18,7 +18,7 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 from torch import nn
 
-from .backend import is_bnb_linear
+from .backend import flat_bytes, is_bnb_linear
 from .config import QuantizationConfig
 from .distributed import is_fsdp_wrapped, unwrapped_name
 
@@ -77,7 +77,7 @@ def _checksums(tensor: torch.Tensor, positions: torch.Tensor | None = None) -> t
     copy the whole chunk to int64), so the fingerprint adds little to the setup peak. The result
     stays on the device (an int64 pair), so many tensors cost one transfer to the host.
     """
-    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    data = flat_bytes(tensor)
     whole = data.numel() // _PERIOD * _PERIOD
     columns = torch.zeros(_PERIOD, dtype=torch.int64, device=data.device)
     for start in range(0, whole, _CHUNK_ROWS * _PERIOD):
@@ -97,7 +97,7 @@ def _small_checksums(tensors: list[torch.Tensor]) -> torch.Tensor:
     A model has hundreds of such tensors (norms, 4-bit statistics); summing them side by side takes
     a few kernels a batch instead of several a tensor, each launched from the host.
     """
-    datas = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+    datas = [flat_bytes(t) for t in tensors]
     device = datas[0].device
     sums = torch.zeros(len(datas), 2, dtype=torch.int64, device=device)
     start = 0

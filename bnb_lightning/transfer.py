@@ -6,6 +6,8 @@ import warnings
 
 import torch
 
+from .backend import flat_bytes
+
 # Two staging buffers of this size: small next to any model, large enough for the copy engine to
 # run at full speed.
 CHUNK_BYTES = 64 * 2**20
@@ -38,7 +40,7 @@ class HostToDevice:
             return tensor.to(self.device)
         source = tensor.detach()
         result = torch.empty_like(source, device=self.device)
-        source_bytes, result_bytes = _as_bytes(source), _as_bytes(result)
+        source_bytes, result_bytes = flat_bytes(source), flat_bytes(result)
         for start in range(0, source_bytes.numel(), self.chunk_bytes):
             end = min(start + self.chunk_bytes, source_bytes.numel())
             event = self._events[self._next]
@@ -65,10 +67,6 @@ class HostToDevice:
             )
             self._staged = False
         return self._staged
-
-
-def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.reshape(-1).view(torch.uint8)
 
 
 def _recorded_event(device: torch.device) -> torch.cuda.Event:

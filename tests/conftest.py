@@ -92,23 +92,18 @@ def tiny_opt(dtype: torch.dtype = torch.float32, seed: int = 0):
     return OPTForCausalLM(config).to(dtype).eval()
 
 
-def compiled_saved_tensors(layer: nn.Module, backend: str) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Run ``layer`` compiled on a bfloat16 input, forward and backward: the tensors its compiled
-    graph saved for the backward pass, and the input's gradient."""
+def assert_weight_recomputed(layer: nn.Module, weight: torch.Tensor, backend: str) -> None:
+    """Run ``layer`` compiled on a bfloat16 input, forward and backward: its compiled graph saves the
+    stored weight, not ``weight`` (its dequantized form), for the backward pass, and the input gets
+    the gradient of ``F.linear(x, weight)``. A saved dequantized weight of each layer of a block
+    would live from the block's forward to its backward."""
     x = torch.randn(4, 5, layer.in_features, dtype=torch.bfloat16, requires_grad=True)
     torch._dynamo.reset()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out = torch.compile(layer, backend=backend, fullgraph=True)(x)
     out.float().square().sum().backward()
-    return saved, x
 
-
-def assert_weight_recomputed(layer: nn.Module, weight: torch.Tensor, backend: str) -> None:
-    """A compiled ``layer`` saves its stored weight, not ``weight`` (its dequantized form), for the
-    backward pass, and gets the gradient of ``F.linear(x, weight)``: a saved dequantized weight of
-    each layer of a block would live from the block's forward to its backward."""
-    saved, x = compiled_saved_tensors(layer, backend)
     assert [t.shape for t in saved if t.is_floating_point() and t.shape == weight.shape] == []
     assert any(t.data_ptr() == layer.weight.data_ptr() for t in saved)
     reference_x = x.detach().clone().requires_grad_()
