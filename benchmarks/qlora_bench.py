@@ -165,11 +165,19 @@ def synchronize(device: torch.device) -> None:
 
 
 def free_memory(device: torch.device) -> None:
-    """Drop what the last recipe left behind and start a new peak."""
+    """Drop what the last recipe left behind and start a new peak.
+
+    cuBLAS keeps a 32 MiB workspace per handle (the autograd thread has its own), which
+    ``empty_cache`` leaves allocated. Lightning's accelerator setup frees them after the callbacks'
+    ``setup``, so a workspace left by the previous recipe would count in the next one's ready peak
+    but not in its steady footprint. Cleared here, every recipe starts as in a fresh process.
+    """
     gc.collect()
     if cuda(device):
+        from lightning.fabric.accelerators.cuda import _clear_cuda_memory
+
         torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
+        _clear_cuda_memory()  # cuBLAS workspaces, then torch's cache
         torch.cuda.reset_peak_memory_stats(device)
 
 
