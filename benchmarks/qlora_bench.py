@@ -53,6 +53,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from peft import LoraConfig
+from torch.autograd import DeviceType
 
 RECIPES = (
     "bnb",
@@ -204,6 +205,7 @@ class StepClock:
         self.warmup = setup.warmup
         self.timed_end = setup.warmup + setup.steps
         self.profile_path = Path(setup.profile_dir, profile_name) if setup.profile_dir else None
+        self.lora_r = setup.lora_r
         self.step_s: list[float] = []
         self._start = 0.0
         self._profiler: torch.profiler.profile | None = None
@@ -213,7 +215,9 @@ class StepClock:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if cuda(self.device):
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
-            self._profiler = torch.profiler.profile(activities=activities, profile_memory=True)
+            self._profiler = torch.profiler.profile(
+                activities=activities, profile_memory=True, record_shapes=True
+            )
             self._profiler.__enter__()
         if self.warmup <= step < self.timed_end:
             synchronize(self.device)
@@ -226,7 +230,7 @@ class StepClock:
         if step == self.timed_end + PROFILE_STEPS - 1 and self._profiler is not None:
             synchronize(self.device)
             self._profiler.__exit__(None, None, None)
-            write_profile(self._profiler, self.profile_path, self.device)
+            write_profile(self._profiler, self.profile_path, self.device, self.lora_r)
             self._profiler = None
 
     def record(self, result: Measurement, tokens_per_step: int) -> None:
@@ -234,14 +238,44 @@ class StepClock:
         result.tokens_per_s = tokens_per_step * len(self.step_s) / sum(self.step_s)
 
 
-def write_profile(profiler: torch.profiler.profile, path: Path, device: torch.device) -> None:
-    """Operators by total device time and by memory allocated, as text tables."""
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
+def matmul_split(profiler: torch.profiler.profile, device: torch.device, lora_r: int) -> list[str]:
+    """Matmul time split into the adapters' (an operand dimension equal to the LoRA rank) and the rest."""
+    self_time = "self_device_time_total" if cuda(device) else "self_cpu_time_total"
+    events = profiler.key_averages(group_by_input_shape=True)
+    # As torch's tables count it: on CUDA the kernels' own events (not the user annotations shown
+    # on the device's timeline), on the CPU every operator.
+    on_device = [
+        event
+        for event in events
+        if event.device_type != DeviceType.CPU and not getattr(event, "is_user_annotation", False)
+    ]
+    total = sum(getattr(event, self_time) for event in (on_device if cuda(device) else events))
+    split = {"adapters": [0.0, 0], "base and others": [0.0, 0]}
+    for event in events:
+        if event.key in MATMULS:
+            dims = {dim for shape in event.input_shapes if shape for dim in shape[-2:]}
+            part = split["adapters" if lora_r in dims else "base and others"]
+            part[0] += getattr(event, self_time)
+            part[1] += event.count
+    lines = [f"## matmuls ({', '.join(MATMULS)}) by {self_time}; LoRA rank {lora_r}"]
+    for name, (time_us, calls) in split.items():
+        share = 100 * time_us / total if total else 0.0
+        lines.append(f"{name}: {time_us / 1e3:.1f} ms in {calls} calls, {share:.1f}% of {total / 1e3:.1f} ms")
+    return lines
+
+
+def write_profile(profiler: torch.profiler.profile, path: Path, device: torch.device, lora_r: int) -> None:
+    """Operators by total device time and by memory allocated, as text tables, and the matmul split."""
     events = profiler.key_averages()
     time_key = "device_time_total" if cuda(device) else "cpu_time_total"
     memory_key = "self_device_memory_usage" if cuda(device) else "self_cpu_memory_usage"
     path.parent.mkdir(parents=True, exist_ok=True)
     text = [
         f"# {path.stem}: {PROFILE_STEPS} training steps",
+        *matmul_split(profiler, device, lora_r),
         f"## by {time_key}",
         events.table(sort_by=time_key, row_limit=40, max_name_column_width=90),
         f"## by {memory_key}",
