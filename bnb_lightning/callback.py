@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import os
+import weakref
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from peft import PeftConfig
 from torch import nn
 
@@ -18,11 +20,13 @@ from .checkpoint import (
     adapter_state_dict,
     add_frozen_base,
     base_fingerprint,
-    check_record,
+    check_record_base,
+    check_record_config,
+    check_trainables,
     frozen_state_keys,
     quantization_record,
 )
-from .config import QuantizationConfig, compute_dtype_for_precision
+from .config import QuantizationConfig, as_quantization_config, compute_dtype_for_precision
 from .distributed import (
     FSDP,
     SINGLE_DEVICE,
@@ -31,10 +35,11 @@ from .distributed import (
     check_strategy,
     config_for_fsdp,
     configure_fsdp,
+    fsdp_mixed_precision,
     is_fsdp_wrapped,
     strategy_kind,
 )
-from .export import export_adapters
+from .export import adapter_root, export_adapters
 from .int8 import use_dequantized_int8
 from .linear4bit import use_fused_4bit_dequantize
 from .loss import use_chunked_loss
@@ -42,15 +47,17 @@ from .merge import MergedExport, export_merged
 from .prepare import (
     cast_to_float32,
     check_block_count,
+    check_gradient_checkpointing,
+    check_peft_config,
     check_uncheckpointed_blocks,
     compile_blocks,
     count_parameters,
-    inject_adapters,
+    inject_checked_adapters,
     prepare_for_kbit_training,
+    restore_point,
     will_checkpoint,
 )
 from .quantize import quantize_model
-from .replace import as_quantization_config
 from .report import QuantizationReport
 
 _REFUSED_PRECISION_PLUGINS = {
@@ -61,6 +68,10 @@ _REFUSED_PRECISION_PLUGINS = {
     "DoublePrecision": "bitsandbytes does not quantize float64 weights; use precision='32-true', "
     "'bf16-true' or 'bf16-mixed'",
 }
+
+
+# Marks the hooks this callback wraps on a LightningModule instance, so only those are removed again.
+_WRAPPER_MARK = "_bnb_lightning_wrapper"
 
 
 class BnbQuantization(Callback):
@@ -144,8 +155,15 @@ class BnbQuantization(Callback):
     ) -> None:
         self.config = as_quantization_config(config)
         if peft_config is not None and not isinstance(peft_config, PeftConfig):
+            hint = (
+                " A class_path/init_args dict is LightningCLI's YAML form; in Python, pass the object, e.g. "
+                "peft.LoraConfig(**init_args)."
+                if isinstance(peft_config, dict) and "class_path" in peft_config
+                else ""
+            )
             raise TypeError(
                 f"peft_config must be a PEFT config such as peft.LoraConfig(...), got {type(peft_config).__name__}."
+                + hint
             )
         if compile_blocks not in (None, True, False):
             raise TypeError(f"compile_blocks must be True, False or None, got {compile_blocks!r}.")
@@ -184,33 +202,50 @@ class BnbQuantization(Callback):
             raise ValueError(
                 "export_adapters_to / export_merged_to need adapters to export; pass a peft_config too."
             )
-        if merge_tolerance is not None and not (
-            isinstance(merge_tolerance, (int, float)) and merge_tolerance >= 0
-        ):
-            raise ValueError(
-                f"merge_tolerance={merge_tolerance!r} must be a number >= 0 or None (the default)."
-            )
+        if merge_tolerance is not None:
+            if isinstance(merge_tolerance, bool) or not isinstance(merge_tolerance, (int, float)):
+                raise TypeError(
+                    "merge_tolerance must be a number (the largest accepted max |logits difference|) or None, "
+                    f"got {type(merge_tolerance).__name__} {merge_tolerance!r}; write e.g. merge_tolerance=0.1."
+                )
+            if not (math.isfinite(merge_tolerance) and merge_tolerance >= 0):
+                raise ValueError(
+                    f"merge_tolerance={merge_tolerance!r} must be a finite number >= 0, or None (the default: 5% of "
+                    "the largest |logit|)."
+                )
         self.export_adapters_to = export_adapters_to
         self.export_merged_to = export_merged_to
         self.merge_tolerance = merge_tolerance
         self.merged_export: MergedExport | None = None
         self.report: QuantizationReport | None = None
-        self._done = False
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop what the callback knows of a prepared module, so the next module is prepared anew."""
+        self._prepared: weakref.ref[pl.LightningModule] | None = None
         self._config: QuantizationConfig | None = None
         self._fingerprint: str | None = None
         self._frozen_keys: set[str] | None = None
         self._restored_trainables: dict[str, torch.Tensor] = {}
+        self.merged_export = None
+        self.report = None
+
+    def _prepared_for(self, pl_module: pl.LightningModule) -> bool:
+        return self._prepared is not None and self._prepared() is pl_module
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not isinstance(trainer.strategy.checkpoint_io, FileNamingCheckpointIO):
-            # Undone in `teardown`: errors on reading a checkpoint name the file.
+            # Checkpoints are written atomically beside their target and checked on reading. Kept for
+            # the Trainer's life: `trainer.save_checkpoint(...)` after `fit` goes through it too.
             trainer.strategy.checkpoint_io = FileNamingCheckpointIO(trainer.strategy.checkpoint_io)
-        if self._done:
+        if self._prepared_for(pl_module):
             self._watch_checkpoint_restore(pl_module)
             return
+        # Another module than the one prepared before (or none yet): nothing of a previous one applies.
+        self._forget()
         config = self._config_for(trainer)
         if _has_linear_layers(pl_module):
-            self._quantize(trainer, pl_module, config)
+            self._prepare(trainer, pl_module, config)
             return
         # The model does not exist yet: Lightning calls this hook before the module's own `setup`
         # and `configure_model`. Wrap this instance's `configure_model` (not the class) so the
@@ -220,16 +255,33 @@ class BnbQuantization(Callback):
         def configure_model_then_quantize() -> None:
             del pl_module.configure_model
             original()
-            if not self._done:
-                self._quantize(trainer, pl_module, config)
+            if not self._prepared_for(pl_module):
+                self._prepare(trainer, pl_module, config)
 
+        setattr(configure_model_then_quantize, _WRAPPER_MARK, True)
         pl_module.configure_model = configure_model_then_quantize
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        vars(pl_module).pop("on_load_checkpoint", None)
-        if isinstance(trainer.strategy.checkpoint_io, FileNamingCheckpointIO):
-            trainer.strategy.checkpoint_io = trainer.strategy.checkpoint_io.inner
+        self._remove_wrappers(pl_module)
         self._restored_trainables = {}
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        # Lightning does not call `teardown` hooks when a run fails, only this one.
+        self._remove_wrappers(pl_module)
+        self._restored_trainables = {}
+        if any(p.device.type == "meta" for p in pl_module.parameters()):
+            # The failure was (most likely) our refusal of a model without weights. Lightning's own
+            # teardown would next move the model to the CPU, which fails on meta tensors, and that
+            # error would replace ours: the strategy lets go of the model it could not have used.
+            trainer.strategy._lightning_module = None
+
+    def _remove_wrappers(self, pl_module: pl.LightningModule) -> None:
+        """Take this callback's wrappers of the module's hooks off the instance again."""
+        for hook in ("on_load_checkpoint", "configure_model"):
+            if getattr(vars(pl_module).get(hook), _WRAPPER_MARK, False):
+                del vars(pl_module)[hook]
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Runs after the precision plugin converted the module, which would undo a cast made in
@@ -278,7 +330,7 @@ class BnbQuantization(Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if self._done and not self.save_base_weights:
+        if self._prepared_for(pl_module) and not self.save_base_weights:
             checkpoint["state_dict"] = adapter_state_dict(
                 checkpoint["state_dict"], pl_module, frozen_keys=self._frozen_keys
             )
@@ -296,19 +348,26 @@ class BnbQuantization(Callback):
             original(checkpoint)
             self._complete_checkpoint(pl_module, checkpoint)
 
+        setattr(on_load_checkpoint, _WRAPPER_MARK, True)
         pl_module.on_load_checkpoint = on_load_checkpoint
 
     def _complete_checkpoint(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         record = checkpoint.get("callbacks", {}).get(self.state_key) or {}
         if self.check_base_on_resume:
-            check_record(record, self._config, self._fingerprint)
+            check_record_config(record, self._config)
         if "state_dict" not in checkpoint or is_fsdp_wrapped(pl_module):
             # The strategy loads the state itself: FSDP's `load_checkpoint` puts a full checkpoint's
             # state into its shards (not strictly) and removes it before any hook runs. The names
             # of the wrapped module's parameters are not the checkpoint's either, and 16-true,
             # whose rounding the copy below undoes, is refused under FSDP.
+            if self.check_base_on_resume:
+                check_record_base(record, self._fingerprint)
             return
         state = checkpoint["state_dict"]
+        # Other adapters (or none) are said as such before they could look like another base.
+        check_trainables(state, pl_module, self._frozen_keys, strict=pl_module.strict_loading)
+        if self.check_base_on_resume:
+            check_record_base(record, self._fingerprint)
         if record.get("adapter_only"):
             add_frozen_base(state, pl_module)
         trainable = {name for name, p in pl_module.named_parameters() if p.requires_grad}
@@ -345,38 +404,75 @@ class BnbQuantization(Callback):
                     f"'{trainer.precision}', corrupting the packed 4-bit weights. Use quant_storage='uint8' "
                     "or a quant_storage equal to the precision's dtype."
                 )
-        if config.compute_dtype is None and precision_dtype is not None:
+        if config.bits == 4 and config.compute_dtype is None and precision_dtype is not None:
             config = config.replace(compute_dtype=precision_dtype)
+        if strategy_kind(trainer.strategy) == FSDP and config.bits == 4:
+            # Refused here, before anything changes, rather than when FSDP is configured.
+            fsdp_mixed_precision(trainer.strategy, config.quant_storage)
         return config
 
-    def _quantize(
+    def _prepare(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, config: QuantizationConfig
     ) -> None:
-        # Refused before anything changes, so the module is left as it was.
+        """Quantize ``pl_module`` and get it ready to train, or change nothing.
+
+        Validate, then mutate; on failure, leave everything as it was. Every choice that can be
+        refused (strategy, precision, config, checkpointing, the PEFT config, a model without weights
+        or already quantized another way) is checked first, on the model as it is. Quantization then
+        checks its own input before the first layer changes and puts a CPU model back if a layer
+        fails. The steps after it run from a restore point: if one fails, the model is put back to
+        its just-quantized state (quantized weights cannot turn back into the freed full-precision
+        ones), which a new ``fit`` with the same config takes up again. The callback counts the
+        module as prepared only once every step has run.
+        """
         check_uncheckpointed_blocks(
             pl_module, self.uncheckpointed_blocks, will_checkpoint(pl_module, self.gradient_checkpointing)
         )
+        check_gradient_checkpointing(pl_module, self.gradient_checkpointing)
+        if self.peft_config is not None:
+            check_peft_config(pl_module, self.peft_config)
         fsdp = strategy_kind(trainer.strategy) == FSDP
         if fsdp:
             config = config_for_fsdp(config, pl_module, str(trainer.precision))
-        self.report = quantize_model(pl_module, config, device=trainer.strategy.root_device)
-        self._done = True
+        report = quantize_model(pl_module, config, device=trainer.strategy.root_device)
+        rank_zero_info(report.compact())
+        restore = restore_point(pl_module)
+        try:
+            frozen_keys, fingerprint = self._prepare_quantized(trainer, pl_module, config)
+        except BaseException:
+            restore()
+            rank_zero_warn(
+                "bnb_lightning: preparing the quantized model failed (see the error); the model keeps its quantized "
+                "layers and nothing else of the preparation. A new fit with the same quantization config continues "
+                "from them."
+            )
+            raise
+        self.report = report
         self._config = config
-        rank_zero_info(self.report.compact())
+        self._frozen_keys = frozen_keys
+        self._fingerprint = fingerprint
+        self._prepared = weakref.ref(pl_module)
+        self._watch_checkpoint_restore(pl_module)
+
+    def _prepare_quantized(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, config: QuantizationConfig
+    ) -> tuple[set[str], str]:
+        """The steps after quantization, in their order; returns the frozen keys and the base fingerprint."""
         checkpointing = prepare_for_kbit_training(
             pl_module,
             gradient_checkpointing=self.gradient_checkpointing,
             uncheckpointed_blocks=self.uncheckpointed_blocks,
         )
         if self.peft_config is not None:
-            inject_adapters(pl_module, self.peft_config)
+            inject_checked_adapters(pl_module, self.peft_config)  # checked in `_prepare`
         if str(trainer.precision) != "bf16-true":
             # Already here, so a checkpoint's float32 adapters are restored without rounding.
             cast_to_float32(pl_module, trainable_only=True)
         # Before the strategy wraps the module: FSDP flattens the parameters these names come from.
-        self._frozen_keys = frozen_state_keys(pl_module)
+        frozen_keys = frozen_state_keys(pl_module)
         # Taken before any forward: bitsandbytes' CPU kernels rewrite 4-bit statistics on the first one.
-        self._fingerprint = base_fingerprint(pl_module, self._frozen_keys)
+        fingerprint = base_fingerprint(pl_module, frozen_keys)
+        check_same_base_on_all_ranks(trainer.strategy, fingerprint)
         if config.bits == 8 and self.dequantize_int8 and use_dequantized_int8(pl_module):
             rank_zero_info("bnb_lightning: 8-bit layers train through their dequantized weights.")
         if config.bits == 4 and self.fuse_4bit_dequantize:
@@ -388,17 +484,18 @@ class BnbQuantization(Callback):
             rank_zero_info(
                 f"bnb_lightning: compiled {compile_blocks(pl_module)} transformer blocks with torch.compile."
             )
-        check_same_base_on_all_ranks(trainer.strategy, self._fingerprint)
-        if fsdp:
+        if strategy_kind(trainer.strategy) == FSDP:
             configure_fsdp(trainer.strategy, pl_module, config, adapter_only=not self.save_base_weights)
         rank_zero_info(str(base_memory_for(trainer.strategy, pl_module)))
-        self._watch_checkpoint_restore(pl_module)
         if checkpointing:
             kept = (
                 f", except the last {self.uncheckpointed_blocks} blocks" if self.uncheckpointed_blocks else ""
             )
             rank_zero_info(f"bnb_lightning: gradient checkpointing is on (non-reentrant){kept}.")
         rank_zero_info(f"bnb_lightning: {count_parameters(pl_module)}")
+        if self.peft_config is None and adapter_root(pl_module) is None:
+            _say_what_trains(pl_module)
+        return frozen_keys, fingerprint
 
 
 def _default_compile(strategy: Any) -> bool:
@@ -410,3 +507,22 @@ def _default_compile(strategy: Any) -> bool:
 
 def _has_linear_layers(module: nn.Module) -> bool:
     return any(is_plain_linear(m) or is_bnb_linear(m) for m in module.modules())
+
+
+def _say_what_trains(module: nn.Module) -> None:
+    """Without adapters, what trains is whatever the model left trainable: say which, in a few groups."""
+    groups: dict[str, int] = {}
+    for name, parameter in module.named_parameters():
+        if parameter.requires_grad:
+            # "model.layers.3.input_layernorm.weight" -> "model.layers.*.input_layernorm.weight"
+            group = ".".join("*" if part.isdigit() else part for part in name.split("."))
+            groups[group] = groups.get(group, 0) + parameter.numel()
+    if not groups:
+        rank_zero_warn("bnb_lightning: no peft_config and no trainable parameter: nothing will train.")
+        return
+    shown = ", ".join(f"{group} ({count:,})" for group, count in list(groups.items())[:6])
+    more = f" and {len(groups) - 6} more groups" if len(groups) > 6 else ""
+    rank_zero_warn(
+        f"bnb_lightning: no peft_config, so the parameters left in full precision train: {shown}{more}. "
+        "To train adapters instead, pass peft_config=peft.LoraConfig(...)."
+    )

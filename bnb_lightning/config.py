@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -68,26 +69,42 @@ def as_patterns(value: Any, field: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+# Fields that apply to one bit width only, with their defaults there. Left unset (None), a field of
+# the other width stays None, so a config says what it does and an option that would do nothing is refused.
+FOUR_BIT_DEFAULTS: dict[str, Any] = {"quant_type": "nf4", "double_quant": True, "quant_storage": "uint8"}
+EIGHT_BIT_DEFAULTS: dict[str, Any] = {"threshold": 6.0, "has_fp16_weights": False}
+# compute_dtype is 4-bit only too, but its default is None (it follows the precision).
+_FIELDS_OF_BITS = {4: (*FOUR_BIT_DEFAULTS, "compute_dtype"), 8: tuple(EIGHT_BIT_DEFAULTS)}
+
+
 @dataclass(frozen=True)
 class QuantizationConfig:
     """How to quantize a model with bitsandbytes.
 
     Args:
         bits: 4 (QLoRA: NF4/FP4 with ``Linear4bit``) or 8 (LLM.int8 with ``Linear8bitLt``).
-        quant_type: 4-bit data type, ``"nf4"`` (best for normally distributed weights) or ``"fp4"``.
-        double_quant: 4-bit only: also quantize the per-block scales (about 0.4 bits per weight less).
-        compute_dtype: dtype of the 4-bit matmuls. ``None`` follows the Trainer's precision
-            (bf16 -> bfloat16, 16 -> float16), otherwise each layer's own weight dtype, so a
-            half-precision model never silently computes in float32.
-        quant_storage: dtype the packed 4-bit weights are stored in. Keep ``uint8`` unless a
-            sharding strategy needs it to match the other parameters.
+        quant_type: 4-bit only: the data type, ``"nf4"`` (default; best for normally distributed
+            weights) or ``"fp4"``.
+        double_quant: 4-bit only: also quantize the per-block scales (about 0.4 bits per weight
+            less). Default ``True``.
+        compute_dtype: 4-bit only: dtype of the 4-bit matmuls. ``None`` follows the Trainer's
+            precision (bf16 -> bfloat16, 16 -> float16), otherwise each layer's own weight dtype, so a
+            half-precision model never silently computes in float32. (8-bit layers compute in the
+            dtype of their input.)
+        quant_storage: 4-bit only: dtype the packed weights are stored in. Default ``uint8``; keep it
+            unless a sharding strategy needs it to match the other parameters.
         threshold: 8-bit only: outlier threshold of LLM.int8 (activations above it run in 16-bit).
-        has_fp16_weights: 8-bit only: keep 16-bit master weights (only for training the base itself).
+            Default 6.0.
+        has_fp16_weights: 8-bit only: keep 16-bit master weights (only for training the base
+            itself). Default ``False``.
         skip_modules: module-name patterns kept in full precision *in addition to* the automatic
             ones (tied weights, output embeddings, last module).
         replace_default_skips: if ``True``, ``skip_modules`` replaces the automatic skips. Only for
             users who know the lm_head and tied weights should be quantized too.
         target_modules: if given, only modules matching one of these patterns are quantized.
+
+    The options of one bit width are ``None`` in a config of the other, and setting one there is
+    refused: it would do nothing.
 
     A pattern matches a module name from its start up to a ``.`` boundary (``"model.layers.1"``),
     as a regular expression with the same boundary (``"model.layers.*.mlp"``), or as a suffix
@@ -99,42 +116,37 @@ class QuantizationConfig:
     """
 
     bits: int = 4
-    quant_type: str = "nf4"
-    double_quant: bool = True
+    quant_type: str | None = None
+    double_quant: bool | None = None
     compute_dtype: DTypeLike = None
-    quant_storage: DTypeLike = "uint8"
-    threshold: float = 6.0
-    has_fp16_weights: bool = False
+    quant_storage: DTypeLike = None
+    threshold: float | None = None
+    has_fp16_weights: bool | None = None
     skip_modules: Sequence[str] = ()
     replace_default_skips: bool = False
     target_modules: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or self.bits not in (4, 8):
-            raise ValueError(f"bits={self.bits!r} is not supported; expected 4 (NF4/FP4) or 8 (LLM.int8).")
-        quant_type = self.quant_type.lower() if isinstance(self.quant_type, str) else self.quant_type
-        if quant_type not in _QUANT_TYPES:
-            raise ValueError(f"quant_type={self.quant_type!r} is not supported; expected 'nf4' or 'fp4'.")
-        if (
-            not isinstance(self.threshold, (int, float))
-            or isinstance(self.threshold, bool)
-            or not self.threshold >= 0  # also rejects NaN
-        ):
+        if type(self.bits) is not int or self.bits not in (4, 8):
             raise ValueError(
-                f"threshold={self.threshold!r} must be a number >= 0 (6.0 is LLM.int8's default)."
+                f"bits={self.bits!r} is not supported; expected 4 (NF4/FP4) or 8 (LLM.int8), as an int."
             )
-        for flag in ("double_quant", "has_fp16_weights", "replace_default_skips"):
-            if not isinstance(getattr(self, flag), bool):
-                raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}.")
+        other = 8 if self.bits == 4 else 4
+        for name in _FIELDS_OF_BITS[other]:
+            if getattr(self, name) is not None:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} applies to {other}-bit quantization only, and this config "
+                    f"has bits={self.bits}, so it would do nothing. Remove {name}, or set bits={other}."
+                )
         set_field = object.__setattr__  # frozen dataclass: normalise once, here
-        set_field(self, "quant_type", quant_type)
-        set_field(self, "threshold", float(self.threshold))
-        set_field(self, "compute_dtype", parse_dtype(self.compute_dtype, "compute_dtype", _COMPUTE_DTYPES))
-        set_field(self, "quant_storage", parse_dtype(self.quant_storage, "quant_storage", _STORAGE_DTYPES))
-        if self.quant_storage is None:
-            raise ValueError(
-                "quant_storage=None is not supported; expected a dtype such as 'uint8' (the default)."
-            )
+        defaults = FOUR_BIT_DEFAULTS if self.bits == 4 else EIGHT_BIT_DEFAULTS
+        for name, default in defaults.items():
+            if getattr(self, name) is None:
+                set_field(self, name, default)
+        if self.bits == 4:
+            self._normalise_4bit_fields()
+        else:
+            self._normalise_8bit_fields()
         set_field(self, "skip_modules", as_patterns(self.skip_modules, "skip_modules"))
         if self.target_modules is not None:
             targets = as_patterns(self.target_modules, "target_modules")
@@ -143,14 +155,52 @@ class QuantizationConfig:
                     "target_modules=[] would quantize nothing; leave it None to quantize every linear layer."
                 )
             set_field(self, "target_modules", targets)
+        if not isinstance(self.replace_default_skips, bool):
+            raise TypeError(
+                f"replace_default_skips must be True or False, got {self.replace_default_skips!r}."
+            )
         if self.replace_default_skips and not self.skip_modules:
             raise ValueError(
                 "replace_default_skips=True without skip_modules would quantize the lm_head and tied "
                 "weights too; pass the modules to keep in skip_modules, or leave replace_default_skips False."
             )
 
+    def _normalise_4bit_fields(self) -> None:
+        quant_type = self.quant_type.lower() if isinstance(self.quant_type, str) else self.quant_type
+        if quant_type not in _QUANT_TYPES:
+            raise ValueError(f"quant_type={self.quant_type!r} is not supported; expected 'nf4' or 'fp4'.")
+        if not isinstance(self.double_quant, bool):
+            raise TypeError(f"double_quant must be True or False, got {self.double_quant!r}.")
+        object.__setattr__(self, "quant_type", quant_type)
+        object.__setattr__(
+            self, "compute_dtype", parse_dtype(self.compute_dtype, "compute_dtype", _COMPUTE_DTYPES)
+        )
+        object.__setattr__(
+            self, "quant_storage", parse_dtype(self.quant_storage, "quant_storage", _STORAGE_DTYPES)
+        )
+
+    def _normalise_8bit_fields(self) -> None:
+        if (
+            not isinstance(self.threshold, (int, float))
+            or isinstance(self.threshold, bool)
+            or not self.threshold >= 0  # also rejects NaN
+        ):
+            raise ValueError(
+                f"threshold={self.threshold!r} must be a number >= 0 (6.0 is LLM.int8's default)."
+            )
+        if not isinstance(self.has_fp16_weights, bool):
+            raise TypeError(f"has_fp16_weights must be True or False, got {self.has_fp16_weights!r}.")
+        object.__setattr__(self, "threshold", float(self.threshold))
+
     def replace(self, **changes: Any) -> QuantizationConfig:
-        """A copy with some fields changed, validated again."""
+        """A copy with some fields changed, validated again.
+
+        Changing ``bits`` drops the options of the old bit width (unless ``changes`` sets them), so
+        ``QuantizationConfig().replace(bits=8)`` is the 8-bit default.
+        """
+        if changes.get("bits", self.bits) != self.bits:
+            for name in _FIELDS_OF_BITS.get(self.bits, ()):
+                changes.setdefault(name, None)
         return dataclasses.replace(self, **changes)
 
     @classmethod
@@ -159,6 +209,8 @@ class QuantizationConfig:
 
         ``llm_int8_skip_modules`` is *added* to the automatic skips (transformers would replace
         them and quantize the lm_head). A compute dtype is taken as written, float32 included.
+        The options of the other bit width, which transformers always writes and ignores, are
+        ignored here too.
         """
         if isinstance(bnb_config, Mapping):
             fields = dict(bnb_config)
@@ -171,20 +223,72 @@ class QuantizationConfig:
         load_in_4bit = bool(fields.get("load_in_4bit", False))
         load_in_8bit = bool(fields.get("load_in_8bit", False))
         if load_in_4bit == load_in_8bit:
+            got = "both" if load_in_4bit else "neither"
             raise ValueError(
-                "the BitsAndBytesConfig must set exactly one of load_in_4bit=True or load_in_8bit=True, "
-                f"got load_in_4bit={load_in_4bit}, load_in_8bit={load_in_8bit}."
+                "the BitsAndBytesConfig must set exactly one of load_in_4bit=True (4-bit, QLoRA) or "
+                f"load_in_8bit=True (LLM.int8), got {got}: set the one you want."
+            )
+        skip_modules = fields.get("llm_int8_skip_modules") or ()
+        if load_in_8bit:
+            return cls(
+                bits=8,
+                threshold=fields.get("llm_int8_threshold", 6.0),
+                has_fp16_weights=bool(fields.get("llm_int8_has_fp16_weight", False)),
+                skip_modules=skip_modules,
             )
         return cls(
-            bits=4 if load_in_4bit else 8,
+            bits=4,
             quant_type=fields.get("bnb_4bit_quant_type", "fp4"),
             double_quant=bool(fields.get("bnb_4bit_use_double_quant", False)),
             compute_dtype=_dtype_field(fields.get("bnb_4bit_compute_dtype")),
             quant_storage=_dtype_field(fields.get("bnb_4bit_quant_storage")) or "uint8",
-            threshold=fields.get("llm_int8_threshold", 6.0),
-            has_fp16_weights=bool(fields.get("llm_int8_has_fp16_weight", False)),
-            skip_modules=fields.get("llm_int8_skip_modules") or (),
+            skip_modules=skip_modules,
         )
+
+
+_BNB_KEY_PREFIXES = ("load_in_", "bnb_4bit_", "llm_int8_")
+
+
+def as_quantization_config(config: Any) -> QuantizationConfig:
+    """Our config from what users pass: a ``QuantizationConfig``, its fields as a dict, or a
+    transformers ``BitsAndBytesConfig`` (object or dict); ``None`` gives the default (NF4).
+
+    Raises:
+        TypeError: anything else, or a dict that is neither, with what it looks like and the fix.
+    """
+    if config is None:
+        return QuantizationConfig()
+    if isinstance(config, QuantizationConfig):
+        return config
+    if isinstance(config, Mapping):
+        keys = set(config)
+        if {"class_path", "init_args"} & keys:
+            raise TypeError(
+                f"config got {dict(config)!r}: a class_path/init_args dict is LightningCLI's YAML form, which "
+                "the CLI turns into an object. In Python, pass the object: "
+                "QuantizationConfig(**init_args), or the init_args dict itself."
+            )
+        if any(str(key).startswith(_BNB_KEY_PREFIXES) for key in keys):
+            return QuantizationConfig.from_bitsandbytes_config(config)
+        fields = {field.name for field in dataclasses.fields(QuantizationConfig)}
+        unknown = sorted(str(key) for key in keys - fields)
+        if unknown:
+            close = {key: difflib.get_close_matches(key, fields, n=1) for key in unknown}
+            hints = "; ".join(
+                f"{key!r}" + (f" (did you mean {match[0]!r}?)" if match else "")
+                for key, match in close.items()
+            )
+            raise TypeError(
+                f"config has unknown fields {hints}. A config dict holds the fields of QuantizationConfig "
+                f"({', '.join(sorted(fields))}) or those of a transformers BitsAndBytesConfig (load_in_4bit, ...)."
+            )
+        return QuantizationConfig(**config)
+    if hasattr(config, "to_dict") and type(config).__name__ == "BitsAndBytesConfig":
+        return QuantizationConfig.from_bitsandbytes_config(config)
+    raise TypeError(
+        f"quantization config must be a bnb_lightning.QuantizationConfig, a transformers BitsAndBytesConfig or a "
+        f"dict of either's fields, got {type(config).__name__} ({config!r})."
+    )
 
 
 def _dtype_field(value: Any) -> DTypeLike:

@@ -6,7 +6,9 @@ bitsandbytes' ``load_state_dict`` rejects those entries (bitsandbytes#1946), and
 refuses its own ``SCB`` once a forward has run. :func:`register_layer_hooks` fixes both at the
 boundary of each layer this package creates, with instance hooks, so a plain
 ``model.load_state_dict(model.state_dict(), strict=True)`` round-trips. The same checks serve the
-transformers-style loading path in :mod:`bnb_lightning.replace`.
+transformers-style loading path in :mod:`bnb_lightning.replace`, and :func:`check_layer_entries` runs
+them on a whole state dict before anything is loaded (torch runs the hooks while it copies, one module
+after another).
 """
 
 from __future__ import annotations
@@ -68,16 +70,21 @@ def _as_tensor(value: Any) -> torch.Tensor:
     return value if isinstance(value, torch.Tensor) else torch.tensor(value)
 
 
+def _check_weight_format(module_name: str, weight_format: Any) -> None:
+    """bitsandbytes saves row-major int8 weights as ``weight_format=0``; its loading takes ``"row"`` too."""
+    value = weight_format.item() if isinstance(weight_format, torch.Tensor) else weight_format
+    if value not in (0, "row"):
+        raise ValueError(
+            f"{module_name}weight_format={value}: only row-major int8 weights (0) can be loaded."
+        )
+
+
 def int8_statistics(tensor_name: str, quantized_stats: Mapping[str, Any], rows: int) -> torch.Tensor:
     """The row scales (``SCB``) saved with an int8 weight, checked against its number of rows."""
     stats = _stat_names(tensor_name, quantized_stats, STATS_8BIT)
     module_name = tensor_name.removesuffix("weight")
     _check_missing(tensor_name, [k for k in ("SCB",) if k not in stats], stats, f"'{module_name}SCB'")
-    weight_format = _as_tensor(stats.get("weight_format", 0)).item()
-    if weight_format != 0:
-        raise ValueError(
-            f"{module_name}weight_format={weight_format}: only row-major int8 weights (0) can be loaded."
-        )
+    _check_weight_format(module_name, stats.get("weight_format", 0))
     scb = _as_tensor(stats["SCB"])
     check_shape(f"{module_name}SCB", scb.shape, (rows,))
     return scb
@@ -127,25 +134,18 @@ def _on(tensor: Any, device: torch.device, copy: bool) -> Any:
     return tensor.to(device, copy=copy) if isinstance(tensor, torch.Tensor) else tensor
 
 
-def prequantized_4bit_weight(
-    layer: nn.Module,
-    tensor_name: str,
-    data: torch.Tensor,
-    quantized_stats: Mapping[str, Any],
-    device: torch.device,
-    *,
-    copy: bool = False,
-) -> nn.Parameter:
-    """A ``Params4bit`` for ``layer`` from packed data and the statistics saved with it, on ``device``.
+def check_prequantized_4bit(
+    layer: nn.Module, tensor_name: str, data: torch.Tensor, quantized_stats: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Check packed 4-bit ``data`` and its statistics against ``layer``; return the statistics by bare name.
 
-    The quant type must be the layer's; shape, packed size and the number of block scales must fit. The
-    block size and double quantization are the checkpoint's. ``copy=True`` never shares memory with
-    ``data`` or the statistics.
+    The quant type must be the layer's; dtype (``quant_storage``), shape, packed size and the number of
+    block scales must fit. The block size and double quantization are the checkpoint's. Apart from
+    :func:`prequantized_4bit_weight`, so a whole state dict can be checked before any layer is loaded.
 
     Raises:
         ValueError: naming ``tensor_name`` and what does not fit.
     """
-    bnb = require_bitsandbytes()
     packed_dtype = layer.weight.quant_storage
     if data.dtype != packed_dtype:
         raise ValueError(
@@ -159,6 +159,28 @@ def prequantized_4bit_weight(
     packed_numel = -(-((math.prod(expected_shape) + 1) // 2) // data.element_size())  # ceil
     check_shape(f"{tensor_name} (packed)", (data.numel(),), (packed_numel,))
     _check_blocks(tensor_name, stats, info)
+    return stats
+
+
+def prequantized_4bit_weight(
+    layer: nn.Module,
+    tensor_name: str,
+    data: torch.Tensor,
+    quantized_stats: Mapping[str, Any],
+    device: torch.device,
+    *,
+    copy: bool = False,
+) -> nn.Parameter:
+    """A ``Params4bit`` for ``layer`` from packed data and the statistics saved with it, on ``device``.
+
+    Checked first by :func:`check_prequantized_4bit`. ``copy=True`` never shares memory with ``data`` or
+    the statistics.
+
+    Raises:
+        ValueError: naming ``tensor_name`` and what does not fit.
+    """
+    bnb = require_bitsandbytes()
+    stats = check_prequantized_4bit(layer, tensor_name, data, quantized_stats)
     return bnb.nn.Params4bit.from_prequantized(
         data=data.to(device, copy=copy),
         quantized_stats={name: _on(value, device, copy) for name, value in stats.items()},
@@ -166,6 +188,27 @@ def prequantized_4bit_weight(
         device=device,
         module=layer,
     )
+
+
+def check_prequantized_int8(
+    layer: nn.Module, tensor_name: str, data: torch.Tensor, quantized_stats: Mapping[str, Any]
+) -> torch.Tensor:
+    """Check int8 rows and their statistics against ``layer``; return the row scales (``SCB``).
+
+    Apart from :func:`prequantized_int8_weight`, so a whole state dict can be checked before any layer is
+    loaded.
+
+    Raises:
+        ValueError: naming ``tensor_name`` and what does not fit.
+    """
+    if data.dtype != torch.int8:
+        raise ValueError(
+            f"dtype {data.dtype} of {tensor_name!r} does not fit this {type(layer).__name__}: it holds int8 "
+            "weights. Load a state dict saved from a model quantized to 8-bit, or load full-precision weights "
+            "before quantizing."
+        )
+    check_shape(tensor_name, data.shape, (layer.out_features, layer.in_features))
+    return int8_statistics(tensor_name, quantized_stats, layer.out_features)
 
 
 def prequantized_int8_weight(
@@ -179,18 +222,13 @@ def prequantized_int8_weight(
 ) -> nn.Parameter:
     """An ``Int8Params`` for ``layer`` from int8 rows and their scales (``SCB``), on ``device``.
 
+    Checked first by :func:`check_prequantized_int8`.
+
     Raises:
         ValueError: naming ``tensor_name`` and what does not fit.
     """
     bnb = require_bitsandbytes()
-    if data.dtype != torch.int8:
-        raise ValueError(
-            f"dtype {data.dtype} of {tensor_name!r} does not fit this {type(layer).__name__}: it holds int8 "
-            "weights. Load a state dict saved from a model quantized to 8-bit, or load full-precision weights "
-            "before quantizing."
-        )
-    check_shape(tensor_name, data.shape, (layer.out_features, layer.in_features))
-    scb = int8_statistics(tensor_name, quantized_stats, layer.out_features)
+    scb = check_prequantized_int8(layer, tensor_name, data, quantized_stats)
     weight = bnb.nn.Int8Params(data.to(device, copy=copy), requires_grad=False, has_fp16_weights=False)
     weight.CB = weight.data
     weight.SCB = scb.to(device, copy=copy)
@@ -214,6 +252,65 @@ def _target_device(layer: nn.Module, data: torch.Tensor) -> torch.device:
     return data.device if layer.weight.device.type == "meta" else layer.weight.device
 
 
+def _statistics_in(state_dict: Mapping[str, Any], prefix: str, names: Sequence[str]) -> list[str]:
+    """The keys ``prefix + name`` that ``state_dict`` holds."""
+    return [f"{prefix}{name}" for name in names if f"{prefix}{name}" in state_dict]
+
+
+def _rebuilds(layer: nn.Module, data: Any, stats: Mapping[str, Any], quantized: bool) -> bool:
+    """Whether a load hook rebuilds the layer's weight from ``data`` and ``stats``, with the checks.
+
+    Not for full-precision weights into a layer not quantized yet (bitsandbytes quantizes them on
+    ``.to()``), nor for the layer's own weight loaded onto itself, as for an adapter-only checkpoint
+    completed from memory.
+    """
+    return bool(stats) or (quantized and not _is_own_weight(layer, data))
+
+
+def _int8_is_quantized(layer: nn.Module) -> bool:
+    return layer.weight.dtype == torch.int8 and not layer.state.has_fp16_weights
+
+
+def _check_loadable(layer: nn.Module, weight_key: str, data: Any) -> None:
+    """What the load hooks check before the rules of the weight itself (``check_prequantized_*``)."""
+    if isinstance(layer, require_bitsandbytes().nn.Linear8bitLt) and layer.state.has_fp16_weights:
+        raise ValueError(
+            f"cannot load the int8 weight {weight_key!r}: this Linear8bitLt keeps 16-bit weights "
+            "(has_fp16_weights=True). Quantize with has_fp16_weights=False to load a quantized state dict."
+        )
+    if not isinstance(data, torch.Tensor):
+        raise ValueError(f"{weight_key!r} is a {type(data).__name__}, not a tensor.")
+
+
+def check_layer_entries(layer: nn.Module, prefix: str, state_dict: Mapping[str, Any]) -> None:
+    """Raise the error the layer's load hooks would raise for ``state_dict``, changing nothing.
+
+    torch runs load hooks while it copies, one module after another: a hook that refuses a layer's
+    statistics comes after the layers before it were overwritten. Checking every bnb layer with this
+    first makes loading all-or-nothing (:func:`bnb_lightning.state_dict.load_state_dict_file`).
+
+    Raises:
+        ValueError: as the hooks word it, naming the layer's weight and what does not fit.
+    """
+    bnb = require_bitsandbytes()
+    weight_key = f"{prefix}weight"
+    if weight_key not in state_dict:
+        return  # the hooks leave such entries to torch, which reports them as missing or unexpected
+    data = state_dict[weight_key]
+    if isinstance(layer, bnb.nn.Linear4bit):
+        stats = {key: state_dict[key] for key in _statistics_in(state_dict, f"{weight_key}.", STATS_4BIT)}
+        if _rebuilds(layer, data, stats, is_quantized_parameter(layer.weight)):
+            _check_loadable(layer, weight_key, data)
+            check_prequantized_4bit(layer, weight_key, data, stats)
+    elif isinstance(layer, bnb.nn.Linear8bitLt):
+        # bitsandbytes' own pre-hook refuses other formats, by raising in the middle of loading.
+        _check_weight_format(prefix, state_dict.get(f"{prefix}weight_format", 0))
+        stats = {key: state_dict[key] for key in _statistics_in(state_dict, prefix, ("SCB",))}
+        if _rebuilds(layer, data, stats, _int8_is_quantized(layer)):
+            _check_loadable(layer, weight_key, data)
+            check_prequantized_int8(layer, weight_key, data, stats)
+
+
 def _load_4bit_weight(
     layer: nn.Module,
     state_dict: dict[str, Any],
@@ -232,17 +329,13 @@ def _load_4bit_weight(
     weight_key = f"{prefix}weight"
     if weight_key not in state_dict:
         return  # nothing for this layer (e.g. adapter weights only); any statistics are reported unexpected
-    names = {f"{weight_key}.{name}" for name in STATS_4BIT}
-    stats = {key: state_dict.pop(key) for key in [key for key in state_dict if key in names]}
+    stats = {key: state_dict.pop(key) for key in _statistics_in(state_dict, f"{weight_key}.", STATS_4BIT)}
     data = state_dict[weight_key]
-    if not stats and (not is_quantized_parameter(layer.weight) or _is_own_weight(layer, data)):
-        # Full-precision weights into a layer not quantized yet (bitsandbytes quantizes them on .to()), or
-        # the layer's own weight loaded onto itself, as for an adapter-only checkpoint completed from memory.
+    if not _rebuilds(layer, data, stats, is_quantized_parameter(layer.weight)):
         return
     copy_data = not local_metadata.get("assign_to_params_buffers", False)  # copied unless assign=True
     try:
-        if not isinstance(data, torch.Tensor):
-            raise ValueError(f"{weight_key!r} is a {type(data).__name__}, not a tensor.")
+        _check_loadable(layer, weight_key, data)
         device = _target_device(layer, data)
         layer.weight = prequantized_4bit_weight(layer, weight_key, data, stats, device, copy=copy_data)
     except ValueError as error:
@@ -281,22 +374,13 @@ def _load_int8_weight(
     if weight_key not in state_dict:
         return
     # bitsandbytes' own pre-hook, registered first, has already checked and removed `weight_format`.
-    stats = {
-        name: state_dict.pop(f"{prefix}{name}") for name in STATS_8BIT if f"{prefix}{name}" in state_dict
-    }
+    stats = {key: state_dict.pop(key) for key in _statistics_in(state_dict, prefix, STATS_8BIT)}
     data = state_dict[weight_key]
-    quantized = layer.weight.dtype == torch.int8 and not layer.state.has_fp16_weights
-    if not stats and (not quantized or _is_own_weight(layer, data)):
-        return  # as for 4-bit: full-precision weights for bitsandbytes to quantize, or the layer's own weight
+    if not _rebuilds(layer, data, stats, _int8_is_quantized(layer)):
+        return
     copy_data = not local_metadata.get("assign_to_params_buffers", False)
     try:
-        if layer.state.has_fp16_weights:
-            raise ValueError(
-                f"cannot load the int8 weight {weight_key!r}: this Linear8bitLt keeps 16-bit weights "
-                "(has_fp16_weights=True). Quantize with has_fp16_weights=False to load a quantized state dict."
-            )
-        if not isinstance(data, torch.Tensor):
-            raise ValueError(f"{weight_key!r} is a {type(data).__name__}, not a tensor.")
+        _check_loadable(layer, weight_key, data)
         device = _target_device(layer, data)
         layer.weight = prequantized_int8_weight(layer, weight_key, data, stats, device, copy=copy_data)
         layer.state.CB = layer.state.SCB = None  # the next forward takes both from the new weight

@@ -20,8 +20,8 @@ from torch import nn
 
 from .backend import is_bnb_linear, is_quantized_parameter, require_bitsandbytes
 from .config import parse_dtype
-from .export import EXPORT_FILES, adapter_root
-from .files import atomic_directory, atomic_path
+from .export import adapter_root
+from .files import atomic_path, export_directory
 from .prepare import adapter_target
 
 # export_merged's default tolerance, as a share of the largest |logit| the quantized model gives on the
@@ -339,8 +339,12 @@ def export_merged(
     one only if the largest absolute logits difference is at most ``tolerance``. A transformers model
     is written with ``save_pretrained`` (safetensors, tied weights once; load it with
     ``AutoModelForCausalLM.from_pretrained(directory)``), another module as ``model.safetensors``
-    (``safetensors.torch.load_model``). A previous export in ``directory`` is replaced only once the
-    new one is complete; other files there (e.g. a tokenizer) are kept.
+    (``safetensors.torch.load_model``), beside ``bnb_lightning_export.json``, the manifest listing the
+    files written. Only files a previous bnb_lightning export wrote are replaced: those of a previous
+    merged export that this one does not write again are removed, an adapter export there is kept, and
+    a file of the same name that bnb_lightning did not write (a base model's ``config.json``) makes the
+    export fail before anything is written (:func:`~bnb_lightning.files.export_directory`). The new
+    files are swapped in only once all are written; other files (e.g. a tokenizer) are kept.
 
     Merging into the 4-bit weights themselves (re-quantizing) loses quality (transformers#31293,
     peft#1043); here the base is dequantized first and the difference is measured before writing.
@@ -356,6 +360,8 @@ def export_merged(
 
     Raises:
         MergeToleranceError: the difference exceeds ``tolerance`` (nothing is written).
+        FileExistsError: ``directory`` holds a file of a name the export writes that bnb_lightning did
+            not write (nothing is written).
 
     Example::
 
@@ -395,7 +401,9 @@ def export_merged(
             max_abs_diff=max_abs_diff,
             tolerance=tolerance,
         )
-    with atomic_directory(directory, replaced=EXPORT_FILES) as partial:
+    # A refusal (a file bnb_lightning did not write) comes before the weights are written.
+    certain = ("config.json",) if hasattr(merged, "save_pretrained") else ("model.safetensors",)
+    with export_directory(directory, "merged", writes=certain) as partial:
         _save(merged, partial)
     return MergedExport(path=Path(directory), max_abs_diff=max_abs_diff, dtype=dtype, tolerance=tolerance)
 

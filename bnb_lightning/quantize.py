@@ -21,14 +21,29 @@ from .backend import (
     module_nbytes,
     require_bitsandbytes,
 )
-from .config import QuantizationConfig
-from .replace import as_quantization_config, new_bnb_linear
+from .config import QuantizationConfig, as_quantization_config
+from .replace import new_bnb_linear
 from .report import ALREADY_QUANTIZED, CONVERTED, SKIPPED, ModuleReport, QuantizationReport
-from .skip import KEEP_IN_FP32, NOT_TARGETED, USER_SKIP, default_skips, keep_in_fp32_patterns, matches_any
+from .skip import (
+    ADAPTER,
+    KEEP_IN_FP32,
+    NOT_TARGETED,
+    USER_SKIP,
+    adapter_module_names,
+    default_skips,
+    keep_in_fp32_patterns,
+    matches_any,
+)
 from .transfer import HostToDevice
 
-# Set on each layer this package creates, so a second call knows the layer is its own.
+# Set on each layer this package creates, holding the config it was quantized with, so a second call
+# knows the layer is its own and what it is.
 _OWN_LAYER = "_bnb_lightning_quantized"
+# What bitsandbytes quantizes; other weights (float64, integers) are refused before anything changes.
+_QUANTIZABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Fields that decide what a quantized layer is. compute_dtype counts only where both configs set one
+# (None means "the weight's dtype" or "the precision's"); which layers are selected may differ.
+_LAYER_FIELDS = ("bits", "quant_type", "double_quant", "quant_storage", "threshold", "has_fp16_weights")
 
 
 class QuantizationError(RuntimeError):
@@ -39,11 +54,14 @@ def plan(model: nn.Module, config: QuantizationConfig) -> dict[str, str | None]:
     """For every linear layer: ``None`` to convert it, or the reason to keep it in full precision."""
     skips: dict[str, str] = {} if config.replace_default_skips else default_skips(model)
     fp32_patterns = keep_in_fp32_patterns(model)
+    adapters = adapter_module_names(model)
     decisions: dict[str, str | None] = {}
     for name, module in model.named_modules():
         if not name or not is_plain_linear(module):
             continue
-        reason = next((why for skipped, why in skips.items() if _selects(skipped, name)), None)
+        reason = ADAPTER if name in adapters else None
+        if reason is None:
+            reason = next((why for skipped, why in skips.items() if _selects(skipped, name)), None)
         if reason is None and matches_any(name, config.skip_modules):
             reason = USER_SKIP
         if reason is None and matches_any(name, fp32_patterns):
@@ -123,8 +141,55 @@ def _convert(module: nn.Module, config: QuantizationConfig, upload: HostToDevice
     layer.weight = _quantized_weight(module, layer, config, upload)
     if module.bias is not None:
         layer.bias = nn.Parameter(upload(module.bias.detach()), requires_grad=False)
-    setattr(layer, _OWN_LAYER, True)
+    setattr(layer, _OWN_LAYER, config)
     return layer
+
+
+def quantized_with(model: nn.Module) -> QuantizationConfig | None:
+    """The config ``quantize_model`` quantized ``model``'s layers with, or ``None`` if it quantized none."""
+    return next(
+        (config for m in model.modules() if (config := getattr(m, _OWN_LAYER, None)) is not None), None
+    )
+
+
+def config_conflicts(existing: QuantizationConfig, requested: QuantizationConfig) -> list[str]:
+    """``field: existing -> requested`` for each setting of the layers that ``requested`` would change."""
+    if existing.bits != requested.bits:
+        return [f"bits: {existing.bits} -> {requested.bits}"]
+    names = [*_LAYER_FIELDS]
+    if existing.compute_dtype is not None and requested.compute_dtype is not None:
+        names.append("compute_dtype")
+    return [
+        f"{name}: {getattr(existing, name)!r} -> {getattr(requested, name)!r}"
+        for name in names
+        if getattr(existing, name) != getattr(requested, name)
+    ]
+
+
+def _check_same_quantization(model: nn.Module, requested: QuantizationConfig) -> None:
+    existing = quantized_with(model)
+    conflicts = [] if existing is None else config_conflicts(existing, requested)
+    if conflicts:
+        raise ValueError(
+            f"{type(model).__name__} is already quantized by bnb_lightning with another config "
+            f"({'; '.join(conflicts)}), and quantized layers are not quantized again (their full-precision "
+            "weights are gone). Quantize with the config the model was quantized with, or rebuild the model "
+            "from its full-precision weights and quantize that."
+        )
+
+
+def _check_quantizable_dtypes(layers: dict[str, nn.Module], decisions: dict[str, str | None]) -> None:
+    wrong = {
+        name: layers[name].weight.dtype
+        for name, reason in decisions.items()
+        if reason is None and layers[name].weight.dtype not in _QUANTIZABLE_DTYPES
+    }
+    if wrong:
+        name, dtype = next(iter(wrong.items()))
+        raise ValueError(
+            f"{len(wrong)} linear layers have {dtype} weights (e.g. {name!r}); bitsandbytes quantizes float32, "
+            "float16 and bfloat16 weights. Cast the model first, e.g. model.float() or model.to(torch.bfloat16)."
+        )
 
 
 def _move_rest(model: nn.Module, upload: HostToDevice) -> None:
@@ -160,8 +225,9 @@ def quantize_model(
     model plus one layer. From the CPU to a CUDA device, weights travel through pinned staging
     buffers, so copying one layer overlaps with quantizing the previous one. Modules kept in full
     precision (tied weights, output embeddings, last module, ``skip_modules``) keep their very
-    tensor objects, so ties survive. Quantized weights are frozen. A second call changes nothing.
-    A model quantized by someone else (for example transformers'
+    tensor objects, so ties survive. Quantized weights are frozen. A second call with the same config
+    changes nothing; one with another config is refused (the layers cannot be quantized again).
+    Everything is checked before the first layer changes. A model quantized by someone else (for example transformers'
     ``from_pretrained(quantization_config=...)``) is left alone, with a warning.
 
     Args:
@@ -176,6 +242,8 @@ def quantize_model(
         after, seconds.
 
     Raises:
+        ValueError: the model cannot be quantized as asked (weights on the meta device or of a dtype
+            bitsandbytes does not quantize, already quantized with another config); nothing changed.
         QuantizationError: a layer failed to quantize. If the original weights were not on the
             accelerator, the model is restored; otherwise the message lists the converted layers.
 
@@ -208,7 +276,9 @@ def quantize_model(
         )
         return report
 
+    _check_same_quantization(model, config)
     decisions = plan(model, config)
+    _check_quantizable_dtypes(layers, decisions)
     _warn_unmatched_patterns(model, config)
     if not decisions and not bnb_layers:
         warnings.warn(

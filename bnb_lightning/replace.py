@@ -1,7 +1,9 @@
 """The loading path: empty bnb layers in place of linears, then fill them tensor by tensor.
 
 Same contract as the transformers functions these come from, so code written against
-``replace_with_bnb_linear`` / ``set_module_quantized_tensor_to_device`` works unchanged.
+``replace_with_bnb_linear`` / ``set_module_quantized_tensor_to_device`` works unchanged. A model
+called before its layers are filled says which layer is empty and how to fill it, instead of failing
+inside bitsandbytes; the check leaves each layer once it holds weights, so training pays nothing for it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from .backend import (
     linear_shape,
     require_bitsandbytes,
 )
-from .config import QuantizationConfig, as_patterns
+from .config import QuantizationConfig, as_patterns, as_quantization_config
 from .layer_state import (
     STATS_8BIT,
     check_shape,
@@ -30,22 +32,6 @@ from .layer_state import (
     register_layer_hooks,
 )
 from .skip import matches_any
-
-
-def as_quantization_config(config: Any) -> QuantizationConfig:
-    """Accept our config, a transformers ``BitsAndBytesConfig`` or its dict."""
-    if config is None:
-        return QuantizationConfig()
-    if isinstance(config, QuantizationConfig):
-        return config
-    if isinstance(config, Mapping) and not ({"load_in_4bit", "load_in_8bit"} & set(config)):
-        return QuantizationConfig(**config)
-    if not (isinstance(config, Mapping) or hasattr(config, "to_dict")):
-        raise TypeError(
-            f"quantization_config must be a QuantizationConfig, a transformers BitsAndBytesConfig or a dict, "
-            f"got {type(config).__name__} ({config!r})."
-        )
-    return QuantizationConfig.from_bitsandbytes_config(config)
 
 
 def _compute_dtype(module: nn.Module, config: QuantizationConfig) -> torch.dtype | None:
@@ -89,6 +75,95 @@ def new_bnb_linear(module: nn.Module, config: QuantizationConfig) -> nn.Module:
     return layer
 
 
+# Attribute of a layer replace_with_bnb_linear built empty: its name in the model, for _refuse_empty_forward.
+_EMPTY_LAYER_NAME = "_bnb_lightning_empty_layer_name"
+
+
+def _meta_parameters(layer: nn.Module) -> list[str]:
+    return [
+        name for name, parameter in layer.named_parameters(recurse=False) if parameter.device.type == "meta"
+    ]
+
+
+def _unquantized_4bit(layer: nn.Module) -> bool:
+    # bitsandbytes' 4-bit forward needs a quant state, on the weight or on the layer (from which it restores
+    # the one a wrapper dropped); its 8-bit forward quantizes a float weight itself.
+    return (
+        isinstance(layer, require_bitsandbytes().nn.Linear4bit)
+        and getattr(layer.weight, "quant_state", None) is None
+        and getattr(layer, "quant_state", None) is None
+    )
+
+
+def _is_filled(layer: nn.Module) -> bool:
+    return not _meta_parameters(layer) and not _unquantized_4bit(layer)
+
+
+def _refuse_empty_forward(layer: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of the layers :func:`replace_with_bnb_linear` builds: an error that says what to do.
+
+    Without it, calling the model before its weights are loaded ends in a bare ``AssertionError`` or a
+    meta-tensor error from inside bitsandbytes. Loading removes it (:func:`_drop_empty_check_once_filled`),
+    or else the first forward that finds the layer filled, so training runs without it. In code being
+    compiled it does nothing: removing a hook there would make the compiler give up on the whole block.
+    """
+    if torch.compiler.is_compiling():
+        return
+    empty = _meta_parameters(layer)
+    if not empty and not _unquantized_4bit(layer):
+        _drop_empty_check(layer)
+        return
+    layer_name = f"{getattr(layer, _EMPTY_LAYER_NAME, 'a layer')} ({type(layer).__name__})"
+    if empty:
+        raise RuntimeError(
+            f"{layer_name} has no weights yet ({' and '.join(empty)} on the meta device): "
+            "replace_with_bnb_linear() built it empty. Load its weights with "
+            "set_module_quantized_tensor_to_device(...) or load_quantized_state_dict(...) "
+            "before calling the model."
+        )
+    raise RuntimeError(
+        f"{layer_name} has a weight but no 4-bit quantization state: it was given a weight that is not "
+        "quantized (load_state_dict(..., assign=True) of a full-precision state dict?). Load its weights with "
+        "set_module_quantized_tensor_to_device(...) or load_quantized_state_dict(...), which quantize "
+        "full-precision weights on the way, before calling the model."
+    )
+
+
+def _add_empty_check(layer: nn.Module, name: str) -> None:
+    """Make ``layer`` (empty, on the meta device) refuse a forward with its ``name`` until it is filled.
+
+    Module-level functions and a plain attribute, so the check survives ``copy.deepcopy`` and pickling.
+    Only here: ``quantize_model`` builds the same layers and fills them at once, with no hook.
+    """
+    setattr(layer, _EMPTY_LAYER_NAME, name)
+    layer.register_forward_pre_hook(_refuse_empty_forward, prepend=True)
+    layer.register_load_state_dict_post_hook(_drop_empty_check_after_loading)
+
+
+def _drop_empty_check(layer: nn.Module) -> None:
+    """Remove the forward check :func:`_add_empty_check` added, also from within the check itself.
+
+    torch runs a copy of the list of forward hooks, so the check may remove itself. The load post-hook
+    stays, as a no-op: torch runs the live list of post-hooks, so it cannot remove itself, and it costs
+    nothing outside ``load_state_dict``.
+    """
+    for hook_id in [i for i, hook in layer._forward_pre_hooks.items() if hook is _refuse_empty_forward]:
+        del layer._forward_pre_hooks[hook_id]
+        layer._forward_pre_hooks_with_kwargs.pop(hook_id, None)
+    layer.__dict__.pop(_EMPTY_LAYER_NAME, None)
+
+
+def _drop_empty_check_once_filled(layer: nn.Module) -> None:
+    """Remove the empty-layer check once the layer is filled, before a forward or the compiler sees it."""
+    if hasattr(layer, _EMPTY_LAYER_NAME) and _is_filled(layer):
+        _drop_empty_check(layer)
+
+
+def _drop_empty_check_after_loading(layer: nn.Module, incompatible_keys: Any) -> None:
+    """Load-state-dict post-hook: ``model.load_state_dict(..., assign=True)`` fills empty layers too."""
+    _drop_empty_check_once_filled(layer)
+
+
 def replace_with_bnb_linear(
     model: nn.Module,
     modules_to_not_convert: Sequence[str] | None = None,
@@ -98,7 +173,8 @@ def replace_with_bnb_linear(
     """Swap every ``nn.Linear`` / ``Conv1D`` for an empty, frozen bnb layer, for loading a checkpoint.
 
     The new layers live on the meta device; fill them with
-    :func:`set_module_quantized_tensor_to_device` or :func:`load_quantized_state_dict`. Weights are
+    :func:`set_module_quantized_tensor_to_device` or :func:`load_quantized_state_dict`. Until then,
+    calling the model raises a ``RuntimeError`` naming the first empty layer it reaches. Weights are
     not quantized here: use :func:`bnb_lightning.quantize_model` for a model already in memory.
 
     Args:
@@ -130,7 +206,9 @@ def replace_with_bnb_linear(
             continue
         if config.target_modules is not None and not matches_any(full_name, config.target_modules):
             continue
-        model.set_submodule(name, new_bnb_linear(module, config))
+        layer = new_bnb_linear(module, config)
+        _add_empty_check(layer, full_name)
+        model.set_submodule(name, layer)
         replaced += 1
     if replaced == 0:
         warnings.warn(
@@ -200,9 +278,22 @@ def set_module_quantized_tensor_to_device(
         ValueError: unknown name, shape mismatch, a dtype that contradicts the quantization state,
             missing statistics, a meta tensor without ``value``.
     """
-    bnb = require_bitsandbytes()
     device = as_device(device)
     owner, leaf = _resolve(module, tensor_name)
+    _set_tensor(owner, leaf, tensor_name, device, value, quantized_stats)
+    _drop_empty_check_once_filled(owner)
+
+
+def _set_tensor(
+    owner: nn.Module,
+    leaf: str,
+    tensor_name: str,
+    device: torch.device,
+    value: Any,
+    quantized_stats: Mapping[str, Any] | None,
+) -> None:
+    """:func:`set_module_quantized_tensor_to_device` for the tensor ``leaf`` of ``owner``."""
+    bnb = require_bitsandbytes()
     is_buffer = leaf in owner._buffers
     old_value = getattr(owner, leaf)
     if old_value is None:

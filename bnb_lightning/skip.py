@@ -15,6 +15,7 @@ LAST_MODULE = "last module"
 USER_SKIP = "skip_modules"
 KEEP_IN_FP32 = "model keeps it in fp32"
 NOT_TARGETED = "not in target_modules"
+ADAPTER = "PEFT adapter"
 
 _BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"
 
@@ -86,6 +87,26 @@ def get_keys_to_not_convert(model: nn.Module) -> list[str]:
         ['lm_head', 'model.embed_tokens', 'model.norm']
     """
     return sorted(default_skips(model))
+
+
+def adapter_module_names(model: nn.Module) -> set[str]:
+    """Names of the modules that belong to PEFT adapters (LoRA's ``lora_A``/``lora_B``, ...), not to the base.
+
+    They are the trainable part: quantizing them (a model prepared earlier, passed through again)
+    would freeze the adapters into 4-bit weights.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    names: set[str] = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        for child_name, child in module.named_children():
+            if child_name == "base_layer":
+                continue
+            prefix = f"{name}.{child_name}" if name else child_name
+            names.update(f"{prefix}.{inner}" if inner else prefix for inner, _ in child.named_modules())
+    return names
 
 
 def keep_in_fp32_patterns(model: nn.Module) -> list[str]:

@@ -4,7 +4,8 @@ A quantized model's ``state_dict()`` holds the packed weights with their statist
 state, 8-bit ``SCB``), and ``model.load_state_dict(state_dict, strict=True)`` takes it back into a
 model quantized with the same config: every layer this package creates carries the hooks for that
 (:mod:`bnb_lightning.layer_state`). These functions add files, in safetensors or torch format,
-written atomically and read back with errors that name the file.
+written atomically and read back with errors that name the file; a file is checked whole, statistics
+included, before anything is loaded, so a file that does not fit leaves the model untouched.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import nn
 
 from .backend import require_bitsandbytes
 from .files import atomic_path
-from .layer_state import STATS_4BIT
+from .layer_state import STATS_4BIT, STATS_8BIT, check_layer_entries
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -197,8 +198,38 @@ def _quant_state_keys(model: nn.Module, keys: Iterable[str]) -> set[str]:
     return statistics.intersection(keys)
 
 
+def _refused_layers(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], skip: set[str]
+) -> dict[str, str]:
+    """What the load hooks of the model's bnb layers would refuse, by layer name, changing nothing.
+
+    torch runs those hooks as it reaches each layer, after the layers before it were overwritten; the
+    same checks, run here on every layer first, keep a file that does not fit from half-loading. A layer
+    with an entry in ``skip`` (already reported as a shape or dtype mismatch) is not reported again.
+    """
+    bnb = require_bitsandbytes()
+    refused = {}
+    for name, layer in model.named_modules(remove_duplicate=False):
+        prefix = f"{name}." if name else ""
+        own_keys = {f"{prefix}{entry}" for entry in ("weight", *STATS_8BIT)}
+        if not isinstance(layer, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) or own_keys & skip:
+            continue
+        try:
+            check_layer_entries(layer, prefix, state_dict)
+        except ValueError as error:
+            refused[name] = str(error).rstrip(".")
+    return refused
+
+
+def _layers_problem(refused: Mapping[str, str]) -> str:
+    names, reasons = list(refused), list(refused.values())
+    count = "1 quantized layer does not" if len(names) == 1 else f"{len(names)} quantized layers do not"
+    more = f"; and {len(names) - 3} more layers ({_some(names[3:])})" if len(names) > 3 else ""
+    return f"{count} fit: {'; '.join(reasons[:3])}{more}"
+
+
 def _problems(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool) -> list[str]:
-    """What keeps ``state_dict`` from loading into ``model``: keys (if strict), shapes, dtypes."""
+    """What keeps ``state_dict`` from loading into ``model``: keys (if strict), shapes, dtypes, statistics."""
     expected = model.state_dict(keep_vars=True)
     statistics = _quant_state_keys(model, [*expected, *state_dict])
     missing = [key for key in expected if key not in state_dict and key not in statistics]
@@ -208,7 +239,7 @@ def _problems(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: 
         problems.append(f"missing {len(missing)} keys: {_some(missing)}")
     if strict and unexpected:
         problems.append(f"unexpected {len(unexpected)} keys: {_some(unexpected)}")
-    mismatched = []
+    mismatched = {}
     for key, value in state_dict.items():
         if key not in expected or key in statistics:
             continue
@@ -219,14 +250,18 @@ def _problems(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: 
             value.is_floating_point() and wanted.is_floating_point()
         )
         if value.shape != wanted.shape or dtype_differs:
-            mismatched.append(
+            mismatched[key] = (
                 f"{key!r}: {tuple(value.shape)} {value.dtype} in the file, {tuple(wanted.shape)} {wanted.dtype} "
                 "in the model"
             )
     if mismatched:
-        problems.append(f"{len(mismatched)} shape or dtype mismatches: {'; '.join(mismatched[:5])}")
+        shown = list(mismatched.values())[:5]
+        problems.append(f"{len(mismatched)} shape or dtype mismatches: {'; '.join(shown)}")
         if len(mismatched) > 5:
             problems[-1] += f" and {len(mismatched) - 5} more"
+    refused = _refused_layers(model, state_dict, set(mismatched))
+    if refused:
+        problems.append(_layers_problem(refused))
     return problems
 
 
@@ -237,8 +272,9 @@ def load_state_dict_file(
 
     ``model`` is quantized with the same config as the model that was saved (e.g. by
     :func:`quantize_model`, from any weights): its quantized weights, statistics included, are replaced
-    by the file's, on the device each layer is on. Keys, shapes and dtypes are checked against the model
-    before anything is loaded, so a file of another model leaves ``model`` untouched.
+    by the file's, on the device each layer is on. Keys, shapes, dtypes and each quantized layer's
+    statistics (quant type, block scales, ``SCB``, as the layers' load hooks check them) are checked
+    against the model before anything is loaded, so a file that does not fit leaves ``model`` untouched.
 
     Args:
         model: the model to load into, in place.
@@ -266,5 +302,6 @@ def load_state_dict_file(
         return model.load_state_dict(state_dict, strict=strict)
     except RuntimeError as error:
         raise RuntimeError(
-            f"loading '{os.fspath(path)}' into {type(model).__name__} failed: {error}"
+            f"loading '{os.fspath(path)}' into {type(model).__name__} failed: {error}. It passed the checks "
+            "made before loading, so part of it may be loaded: rebuild the model before using it."
         ) from error

@@ -174,7 +174,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", help="local transformers model directory (default: a tiny random Llama)")
     parser.add_argument("--data", help=f"UTF-8 text file to train on (default: {DEFAULT_DATA.name})")
     parser.add_argument("--bits", type=int, choices=(4, 8), default=4)
-    parser.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4", help="4-bit data type")
+    parser.add_argument(
+        "--quant-type",
+        choices=("nf4", "fp4"),
+        default=None,
+        help="4-bit data type (default: nf4; 4-bit only)",
+    )
     parser.add_argument(
         "--precision",
         default="bf16-true" if torch.cuda.is_available() else "32-true",

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import BitsAndBytesConfig
 
-from bnb_lightning.config import QuantizationConfig, compute_dtype_for_precision
+from bnb_lightning.config import QuantizationConfig, as_quantization_config, compute_dtype_for_precision
 
 
 def test_defaults_are_nf4_with_double_quant():
@@ -18,11 +18,38 @@ def test_defaults_are_nf4_with_double_quant():
     assert config.double_quant is True
     assert config.quant_storage is torch.uint8
     assert config.compute_dtype is None
-    assert config.threshold == 6.0
-    assert config.has_fp16_weights is False
+    # The 8-bit options are unset: they would do nothing here.
+    assert config.threshold is None
+    assert config.has_fp16_weights is None
     assert config.skip_modules == ()
     assert config.replace_default_skips is False
     assert config.target_modules is None
+
+
+def test_8bit_defaults_are_llm_int8s_without_4bit_options():
+    config = QuantizationConfig(bits=8)
+    assert (config.threshold, config.has_fp16_weights) == (6.0, False)
+    assert (config.quant_type, config.double_quant, config.quant_storage, config.compute_dtype) == (None,) * 4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "other"),
+    [
+        ({"bits": 8, "double_quant": True}, "double_quant=True", "4-bit"),
+        ({"bits": 8, "double_quant": False}, "double_quant=False", "4-bit"),
+        ({"bits": 8, "quant_type": "nf4"}, "quant_type='nf4'", "4-bit"),
+        ({"bits": 8, "quant_storage": "bf16"}, "quant_storage='bf16'", "4-bit"),
+        ({"bits": 8, "compute_dtype": "bf16"}, "compute_dtype='bf16'", "4-bit"),
+        ({"threshold": 5.0}, "threshold=5.0", "8-bit"),
+        ({"has_fp16_weights": False}, "has_fp16_weights=False", "8-bit"),
+    ],
+)
+def test_an_option_of_the_other_bit_width_is_refused(kwargs, field, other):
+    with pytest.raises(ValueError) as raised:
+        QuantizationConfig(**kwargs)
+    message = str(raised.value)
+    assert f"{field} applies to {other} quantization only" in message
+    assert "would do nothing" in message and f"set bits={other[0]}" in message
 
 
 def test_config_is_immutable_and_hashable():
@@ -71,19 +98,19 @@ def test_quant_type_is_case_insensitive():
         ({"bits": 3}, ValueError, ["bits=3", "expected 4", "or 8"]),
         ({"bits": "4"}, ValueError, ["bits='4'", "expected 4"]),
         ({"bits": True}, ValueError, ["bits=True", "expected 4"]),
+        ({"bits": 4.0}, ValueError, ["bits=4.0", "expected 4", "as an int"]),
         ({"quant_type": "nf8"}, ValueError, ["quant_type='nf8'", "'nf4' or 'fp4'"]),
-        ({"quant_type": None}, ValueError, ["quant_type=None", "'nf4' or 'fp4'"]),
+        ({"quant_type": 4}, ValueError, ["quant_type=4", "'nf4' or 'fp4'"]),
         ({"compute_dtype": "float64"}, ValueError, ["compute_dtype='float64'", "bfloat16", "float16"]),
         ({"compute_dtype": "uint8"}, ValueError, ["compute_dtype=torch.uint8", "torch.bfloat16"]),
         ({"compute_dtype": torch.int8}, ValueError, ["compute_dtype=torch.int8", "torch.float32"]),
         ({"compute_dtype": 16}, TypeError, ["compute_dtype", "string or a torch.dtype", "16"]),
         ({"quant_storage": "float64"}, ValueError, ["quant_storage='float64'", "uint8"]),
-        ({"quant_storage": None}, ValueError, ["quant_storage=None", "uint8"]),
-        ({"threshold": -1.0}, ValueError, ["threshold=-1.0", ">= 0"]),
-        ({"threshold": "6"}, ValueError, ["threshold='6'", ">= 0"]),
-        ({"threshold": float("nan")}, ValueError, ["threshold=nan", ">= 0"]),
+        ({"bits": 8, "threshold": -1.0}, ValueError, ["threshold=-1.0", ">= 0"]),
+        ({"bits": 8, "threshold": "6"}, ValueError, ["threshold='6'", ">= 0"]),
+        ({"bits": 8, "threshold": float("nan")}, ValueError, ["threshold=nan", ">= 0"]),
         ({"double_quant": "yes"}, TypeError, ["double_quant", "True or False", "'yes'"]),
-        ({"has_fp16_weights": 1}, TypeError, ["has_fp16_weights", "True or False", "1"]),
+        ({"bits": 8, "has_fp16_weights": 1}, TypeError, ["has_fp16_weights", "True or False", "1"]),
         ({"skip_modules": [""]}, TypeError, ["skip_modules", "non-empty strings", "['']"]),
         ({"skip_modules": ["lm_head", 3]}, TypeError, ["skip_modules", "module-name patterns", "3"]),
         ({"skip_modules": 7}, TypeError, ["skip_modules", "7"]),
@@ -113,10 +140,15 @@ def test_replace_default_skips_with_skip_modules_is_accepted():
 
 
 def test_replace_revalidates_and_returns_a_copy():
-    config = QuantizationConfig()
-    eight_bit = config.replace(bits=8, compute_dtype="bf16")
-    assert (eight_bit.bits, eight_bit.compute_dtype) == (8, torch.bfloat16)
-    assert (config.bits, config.compute_dtype) == (4, None)
+    config = QuantizationConfig(compute_dtype="bf16")
+    # Another bit width drops the options of the old one: the copy is that width's default.
+    assert config.replace(bits=8) == QuantizationConfig(bits=8)
+    assert config.replace(bits=8, threshold=4.0).threshold == 4.0
+    assert config.replace(bits=8).replace(bits=4) == QuantizationConfig()
+    assert config.replace(quant_type="fp4").compute_dtype is torch.bfloat16
+    assert (config.bits, config.compute_dtype) == (4, torch.bfloat16)
+    with pytest.raises(ValueError, match="double_quant=False applies to 4-bit"):
+        config.replace(bits=8, double_quant=False)
     with pytest.raises(ValueError, match="bits=5"):
         config.replace(bits=5)
     with pytest.raises(ValueError, match="replace_default_skips=True"):
@@ -153,8 +185,6 @@ def test_from_bitsandbytes_config_4bit_maps_every_field(as_dict):
         double_quant=True,
         compute_dtype=torch.bfloat16,
         quant_storage=torch.bfloat16,
-        threshold=6.0,
-        has_fp16_weights=False,
         skip_modules=("router", "mlp.gate"),
         replace_default_skips=False,
         target_modules=None,
@@ -168,6 +198,8 @@ def test_from_bitsandbytes_config_8bit_maps_every_field(as_dict):
     assert config.bits == 8
     assert config.threshold == 4.5
     assert config.has_fp16_weights is True
+    # transformers writes (and ignores) its 4-bit defaults in an 8-bit config: so do we.
+    assert (config.quant_type, config.double_quant, config.compute_dtype) == (None, None, None)
     # llm_int8_skip_modules is added to the automatic skips, never a replacement for them.
     assert config.skip_modules == ("score",)
     assert config.replace_default_skips is False
@@ -186,15 +218,43 @@ def test_from_bitsandbytes_config_keeps_transformers_defaults(as_dict):
 
 def test_from_bitsandbytes_config_without_a_load_flag_raises():
     with pytest.raises(
-        ValueError, match=r"exactly one of load_in_4bit=True or load_in_8bit=True.*False.*False"
+        ValueError, match=r"exactly one of load_in_4bit=True .* or load_in_8bit=True .*got neither"
     ):
         QuantizationConfig.from_bitsandbytes_config(BitsAndBytesConfig())
 
 
 def test_from_bitsandbytes_config_with_both_load_flags_raises():
     fields = {**_four_bit_bnb_config().to_dict(), "load_in_8bit": True}
-    with pytest.raises(ValueError, match="load_in_4bit=True, load_in_8bit=True"):
+    with pytest.raises(ValueError, match="got both"):
         QuantizationConfig.from_bitsandbytes_config(fields)
+
+
+def test_a_bitsandbytes_dict_without_a_load_flag_says_to_set_one():
+    # Before: taken as QuantizationConfig fields, failing on the unexpected keyword 'bnb_4bit_quant_type'.
+    with pytest.raises(ValueError, match="load_in_4bit=True .*got neither: set the one you want"):
+        as_quantization_config({"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True})
+
+
+def test_a_class_path_dict_in_python_says_to_pass_the_object():
+    with pytest.raises(
+        TypeError,
+        match=r"class_path/init_args dict is LightningCLI's YAML form.*QuantizationConfig\(\*\*init_args\)",
+    ):
+        as_quantization_config({"class_path": "bnb_lightning.QuantizationConfig", "init_args": {"bits": 8}})
+
+
+def test_an_unknown_field_in_a_config_dict_is_named_with_a_suggestion():
+    with pytest.raises(TypeError, match="unknown fields 'quant_typ' \\(did you mean 'quant_type'\\?\\)"):
+        as_quantization_config({"bits": 4, "quant_typ": "fp4"})
+    assert as_quantization_config({"bits": 8, "threshold": 5}) == QuantizationConfig(bits=8, threshold=5.0)
+
+
+def test_other_objects_are_refused_as_quantization_configs():
+    from peft import LoraConfig
+
+    # A PEFT config has to_dict() too: before, it was read as a BitsAndBytesConfig without load flags.
+    with pytest.raises(TypeError, match="got LoraConfig"):
+        as_quantization_config(LoraConfig(r=4))
 
 
 def test_from_bitsandbytes_config_rejects_other_objects():

@@ -136,6 +136,15 @@ def test_ddp_refuses_ranks_with_different_base_weights(tmp_path):
     assert result.returncode != 0
     assert "the ranks quantized different base weights" in result.stderr
     assert "seed_everything" in result.stderr
+    # Found after quantization: each rank's model keeps its quantized layers and nothing else of the
+    # preparation (no adapters), the callback does not count it as prepared, and its hooks are unwrapped.
+    for rank in range(2):
+        state = torch.load(tmp_path / f"failed_rank{rank}.pt", weights_only=False)
+        assert "different base weights" in state["error"]
+        assert state["quantized_layers"] == 14
+        assert state["adapter_parameters"] == []
+        assert state["prepared"] is False
+        assert state["wrapped_hooks"] == []
 
 
 @pytest.mark.gpu

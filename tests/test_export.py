@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import resource
 import signal
 from pathlib import Path
@@ -18,9 +19,11 @@ from test_callback import CausalLM, batches, lora, trainer
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from bnb_lightning import BnbQuantization, QuantizationConfig, inject_adapters, quantize_model
-from bnb_lightning.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_adapters, load_adapters
+from bnb_lightning.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_root, export_adapters, load_adapters
 from bnb_lightning.merge import MergeToleranceError, dequantized_weight, export_merged, merged_model
 
+# The manifest every export writes (its name is in the README and the docstrings).
+MANIFEST = "bnb_lightning_export.json"
 BNB_CONFIGS = {
     4: dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
     8: dict(load_in_8bit=True),
@@ -55,6 +58,24 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 
 def leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.endswith((".partial", ".previous", ".tmp")))
+
+
+def recorded_exports(directory: Path) -> dict:
+    return json.loads((directory / MANIFEST).read_text())["exports"]
+
+
+def structure(model: torch.nn.Module) -> tuple:
+    """What loading adapters changes: module types, state-dict keys, requires_grad flags, attributes."""
+    return (
+        [(name, type(module)) for name, module in model.named_modules()],
+        sorted(model.state_dict()),
+        [(name, parameter.requires_grad) for name, parameter in model.named_parameters()],
+        [sorted(vars(module)) for module in model.modules()],
+    )
+
+
+def lora_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" in name}
 
 
 # -- adapters -------------------------------------------------------------------------------------------------
@@ -116,10 +137,21 @@ def test_export_from_a_lightning_module_trained_with_the_callback(tmp_path, toke
     export_adapters(module, tmp_path / "adapters")
     result = export_merged(module, tmp_path / "merged", tokens)
 
-    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == [
+        ADAPTER_CONFIG,
+        ADAPTER_WEIGHTS,
+        MANIFEST,
+    ]
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     difference = (logits(reloaded, tokens) - logits(module.model, tokens)).abs().max().item()
     assert difference == result.max_abs_diff
+
+    # The base recorded from the LightningModule is the bare model's, quantized the same way: the base check
+    # passes, whatever wraps the model and whichever parameters trained.
+    bare = tiny_llama()
+    quantize_model(bare, QuantizationConfig(bits=4), device="cpu")
+    load_adapters(bare, tmp_path / "adapters")
+    assert torch.equal(logits(bare.eval(), tokens), logits(module.model.eval(), tokens))
 
 
 def test_export_adapters_needs_adapters(tmp_path):
@@ -133,6 +165,108 @@ def test_export_adapters_needs_adapters(tmp_path):
     ):
         export_adapters(model, tmp_path / "adapters", adapter_name="other")
     assert not (tmp_path / "adapters").exists()
+
+
+# -- what an export replaces, keeps and refuses --------------------------------------------------------------
+
+
+def test_adapters_exported_into_a_saved_base_model_keep_its_files(tmp_path, tokens):
+    directory = tmp_path / "model"
+    tiny_llama().save_pretrained(directory)
+    base_files = snapshot(directory)
+    assert {"config.json", "generation_config.json", "model.safetensors"} <= base_files.keys()
+    base = AutoModelForCausalLM.from_pretrained(
+        directory, quantization_config=BitsAndBytesConfig(**BNB_CONFIGS[4]), device_map="cpu"
+    )
+    model = trained_model(4)
+
+    export_adapters(model, directory)
+
+    files = snapshot(directory)
+    assert {name: files[name] for name in base_files} == base_files  # byte for byte
+    assert sorted(files.keys() - base_files.keys()) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST]
+    assert recorded_exports(directory)["adapters"]["files"] == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+    reference = PeftModel.from_pretrained(base, directory)
+    assert torch.equal(logits(reference, tokens), logits(model, tokens))
+    assert leftovers(tmp_path) == []
+
+
+def test_a_merged_export_into_a_saved_base_model_is_refused(tmp_path, tokens):
+    directory = tmp_path / "model"
+    tiny_llama().save_pretrained(directory)
+    before = snapshot(directory)
+    with pytest.raises(
+        FileExistsError,
+        match=re.escape(
+            f"cannot export into {directory}: it holds config.json, which bnb_lightning did not write (there is "
+            f"no {MANIFEST}, which every bnb_lightning export writes), and this export would replace it. Nothing "
+            "in it was changed. Export into another (or an empty) directory, or remove "
+            f"{directory / 'config.json'} yourself"
+        ),
+    ):
+        export_merged(trained_model(4, steps=1), directory, tokens)
+    assert snapshot(directory) == before
+    assert leftovers(tmp_path) == []
+
+
+def test_an_export_keeps_the_users_own_files(tmp_path):
+    directory = tmp_path / "adapters"
+    directory.mkdir()
+    (directory / "config.json").write_text('{"lr": 0.01}')
+    save_file({"cache": torch.arange(4.0)}, directory / "cache.safetensors")
+    users = snapshot(directory)
+
+    model = trained_model(4, steps=1)
+    export_adapters(model, directory)
+    export_adapters(model, directory)  # and again: the second export replaces only the first one's files
+
+    files = snapshot(directory)
+    assert {name: files[name] for name in users} == users
+    assert sorted(files) == sorted([*users, ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST])
+
+
+def test_a_foreign_adapter_file_is_refused_and_nothing_changes(tmp_path):
+    directory = tmp_path / "adapters"
+    get_peft_model(tiny_llama(), lora(task_type="CAUSAL_LM")).save_pretrained(directory)  # PEFT's own export
+    before = snapshot(directory)
+    with pytest.raises(
+        FileExistsError,
+        match=re.escape(
+            f"it holds {ADAPTER_CONFIG}, {ADAPTER_WEIGHTS}, which bnb_lightning did not write (there is no {MANIFEST}"
+        ),
+    ):
+        export_adapters(trained_model(4, steps=1), directory)
+    assert snapshot(directory) == before
+    assert leftovers(tmp_path) == []
+
+
+def test_an_export_removes_only_what_its_previous_export_wrote(tmp_path, tokens):
+    directory = tmp_path / "export"
+    llama = trained_model(4, steps=1)
+    export_merged(llama, directory, tokens)  # config.json, generation_config.json, model.safetensors
+    export_adapters(llama, directory)  # beside the merged model, which stays
+    (directory / "tokenizer.json").write_text("{}")
+    assert {"config.json", "model.safetensors", ADAPTER_WEIGHTS} <= {p.name for p in directory.iterdir()}
+    adapter_files = {name: (directory / name).read_bytes() for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
+
+    mlp = TiedMLP()
+    quantize_model(mlp, QuantizationConfig(bits=4), device="cpu")
+    inject_adapters(mlp, LoraConfig(r=4, target_modules=["up", "down"], init_lora_weights=False))
+    result = export_merged(mlp, directory, tokens)  # a plain module: model.safetensors only
+
+    # The previous merged export's config.json and generation_config.json go; the adapters stay.
+    assert sorted(p.name for p in directory.iterdir()) == sorted(
+        [ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, "model.safetensors", "tokenizer.json"]
+    )
+    assert {name: (directory / name).read_bytes() for name in adapter_files} == adapter_files
+    exports = recorded_exports(directory)
+    assert exports["merged"] == {"files": ["model.safetensors"]}
+    assert exports["adapters"]["files"] == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+    reloaded = TiedMLP()
+    load_model(reloaded, directory / "model.safetensors")
+    with torch.no_grad():
+        assert (reloaded(tokens) - mlp.eval()(tokens)).abs().max().item() == result.max_abs_diff
+    assert leftovers(tmp_path) == []
 
 
 # -- loading adapters -----------------------------------------------------------------------------------------
@@ -209,6 +343,87 @@ def test_load_adapters_refuses_another_rank_and_names_the_file(tmp_path):
         ValueError, match=rf"{path} does not hold the adapters of LlamaForCausalLM: missing \[\]"
     ):
         load_adapters(narrower, tmp_path / "adapters")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error"),
+    [("r", 8, "has shape"), ("target_modules", ["q_proj"], "does not hold the adapters of")],
+)
+def test_a_refused_load_leaves_a_model_without_adapters_as_it_was(tmp_path, field, value, error):
+    export_adapters(trained_model(4, steps=1), tmp_path / "adapters")
+    path = tmp_path / "adapters" / ADAPTER_CONFIG
+    exported = path.read_text()
+    # A config that does not fit the weights file: the adapters it injects are not the file's.
+    path.write_text(json.dumps({**json.loads(exported), field: value}))
+    model = tiny_llama()
+    quantize_model(model, QuantizationConfig(bits=4), device="cpu")
+    before = structure(model)
+
+    with pytest.raises(ValueError, match=error):
+        load_adapters(model, tmp_path / "adapters")
+    assert structure(model) == before
+    assert adapter_root(model) is None
+
+    path.write_text(exported)
+    load_adapters(model, tmp_path / "adapters")  # the same model still takes the right adapters
+    assert adapter_root(model) is model
+
+
+def test_adapters_of_another_base_are_refused_unless_check_base_is_off(tmp_path):
+    trained = trained_model(4)
+    export_adapters(trained, tmp_path / "adapters")
+    other = tiny_llama(seed=1)  # the same shapes, other weights
+    quantize_model(other, QuantizationConfig(bits=4), device="cpu")
+    before = structure(other)
+
+    with pytest.raises(
+        ValueError,
+        match=rf"the adapters in {tmp_path / 'adapters'} were trained on another base model: {MANIFEST} records "
+        r"the quantized base they were exported from as fingerprint [0-9a-f]{16}, and LlamaForCausalLM, "
+        r"quantized the same way \(bits=4, .*quant_type=nf4.*\), has fingerprint [0-9a-f]{16}\. .* pass "
+        r"check_base=False to load them anyway",
+    ):
+        load_adapters(other, tmp_path / "adapters")
+    assert structure(other) == before
+    base = recorded_exports(tmp_path / "adapters")["adapters"]["base"]
+    assert base["quantization"] == [
+        {
+            "bits": 4,
+            "quant_type": "nf4",
+            "double_quant": True,
+            "blocksize": 64,
+            "quant_storage": "uint8",
+            "dtype": "float32",
+        }
+    ]
+
+    load_adapters(other, tmp_path / "adapters", check_base=False)
+    assert lora_weights(other).keys() == lora_weights(trained).keys()
+    assert all(torch.equal(value, lora_weights(trained)[name]) for name, value in lora_weights(other).items())
+
+    # Adapters without our manifest (as PeftModel.save_pretrained writes them) have no base to compare.
+    (tmp_path / "adapters" / MANIFEST).unlink()
+    again = tiny_llama(seed=1)
+    quantize_model(again, QuantizationConfig(bits=4), device="cpu")
+    load_adapters(again, tmp_path / "adapters")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        QuantizationConfig(bits=8),
+        QuantizationConfig(bits=4, quant_type="fp4"),
+        QuantizationConfig(bits=4, double_quant=False),
+    ],
+    ids=["int8", "fp4", "single-quant"],
+)
+def test_adapters_load_into_their_base_quantized_another_way(tmp_path, config):
+    trained = trained_model(4)  # NF4 with double quantization
+    export_adapters(trained, tmp_path / "adapters")
+    model = tiny_llama()
+    quantize_model(model, config, device="cpu")
+    load_adapters(model, tmp_path / "adapters")
+    assert all(torch.equal(value, lora_weights(trained)[name]) for name, value in lora_weights(model).items())
 
 
 # -- merged model ---------------------------------------------------------------------------------------------
@@ -411,16 +626,18 @@ def test_reexport_replaces_export_files_and_keeps_other_files(tmp_path):
     (directory / "tokenizer.json").write_text("{}")
     (directory / "notes").mkdir()
     (directory / "notes" / "run.txt").write_text("lr=1e-2")
-    (directory / "adapter_model.bin").write_bytes(b"stale")  # a previous export of another format
+    # Named like a PEFT export, but not written by bnb_lightning: kept, as any file of the user's.
+    (directory / "adapter_model.bin").write_bytes(b"the user's")
 
     with torch.no_grad():
         model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.add_(1.0)
     export_adapters(model, directory)
 
     assert sorted(p.name for p in directory.iterdir()) == sorted(
-        [ADAPTER_CONFIG, ADAPTER_WEIGHTS, "tokenizer.json", "notes"]
+        [ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, "tokenizer.json", "notes", "adapter_model.bin"]
     )
     assert (directory / "notes" / "run.txt").read_text() == "lr=1e-2"
+    assert (directory / "adapter_model.bin").read_bytes() == b"the user's"
     saved = load_file(directory / ADAPTER_WEIGHTS)[
         "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
     ]

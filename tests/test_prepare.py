@@ -186,3 +186,102 @@ def test_count_parameters_counts_packed_weights_by_their_unpacked_size():
     counts = count_parameters(model)
     assert counts.trainable == 2 * 4 * (64 + 64)  # two layers, A (4x64) and B (64x4)
     assert "trainable parameters: 1,024 of" in str(counts)
+
+
+# -- all or nothing ------------------------------------------------------------------------------------
+
+
+def _structure(model: nn.Module) -> dict:
+    return {
+        "types": {name: type(m) for name, m in model.named_modules()},
+        "parameters": {n: (p, p.dtype, p.requires_grad) for n, p in model.named_parameters()},
+        "attributes": {name: set(vars(m)) for name, m in model.named_modules()},
+    }
+
+
+def test_a_restore_point_takes_back_every_preparation_step(tokens):
+    from bnb_lightning import use_chunked_loss, use_fused_4bit_dequantize
+    from bnb_lightning.prepare import cast_to_float32, restore_point
+
+    model = quantized_llama(dtype=torch.bfloat16)
+    before = _structure(model)
+    with torch.no_grad():
+        logits = model(tokens).logits
+    restore = restore_point(model)
+    prepare_for_kbit_training(model, gradient_checkpointing=True)
+    inject_adapters(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    cast_to_float32(model)
+    use_fused_4bit_dequantize(model)
+    use_chunked_loss(model)
+    model.model.layers[0].compile()
+    assert _structure(model) != before
+
+    restore()
+    assert _structure(model) == before
+    assert not model.is_gradient_checkpointing
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, logits)
+
+
+def test_injection_refused_by_peft_leaves_the_model_as_it_was():
+    model = quantized_llama()
+    before = _structure(model)
+    # layers_to_transform selects no layer: PEFT refuses after matching the names.
+    with pytest.raises(ValueError, match=r"PEFT cannot add the adapters of LoraConfig .*layers_to_transform"):
+        inject_adapters(model, LoraConfig(r=4, target_modules=["q_proj"], layers_to_transform=[7]))
+    assert _structure(model) == before
+
+
+@pytest.mark.parametrize(
+    ("peft_config", "message"),
+    [
+        (
+            LoraConfig(r=4, target_modules=["q_proj", "v_prj"]),
+            r"'v_prj' matches no module .*Did you mean \['v_proj'",
+        ),
+        (
+            LoraConfig(r=4, target_modules=["lm_haed"]),
+            r"'lm_haed' matches no module .*Did you mean \['lm_head'",
+        ),
+    ],
+)
+def test_a_typo_among_target_modules_is_named(peft_config, message):
+    from bnb_lightning.prepare import check_peft_config
+
+    # PEFT alone adds adapters to q_proj and ignores 'v_prj' without a word.
+    with pytest.raises(ValueError, match=message):
+        check_peft_config(tiny_llama(), peft_config)
+
+
+def test_the_peft_check_costs_no_memory_and_accepts_dora_on_quantized_layers():
+    from bnb_lightning.prepare import check_peft_config
+
+    model = quantized_llama()
+    before = _structure(model)
+    check_peft_config(model, LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    assert _structure(model) == before
+
+
+def test_injecting_the_same_adapters_again_keeps_them_and_other_adapters_are_refused():
+    model = quantized_llama()
+    config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    inject_adapters(model, config)
+    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    # PEFT alone would give the 'default' adapter new weights.
+    inject_adapters(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    assert all(torch.equal(p, adapters[n]) for n, p in model.named_parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match=r"already has adapters from another peft_config \(r: 4 -> 8"):
+        inject_adapters(model, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
+
+
+def test_quantizing_a_model_with_adapters_leaves_the_adapters_alone():
+    model = quantized_llama()
+    inject_adapters(model, LoraConfig(r=4, target_modules="all-linear"))
+    report = quantize_model(model, QuantizationConfig(bits=4), device="cpu")
+    assert report.converted == []
+    assert {reason for reason in report.skipped.values()} == {"PEFT adapter", "tied weights"}
+    assert all(
+        type(m) is nn.Linear
+        for n, m in model.named_modules()
+        if n.endswith(("lora_A.default", "lora_B.default"))
+    )

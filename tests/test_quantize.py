@@ -471,22 +471,63 @@ def test_a_skipped_module_on_meta_raises_before_anything_changes():
 @pytest.mark.parametrize("config", ["nf4-double-quant", "nf4", "fp4"])
 def test_failure_in_the_middle_restores_the_model(config, tokens):
     model = tiny_llama(tie=False)
-    # bitsandbytes' 4-bit quantization rejects float64: a real failure after earlier layers succeeded.
-    model.model.layers[1].self_attn.k_proj.to(torch.float64)
+    # bitsandbytes cannot store the 5 packed bytes of a 3x3 weight as float32: a real failure after
+    # the layers before it were converted.
+    model.model.layers[1].probe = nn.Linear(3, 3)
+    float_storage = CONFIGS[config].replace(quant_storage="float32")
     snapshot = _snapshot(model)
 
-    with pytest.raises(QuantizationError, match=r"'model.layers.1.self_attn.k_proj'.*restored") as raised:
-        quantize_model(model, CONFIGS[config], device="cpu")
+    with pytest.raises(QuantizationError, match=r"'model.layers.1.probe'.*restored") as raised:
+        quantize_model(model, float_storage, device="cpu")
 
-    assert "float64" in str(raised.value.__cause__)
+    assert "to view Byte as Float" in str(raised.value.__cause__)
     _assert_unchanged(model, snapshot)
     assert _bnb_layer_names(model) == []
     # Fixing the cause and calling again works.
-    model.model.layers[1].self_attn.k_proj.to(torch.float32)
-    report = quantize_model(model, CONFIGS[config], device="cpu")
+    del model.model.layers[1].probe
+    report = quantize_model(model, float_storage, device="cpu")
     assert "model.layers.1.self_attn.k_proj" in report.converted
     with torch.no_grad():
         assert torch.isfinite(model(tokens).logits).all()
+
+
+def test_weights_bitsandbytes_cannot_quantize_are_refused_before_any_layer_changes():
+    model = tiny_llama(tie=False).double()
+    snapshot = _snapshot(model)
+    # Before: bitsandbytes failed on the first layer, and the message said to call quantize_model again.
+    with pytest.raises(
+        ValueError, match=r"14 linear layers have torch.float64 weights .* Cast the model first"
+    ):
+        quantize_model(model, QuantizationConfig(), device="cpu")
+    _assert_unchanged(model, snapshot)
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "conflict"),
+    [
+        (QuantizationConfig(), QuantizationConfig(bits=8), "bits: 4 -> 8"),
+        (QuantizationConfig(bits=8), QuantizationConfig(), "bits: 8 -> 4"),
+        (QuantizationConfig(), QuantizationConfig(quant_type="fp4"), "quant_type: 'nf4' -> 'fp4'"),
+        (QuantizationConfig(), QuantizationConfig(double_quant=False), "double_quant: True -> False"),
+        (QuantizationConfig(compute_dtype="bf16"), QuantizationConfig(compute_dtype="fp32"), "compute_dtype"),
+        (QuantizationConfig(bits=8), QuantizationConfig(bits=8, threshold=4.0), "threshold: 6.0 -> 4.0"),
+    ],
+)
+def test_quantizing_again_with_another_config_is_refused(first, second, conflict):
+    model = tiny_llama()
+    quantize_model(model, first, device="cpu")
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    # Before: a silent no-op ("converted 0 ... already quantized"), the layers staying as they were.
+    with pytest.raises(
+        ValueError, match=re.escape(f"already quantized by bnb_lightning with another config ({conflict}")
+    ):
+        quantize_model(model, second, device="cpu")
+    assert all(torch.equal(state[key], value) for key, value in model.state_dict().items())
+    # The same config again, or one that only leaves the compute dtype to the layers, changes nothing.
+    assert quantize_model(model, first, device="cpu").converted == []
+    assert (
+        quantize_model(model, first.replace(compute_dtype=None) if first.bits == 4 else first).converted == []
+    )
 
 
 # -- compute dtype, modes, training ------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import bitsandbytes as bnb
@@ -9,19 +10,25 @@ import pytest
 import torch
 from accelerate import init_empty_weights
 from conftest import VOCAB, TiedMLP, tiny_gpt2, tiny_llama
+from peft import LoraConfig
 from safetensors.torch import load_file
 from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
 from bnb_lightning import (
     QuantizationConfig,
     get_keys_to_not_convert,
+    inject_adapters,
+    prepare_for_kbit_training,
+    quantize_model,
     replace_8bit_linear,
     replace_with_bnb_linear,
     set_module_8bit_tensor_to_device,
     set_module_quantized_tensor_to_device,
+    use_fused_4bit_dequantize,
 )
-from bnb_lightning.replace import load_quantized_state_dict
+from bnb_lightning.replace import _refuse_empty_forward, load_quantized_state_dict
 
 pytestmark = pytest.mark.filterwarnings("ignore:MatMul8bitLt")
 
@@ -214,6 +221,138 @@ def test_conv1d_weights_are_transposed_only_when_full_precision(checkpoints, sou
         torch.testing.assert_close(dequantized, conv1d_weight.T, rtol=0, atol=tolerance)
 
 
+# ---------------------------------------------------------------- calling a model before it is loaded
+
+
+def empty_checks(model: nn.Module) -> list[str]:
+    """The layers that still run replace_with_bnb_linear's empty-layer check before each forward."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if any(hook is _refuse_empty_forward for hook in module._forward_pre_hooks.values())
+    ]
+
+
+EMPTY_Q_PROJ = (
+    r"model\.layers\.0\.self_attn\.q_proj \({layer}\) has no weights yet \(weight on the meta device\): "
+    r"replace_with_bnb_linear\(\) built it empty\. Load its weights with "
+    r"set_module_quantized_tensor_to_device\(\.\.\.\) or load_quantized_state_dict\(\.\.\.\) before calling"
+)
+
+
+@pytest.mark.parametrize("quantization", ["nf4-double-quant", "int8"])
+def test_an_empty_model_names_the_layer_to_load_and_runs_without_the_check_once_loaded(
+    checkpoints, transformers_logits, quantization
+):
+    path = checkpoints("llama-untied", quantization)
+    model = skeleton(path, quantization)
+    layer = "Linear8bitLt" if quantization == "int8" else "Linear4bit"
+    with pytest.raises(RuntimeError, match=EMPTY_Q_PROJ.format(layer=layer)):
+        logits(model, TOKENS)
+    assert len(empty_checks(model)) == 14
+
+    load_quantized_state_dict(model, load_file(f"{path}/model.safetensors"), "cpu")
+
+    assert empty_checks(model) == []  # gone before the first forward: nothing runs per step
+    expected = transformers_logits("llama-untied", quantization, "prequantized")
+    torch.testing.assert_close(logits(model, TOKENS), expected, rtol=0, atol=0)
+
+
+# bitsandbytes 0.50 cannot deep-copy a Linear4bit on the meta device, with or without the check.
+@pytest.mark.parametrize(("bits", "copy_with"), [(4, "torch.save"), (8, "torch.save"), (8, "deepcopy")])
+def test_the_check_survives_copies_and_leaves_when_load_state_dict_fills_the_layers(
+    bits, copy_with, tmp_path
+):
+    config = QuantizationConfig(bits=bits)
+    source = tiny_llama(tie=False)
+    quantize_model(source, config, device="cpu")
+    model = replace_with_bnb_linear(tiny_llama(tie=False), quantization_config=config)
+    if copy_with == "deepcopy":
+        model = copy.deepcopy(model)
+    else:
+        torch.save(model, tmp_path / "model.pt")
+        model = torch.load(tmp_path / "model.pt", weights_only=False)
+    with pytest.raises(
+        RuntimeError, match=EMPTY_Q_PROJ.format(layer="Linear8bitLt" if bits == 8 else "Linear4bit")
+    ):
+        logits(model, TOKENS)
+
+    model.load_state_dict(source.state_dict(), strict=True, assign=True)
+
+    assert empty_checks(model) == []
+    assert torch.equal(logits(model, TOKENS), logits(source, TOKENS))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_layer_filled_by_hand_drops_the_check_at_its_first_forward(bits):
+    source = tiny_llama(tie=False)
+    quantize_model(source, QuantizationConfig(bits=bits), device="cpu")
+    model = replace_with_bnb_linear(tiny_llama(tie=False), quantization_config=QuantizationConfig(bits=bits))
+    for name in empty_checks(model):  # copies: bitsandbytes moves an int8 weight's scales into its layer
+        model.get_submodule(name).weight = copy.deepcopy(source.get_submodule(name).weight)
+
+    assert len(empty_checks(model)) == 14  # no loader of ours saw the weights arrive
+    assert torch.equal(logits(model, TOKENS), logits(source, TOKENS))
+    assert empty_checks(model) == []
+
+
+def test_a_4bit_layer_given_full_precision_weights_says_it_has_no_quantization_state():
+    model = replace_with_bnb_linear(tiny_llama(tie=False), quantization_config=QuantizationConfig())
+    model.load_state_dict(tiny_llama(tie=False).state_dict(), assign=True)  # plain float Parameters
+    with pytest.raises(
+        RuntimeError,
+        match=r"^model\.layers\.0\.self_attn\.q_proj \(Linear4bit\) has a weight but no 4-bit quantization "
+        r"state: .*load_quantized_state_dict\(\.\.\.\), which quantize full-precision weights",
+    ):
+        logits(model, TOKENS)
+
+
+def test_quantize_model_adds_no_check():
+    model = tiny_llama(tie=False)
+    quantize_model(model, QuantizationConfig(), device="cpu")
+    assert empty_checks(model) == []
+
+
+@pytest.mark.parametrize("loaded_with", ["load_quantized_state_dict", "load_state_dict(assign=True)"])
+def test_compiled_blocks_train_after_loading_an_empty_model(loaded_with):
+    config = QuantizationConfig(compute_dtype=torch.bfloat16)
+    source = tiny_llama(tie=False, dtype=torch.bfloat16)
+    quantize_model(source, config, device="cpu")
+
+    def loss_and_grads(compiled: bool):
+        with init_empty_weights():
+            model = tiny_llama(tie=False, dtype=torch.bfloat16, seed=1)
+        replace_with_bnb_linear(model, get_keys_to_not_convert(model), quantization_config=config)
+        if loaded_with == "load_quantized_state_dict":
+            load_quantized_state_dict(model, source.state_dict(), "cpu")
+        else:
+            model.load_state_dict(source.state_dict(), strict=True, assign=True)
+        prepare_for_kbit_training(model, gradient_checkpointing=True)
+        torch.manual_seed(0)
+        inject_adapters(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+        counter = CompileCounterWithBackend("aot_eager")
+        if compiled:
+            use_fused_4bit_dequantize(model)
+            for block in model.model.layers:
+                block.compile(backend=counter)
+        model.train()
+        loss = model(TOKENS, labels=TOKENS).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), grads, counter.frame_count
+
+    torch._dynamo.reset()
+    expected_loss, expected_grads, _ = loss_and_grads(compiled=False)
+    torch._dynamo.reset()
+    loss, grads, graphs = loss_and_grads(compiled=True)
+    # One graph for both blocks: a hook left on the layers would make the compiler give up on them.
+    assert graphs == 1
+    torch.testing.assert_close(loss, expected_loss)
+    assert grads.keys() == expected_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected_grads[name], rtol=0.02, atol=1e-3, msg=name)
+
+
 # ---------------------------------------------------------------- set_module_quantized_tensor_to_device
 
 
@@ -228,7 +367,7 @@ class Net(nn.Module):
 
 
 def bnb_net(bits: int = 4, quant_type: str = "nf4") -> Net:
-    config = QuantizationConfig(bits=bits, quant_type=quant_type)
+    config = QuantizationConfig(bits=4, quant_type=quant_type) if bits == 4 else QuantizationConfig(bits=8)
     return replace_with_bnb_linear(Net(), modules_to_not_convert=["head"], quantization_config=config)
 
 
@@ -559,7 +698,9 @@ def test_quantization_config_forms(form, bits):
 
 
 def test_quantization_config_of_another_type_is_refused():
-    with pytest.raises(TypeError, match="quantization_config must be a QuantizationConfig.*got str"):
+    with pytest.raises(
+        TypeError, match="quantization config must be a bnb_lightning.QuantizationConfig.*got str"
+    ):
         replace_with_bnb_linear(TiedMLP(), quantization_config="nf4")
 
 

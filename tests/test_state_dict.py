@@ -14,6 +14,7 @@ from conftest import tiny_gpt2, tiny_llama
 from safetensors import safe_open
 
 from bnb_lightning import QuantizationConfig, get_keys_to_not_convert, quantize_model, replace_with_bnb_linear
+from bnb_lightning.backend import flat_bytes
 from bnb_lightning.state_dict import (
     TIED_METADATA_KEY,
     load_state_dict_file,
@@ -288,6 +289,80 @@ def test_a_file_with_another_shape_or_dtype_names_the_entry(key, change, expecte
         load_state_dict_file(target, path)
     assert expected in str(error.value)
     assert torch.equal(logits(target, tokens), before)
+
+
+# The last quantized layer torch reaches: with a check in its load hook only, every tensor before it is
+# overwritten by the time the hook refuses the file.
+LAST_LAYER = "model.layers.1.mlp.down_proj"
+
+
+def quantized_with(config: QuantizationConfig, seed: int):
+    model = tiny_llama(tie=False, seed=seed)
+    quantize_model(model, config, device="cpu")
+    return model
+
+
+UNFIT_FILES = {
+    "a nested_absmax missing": (
+        QUANTIZATIONS["nf4-double-quant"],
+        QUANTIZATIONS["nf4-double-quant"],
+        lambda state_dict: state_dict.pop(f"{LAST_LAYER}.weight.nested_absmax"),
+        True,
+        rf"missing statistics for the quantized weight '{LAST_LAYER}.weight': \['nested_absmax'\]",
+    ),
+    "nf4 into fp4": (
+        QUANTIZATIONS["nf4"],
+        QUANTIZATIONS["fp4"],
+        lambda state_dict: None,
+        True,
+        rf"14 quantized layers do not fit: '{Q_PROJ}.weight' was saved as nf4 but the layer is configured for "
+        r"fp4; .*quant_type='nf4'.* and 11 more layers \('model.layers.0.self_attn.o_proj', ",
+    ),
+    "bfloat16 quant_storage into float16": (
+        QuantizationConfig(bits=4, quant_storage="bfloat16"),
+        QuantizationConfig(bits=4, quant_storage="float16"),
+        lambda state_dict: None,
+        True,
+        rf"dtype torch.bfloat16 of '{Q_PROJ}.weight' does not fit this Linear4bit: .* in torch.float16",
+    ),
+    "an int8 weight in another layout": (
+        QUANTIZATIONS["int8"],
+        QUANTIZATIONS["int8"],
+        lambda state_dict: state_dict.update(
+            {f"{LAST_LAYER}.weight_format": torch.tensor(1, dtype=torch.uint8)}
+        ),
+        True,
+        rf"{LAST_LAYER}.weight_format=1: only row-major int8 weights \(0\) can be loaded",
+    ),
+    "an SCB missing, not strict": (
+        QUANTIZATIONS["int8"],
+        QUANTIZATIONS["int8"],
+        lambda state_dict: state_dict.pop(f"{LAST_LAYER}.SCB"),
+        False,
+        rf"missing statistics for the quantized weight '{LAST_LAYER}.weight': \['SCB'\]",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", UNFIT_FILES)
+def test_a_file_whose_statistics_do_not_fit_leaves_every_tensor_untouched(case, tokens, tmp_path):
+    saved_config, model_config, change, strict, expected = UNFIT_FILES[case]
+    state_dict = quantized_with(saved_config, 0).state_dict()
+    change(state_dict)
+    path = save_state_dict_file(state_dict, tmp_path / "model.safetensors")
+    target = quantized_with(model_config, 1)
+    expected_logits = logits(target, tokens)
+    before = {key: value.clone() for key, value in target.state_dict().items()}
+
+    with pytest.raises(RuntimeError) as error:
+        load_state_dict_file(target, path, strict=strict)
+
+    after = target.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():  # bytes: packed 4-bit data in a float16 storage holds NaN patterns
+        assert after[key].dtype == value.dtype and torch.equal(flat_bytes(after[key]), flat_bytes(value)), key
+    assert torch.equal(logits(target, tokens), expected_logits)
+    assert re.search(rf"(?s)'{path}' does not fit LlamaForCausalLM: .*{expected}", str(error.value))
 
 
 def test_the_packed_dtype_is_checked_by_plain_load_state_dict_too():

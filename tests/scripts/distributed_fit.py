@@ -24,6 +24,7 @@ from peft import LoraConfig
 from torch.utils.data import DataLoader
 
 from bnb_lightning import BnbQuantization, QuantizationConfig
+from bnb_lightning.backend import is_bnb_linear
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from conftest import tiny_llama  # noqa: E402  (the tests' tiny Llama)
@@ -139,7 +140,21 @@ def main() -> None:
     rank = trainer.global_rank
     seed = int(os.environ.get("LOCAL_RANK", 0)) if args.seed_per_rank else 0
     module = CausalLM(seed)
-    trainer.fit(module, batches())
+    try:
+        trainer.fit(module, batches())
+    except Exception as error:
+        # What a failure after quantization left behind, for the test to check.
+        torch.save(
+            {
+                "error": str(error),
+                "quantized_layers": sum(is_bnb_linear(m) for m in module.modules()),
+                "adapter_parameters": [n for n, _ in module.named_parameters() if "lora_" in n],
+                "prepared": callback._prepared_for(module),
+                "wrapped_hooks": sorted({"on_load_checkpoint", "configure_model"} & set(vars(module))),
+            },
+            args.out / f"failed_rank{rank}.pt",
+        )
+        raise
     result = {
         "losses": module.losses,
         "adapters": adapters(trainer, module),
