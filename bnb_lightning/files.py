@@ -34,7 +34,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; it replaces ``path`` only if the block finishes.
 
     Write the whole file to the yielded path. If the block raises, the temporary file is removed and
-    ``path`` (a previous version included) is left exactly as it was.
+    ``path`` (a previous version included) is left exactly as it was. The file is flushed to disk
+    before the rename and the directory after it, so the new name survives a power loss too.
 
     Example::
 
@@ -55,6 +56,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb") as written:
             os.fsync(written.fileno())
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
