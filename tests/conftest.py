@@ -109,3 +109,12 @@ def assert_weight_recomputed(layer: nn.Module, weight: torch.Tensor, backend: st
     reference_x = x.detach().clone().requires_grad_()
     nn.functional.linear(reference_x, weight).float().square().sum().backward()
     torch.testing.assert_close(x.grad, reference_x.grad)
+
+
+def assert_same_loss_and_grads(expected: tuple, actual: tuple) -> None:
+    """``(loss, grads by name)`` of two training steps agree, within the rounding of 4-bit compute."""
+    (expected_loss, expected_grads), (loss, grads) = expected, actual
+    torch.testing.assert_close(loss, expected_loss)
+    assert grads.keys() == expected_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected_grads[name], rtol=0.02, atol=1e-3, msg=name)
