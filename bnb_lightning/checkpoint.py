@@ -234,12 +234,6 @@ def check_record_base(record: Mapping[str, Any], fingerprint: str | None) -> Non
         )
 
 
-def check_record(record: Mapping[str, Any], config: QuantizationConfig, fingerprint: str | None) -> None:
-    """Refuse a checkpoint whose record shows another quantization config or another base."""
-    check_record_config(record, config)
-    check_record_base(record, fingerprint)
-
-
 def check_trainables(
     state_dict: Mapping[str, Any], module: nn.Module, frozen_keys: Iterable[str], strict: bool = True
 ) -> None:
