@@ -1,5 +1,6 @@
 """Quantize a model to bitsandbytes 4-bit or 8-bit inside a Lightning Trainer, ready for LoRA."""
 
+from .adapters import inject_adapters
 from .callback import BnbQuantization
 from .config import QuantizationConfig
 from .export import export_adapters, load_adapters
@@ -7,7 +8,7 @@ from .int8 import remove_dequantized_int8, use_dequantized_int8
 from .linear4bit import remove_fused_4bit_dequantize, use_fused_4bit_dequantize
 from .loss import linear_cross_entropy, remove_chunked_loss, use_chunked_loss
 from .merge import MergedExport, MergeToleranceError, export_merged, merged_model
-from .prepare import compile_blocks, count_parameters, inject_adapters, prepare_for_kbit_training
+from .prepare import compile_blocks, count_parameters, prepare_for_kbit_training
 from .quantize import QuantizationError, quantize_model
 from .replace import (
     load_quantized_state_dict,

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from peft import PeftConfig
 from torch import nn
 
+from .adapters import check_peft_config, inject_checked_adapters
 from .backend import check_device_supported, is_bnb_linear, is_plain_linear
 from .checkpoint import (
     FileNamingCheckpointIO,
@@ -48,17 +49,15 @@ from .prepare import (
     cast_to_float32,
     check_block_count,
     check_gradient_checkpointing,
-    check_peft_config,
     check_uncheckpointed_blocks,
     compile_blocks,
     count_parameters,
-    inject_checked_adapters,
     prepare_for_kbit_training,
-    restore_point,
     will_checkpoint,
 )
 from .quantize import quantize_model
 from .report import QuantizationReport
+from .restore import restore_point
 
 _REFUSED_PRECISION_PLUGINS = {
     "BitsandbytesPrecision": "it quantizes every linear layer itself (the lm_head too); remove the plugin "

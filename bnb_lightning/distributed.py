@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from .backend import is_bnb_linear, is_quantized_parameter
+from .blocks import block_class_names
 from .config import QuantizationConfig
 
 SINGLE_DEVICE, DDP, FSDP = "single device", "DDP", "FSDP"
@@ -172,16 +173,6 @@ def config_for_fsdp(config: QuantizationConfig, model: nn.Module, precision: str
             f"(BnbQuantization then uses {storage}) or set quant_storage='{str(storage).removeprefix('torch.')}'."
         )
     return config
-
-
-def block_class_names(model: nn.Module) -> set[str]:
-    """Transformer block classes of the transformers models in ``model`` (their ``_no_split_modules``)."""
-    from .prepare import transformers_models
-
-    names: set[str] = set()
-    for hf_model in transformers_models(model):
-        names.update(getattr(hf_model, "_no_split_modules", None) or ())
-    return names
 
 
 def _wrap_as_unit(module: nn.Module, block_names: frozenset[str]) -> bool:

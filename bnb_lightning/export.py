@@ -22,12 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapters import inject_adapters
 from .backend import is_bnb_linear, is_quantized_parameter, require_bitsandbytes
 from .checkpoint import base_fingerprint
 from .distributed import unwrapped_name
 from .files import MANIFEST, atomic_path, check_export_directory, export_directory, read_manifest
 from .layer_state import _UNPACKED_FIELDS
-from .prepare import inject_adapters, restore_point
+from .restore import restore_point
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapters import adapter_target
 from .backend import is_bnb_linear, is_quantized_parameter, require_bitsandbytes
 from .config import parse_dtype
 from .export import adapter_root
 from .files import atomic_path, export_directory
-from .prepare import adapter_target
 
 # export_merged's default tolerance, as a share of the largest |logit| the quantized model gives on the
 # sample. A correct merge differs only by how the quantized kernels round (bitsandbytes' bfloat16 CPU

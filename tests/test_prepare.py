@@ -201,7 +201,8 @@ def _structure(model: nn.Module) -> dict:
 
 def test_a_restore_point_takes_back_every_preparation_step(tokens):
     from bnb_lightning import use_chunked_loss, use_fused_4bit_dequantize
-    from bnb_lightning.prepare import cast_to_float32, restore_point
+    from bnb_lightning.prepare import cast_to_float32
+    from bnb_lightning.restore import restore_point
 
     model = quantized_llama(dtype=torch.bfloat16)
     before = _structure(model)
@@ -246,7 +247,7 @@ def test_injection_refused_by_peft_leaves_the_model_as_it_was():
     ],
 )
 def test_a_typo_among_target_modules_is_named(peft_config, message):
-    from bnb_lightning.prepare import check_peft_config
+    from bnb_lightning.adapters import check_peft_config
 
     # PEFT alone adds adapters to q_proj and ignores 'v_prj' without a word.
     with pytest.raises(ValueError, match=message):
@@ -254,7 +255,7 @@ def test_a_typo_among_target_modules_is_named(peft_config, message):
 
 
 def test_the_peft_check_costs_no_memory_and_accepts_dora_on_quantized_layers():
-    from bnb_lightning.prepare import check_peft_config
+    from bnb_lightning.adapters import check_peft_config
 
     model = quantized_llama()
     before = _structure(model)
