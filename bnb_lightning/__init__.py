@@ -2,13 +2,13 @@
 
 from .adapters import inject_adapters
 from .callback import BnbQuantization
-from .config import QuantizationConfig
+from .config import QuantizationConfig, TrainingOptions
 from .export import export_adapters, load_adapters
 from .int8 import remove_dequantized_int8, use_dequantized_int8
 from .linear4bit import remove_fused_4bit_dequantize, use_fused_4bit_dequantize
 from .loss import linear_cross_entropy, remove_chunked_loss, use_chunked_loss
 from .merge import MergedExport, MergeToleranceError, export_merged, merged_model
-from .prepare import compile_blocks, count_parameters, prepare_for_kbit_training
+from .prepare import PreparedModel, compile_blocks, count_parameters, prepare_for_kbit_training, prepare_model
 from .quantize import QuantizationError, quantize_model
 from .replace import (
     load_quantized_state_dict,
@@ -46,6 +46,9 @@ __all__ = [
     "inject_adapters",
     "prepare_for_kbit_training",
     "QuantizationConfig",
+    "TrainingOptions",
+    "prepare_model",
+    "PreparedModel",
     "QuantizationError",
     "QuantizationReport",
     "ModuleReport",

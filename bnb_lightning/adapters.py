@@ -25,6 +25,18 @@ def adapter_target(model: nn.Module) -> nn.Module:
     return roots[0] if len(roots) == 1 else model
 
 
+def adapter_root(model: nn.Module) -> nn.Module | None:
+    """The outermost module holding PEFT's ``peft_config`` (where ``inject_adapters`` put the adapters)."""
+    from peft import PeftModel
+
+    for module in model.modules():
+        if isinstance(module, PeftModel):
+            return module.get_base_model()
+        if isinstance(getattr(module, "peft_config", None), dict) and module.peft_config:
+            return module
+    return None
+
+
 def _structural_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model``'s module tree whose parameters and buffers live on the meta device (no memory)."""
     memo: dict[int, Any] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import weakref
@@ -14,20 +15,23 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from peft import PeftConfig
 from torch import nn
 
-from .adapters import check_peft_config, inject_checked_adapters
 from .backend import check_device_supported, is_bnb_linear, is_plain_linear
 from .checkpoint import (
     FileNamingCheckpointIO,
     adapter_state_dict,
     add_frozen_base,
-    base_fingerprint,
     check_record_base,
     check_record_config,
     check_trainables,
-    frozen_state_keys,
     quantization_record,
 )
-from .config import QuantizationConfig, as_quantization_config, compute_dtype_for_precision
+from .config import (
+    QuantizationConfig,
+    TrainingOptions,
+    as_quantization_config,
+    as_training_options,
+    compute_dtype_for_precision,
+)
 from .distributed import (
     FSDP,
     SINGLE_DEVICE,
@@ -40,24 +44,10 @@ from .distributed import (
     is_fsdp_wrapped,
     strategy_kind,
 )
-from .export import adapter_root, export_adapters
-from .int8 import use_dequantized_int8
-from .linear4bit import use_fused_4bit_dequantize
-from .loss import use_chunked_loss
+from .export import export_adapters
 from .merge import MergedExport, export_merged
-from .prepare import (
-    cast_to_float32,
-    check_block_count,
-    check_gradient_checkpointing,
-    check_uncheckpointed_blocks,
-    compile_blocks,
-    count_parameters,
-    prepare_for_kbit_training,
-    will_checkpoint,
-)
-from .quantize import quantize_model
+from .prepare import cast_to_float32, prepare_model
 from .report import QuantizationReport
-from .restore import restore_point
 
 _REFUSED_PRECISION_PLUGINS = {
     "BitsandbytesPrecision": "it quantizes every linear layer itself (the lm_head too); remove the plugin "
@@ -87,12 +77,11 @@ class BnbQuantization(Callback):
             transformers ``BitsAndBytesConfig`` are accepted too). Default: NF4 with double quantization, compute
             dtype from the Trainer's precision.
         peft_config: a PEFT config, e.g. ``peft.LoraConfig(r=16, target_modules="all-linear")``.
-        gradient_checkpointing: ``True``/``False`` turns checkpointing of the transformers model on
-            or off (always non-reentrant); ``None`` keeps the model's own setting.
-        upcast_to_float32: cast full-precision half parameters (norms, embeddings, adapters) to
-            float32 when training starts, like PEFT's ``prepare_model_for_kbit_training``. Off by
-            default: it costs speed and memory. The trainable parameters (adapters) are float32
-            anyway, except under ``precision="bf16-true"``.
+        options: the training switches, a :class:`~bnb_lightning.TrainingOptions` or a dict of its
+            fields (checkpointing, uncheckpointed blocks, float32 upcast, compiled blocks, chunked
+            loss, dequantized int8, fused 4-bit dequantization). They are also accepted as keyword
+            arguments of the same names (``BnbQuantization(gradient_checkpointing=True)``), one way
+            or the other. Compiled blocks default to on for a single CUDA device only.
         save_base_weights: write the frozen quantized base into checkpoints too. By default
             checkpoints hold the trainable parameters, the training state and a record of the
             quantization (config and a fingerprint of the base); the base is re-created on resume.
@@ -105,27 +94,6 @@ class BnbQuantization(Callback):
             quantized model's. Rank zero, atomic.
         merge_tolerance: largest accepted max |logits difference| for ``export_merged_to``
             (default: 5% of the largest |logit| on that batch).
-        compile_blocks: ``torch.compile`` each transformer block after quantization. ``None``
-            (default): on for a single CUDA device, where it was measured faster; off on CPU,
-            under DDP or FSDP, and for 8-bit with ``dequantize_int8=False``.
-        chunked_loss: compute a transformers causal LM's training loss chunk by chunk, without
-            materializing the logits (``logits`` is ``None`` when the model is called with
-            ``labels`` while training; see :func:`bnb_lightning.use_chunked_loss`). On by default;
-            ``False`` keeps the model's own loss and logits.
-        dequantize_int8: train 8-bit layers by multiplying with their dequantized weight in the
-            compute dtype (see :func:`bnb_lightning.use_dequantized_int8`): faster than
-            bitsandbytes' LLM.int8 matmul and without its activation rounding; the stored int8
-            weights are the same. ``False`` keeps the LLM.int8 matmul. No effect on 4-bit.
-        fuse_4bit_dequantize: in compiled code, 4-bit layers dequantize their weights in plain
-            torch ops that ``torch.compile`` fuses into the block's graph (same values; see
-            :func:`bnb_lightning.use_fused_4bit_dequantize`), instead of calling bitsandbytes'
-            op, whose Python dispatch makes small models host-bound. Eager forwards use
-            bitsandbytes' kernels either way. ``False`` keeps bitsandbytes' op. No effect on 8-bit.
-        uncheckpointed_blocks: with gradient checkpointing on, the last this many transformer
-            blocks keep their activations instead of recomputing their forward in the backward
-            pass: each one saves a third of its matmul work per step and holds its activations
-            (measured: 0.49 GiB per Llama-3-8B block at 4,096 tokens a step) until its backward. 0
-            (default) checkpoints every block: QLoRA is chosen for memory first.
 
     Example::
 
@@ -139,18 +107,19 @@ class BnbQuantization(Callback):
         self,
         config: QuantizationConfig | None = None,
         peft_config: PeftConfig | None = None,
-        gradient_checkpointing: bool | None = None,
-        upcast_to_float32: bool = False,
+        options: TrainingOptions | None = None,
         save_base_weights: bool = False,
         check_base_on_resume: bool = True,
         export_adapters_to: str | None = None,
         export_merged_to: str | None = None,
         merge_tolerance: float | None = None,
+        gradient_checkpointing: bool | None = None,
+        uncheckpointed_blocks: int | None = None,
+        upcast_to_float32: bool | None = None,
         compile_blocks: bool | None = None,
-        chunked_loss: bool = True,
-        dequantize_int8: bool = True,
-        uncheckpointed_blocks: int = 0,
-        fuse_4bit_dequantize: bool = True,
+        chunked_loss: bool | None = None,
+        dequantize_int8: bool | None = None,
+        fuse_4bit_dequantize: bool | None = None,
     ) -> None:
         self.config = as_quantization_config(config)
         if peft_config is not None and not isinstance(peft_config, PeftConfig):
@@ -164,33 +133,31 @@ class BnbQuantization(Callback):
                 f"peft_config must be a PEFT config such as peft.LoraConfig(...), got {type(peft_config).__name__}."
                 + hint
             )
-        if compile_blocks not in (None, True, False):
-            raise TypeError(f"compile_blocks must be True, False or None, got {compile_blocks!r}.")
-        self.compile_blocks = compile_blocks
-        if gradient_checkpointing not in (None, True, False):
+        switches = {
+            "gradient_checkpointing": gradient_checkpointing,
+            "uncheckpointed_blocks": uncheckpointed_blocks,
+            "upcast_to_float32": upcast_to_float32,
+            "compile_blocks": compile_blocks,
+            "chunked_loss": chunked_loss,
+            "dequantize_int8": dequantize_int8,
+            "fuse_4bit_dequantize": fuse_4bit_dequantize,
+        }
+        given = {name: value for name, value in switches.items() if value is not None}
+        if options is not None and given:
             raise TypeError(
-                f"gradient_checkpointing must be True, False or None, got {gradient_checkpointing!r}."
+                f"training switches go either in options= or as keyword arguments, not both; got options and "
+                f"{', '.join(f'{name}={value!r}' for name, value in given.items())}. Move them into options."
             )
+        self.options = as_training_options(options) if options is not None else TrainingOptions(**given)
+        self.peft_config = peft_config
+        self.save_base_weights = save_base_weights
+        self.check_base_on_resume = check_base_on_resume
         for name, flag in (
-            ("upcast_to_float32", upcast_to_float32),
             ("save_base_weights", save_base_weights),
             ("check_base_on_resume", check_base_on_resume),
-            ("chunked_loss", chunked_loss),
-            ("dequantize_int8", dequantize_int8),
-            ("fuse_4bit_dequantize", fuse_4bit_dequantize),
         ):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}.")
-        self.peft_config = peft_config
-        self.gradient_checkpointing = gradient_checkpointing
-        self.upcast_to_float32 = upcast_to_float32
-        self.save_base_weights = save_base_weights
-        self.check_base_on_resume = check_base_on_resume
-        self.chunked_loss = chunked_loss
-        self.dequantize_int8 = dequantize_int8
-        self.fuse_4bit_dequantize = fuse_4bit_dequantize
-        check_block_count(uncheckpointed_blocks, checkpointing=gradient_checkpointing is not False)
-        self.uncheckpointed_blocks = uncheckpointed_blocks
         for name, target in (
             ("export_adapters_to", export_adapters_to),
             ("export_merged_to", export_merged_to),
@@ -285,7 +252,7 @@ class BnbQuantization(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Runs after the precision plugin converted the module, which would undo a cast made in
         # `setup`. The optimizer holds these same Parameter objects and has no state yet.
-        if self.upcast_to_float32:
+        if self.options.upcast_to_float32:
             cast_to_float32(pl_module)
         elif str(trainer.precision) != "bf16-true":
             # Optimizer steps on half-precision parameters lose small updates (bfloat16) or turn
@@ -372,12 +339,6 @@ class BnbQuantization(Callback):
         trainable = {name for name, p in pl_module.named_parameters() if p.requires_grad}
         self._restored_trainables = {name: state[name] for name in trainable if name in state}
 
-    def _should_compile(self, config: QuantizationConfig, trainer: pl.Trainer) -> bool:
-        if self.compile_blocks is None:
-            # 8-bit blocks were measured compiled with the dequantized matmul only, not LLM.int8's.
-            return _default_compile(trainer.strategy) and (config.bits == 4 or self.dequantize_int8)
-        return self.compile_blocks
-
     def _config_for(self, trainer: pl.Trainer) -> QuantizationConfig:
         plugin = type(trainer.precision_plugin).__name__
         if plugin in _REFUSED_PRECISION_PLUGINS:
@@ -403,8 +364,6 @@ class BnbQuantization(Callback):
                     f"'{trainer.precision}', corrupting the packed 4-bit weights. Use quant_storage='uint8' "
                     "or a quant_storage equal to the precision's dtype."
                 )
-        if config.bits == 4 and config.compute_dtype is None and precision_dtype is not None:
-            config = config.replace(compute_dtype=precision_dtype)
         if strategy_kind(trainer.strategy) == FSDP and config.bits == 4:
             # Refused here, before anything changes, rather than when FSDP is configured.
             fsdp_mixed_precision(trainer.strategy, config.quant_storage)
@@ -413,115 +372,51 @@ class BnbQuantization(Callback):
     def _prepare(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, config: QuantizationConfig
     ) -> None:
-        """Quantize ``pl_module`` and get it ready to train, or change nothing.
+        """Quantize and prepare ``pl_module`` with :func:`~bnb_lightning.prepare.prepare_model`, adding what
+        the Trainer decides: the device, the precision, the strategy's needs.
 
-        Validate, then mutate; on failure, leave everything as it was. Every choice that can be
-        refused (strategy, precision, config, checkpointing, the PEFT config, a model without weights
-        or already quantized another way) is checked first, on the model as it is. Quantization then
-        checks its own input before the first layer changes and puts a CPU model back if a layer
-        fails. The steps after it run from a restore point: if one fails, the model is put back to
-        its just-quantized state (quantized weights cannot turn back into the freed full-precision
-        ones), which a new ``fit`` with the same config takes up again. The callback counts the
-        module as prepared only once every step has run.
+        ``prepare_model`` validates, then mutates; on failure it leaves everything as it was (or, after
+        quantization, the model just quantized). The callback counts the module as prepared only once
+        it returned, so a failed setup is prepared again by the next ``fit``.
         """
-        check_uncheckpointed_blocks(
-            pl_module, self.uncheckpointed_blocks, will_checkpoint(pl_module, self.gradient_checkpointing)
-        )
-        check_gradient_checkpointing(pl_module, self.gradient_checkpointing)
-        if self.peft_config is not None:
-            check_peft_config(pl_module, self.peft_config)
+        options = self.options
+        if options.compile_blocks is None and not _single_cuda_device(trainer.strategy):
+            # A 1B-shape DDP run on one GPU once failed checkpoint recomputation; not measured faster there.
+            options = options.replace(compile_blocks=False)
         fsdp = strategy_kind(trainer.strategy) == FSDP
         if fsdp:
             config = config_for_fsdp(config, pl_module, str(trainer.precision))
-        report = quantize_model(pl_module, config, device=trainer.strategy.root_device)
-        rank_zero_info(report.compact())
-        restore = restore_point(pl_module)
-        try:
-            frozen_keys, fingerprint = self._prepare_quantized(trainer, pl_module, config)
-        except BaseException:
-            restore()
-            rank_zero_warn(
-                "bnb_lightning: preparing the quantized model failed (see the error); the model keeps its quantized "
-                "layers and nothing else of the preparation. A new fit with the same quantization config continues "
-                "from them."
+        prepared = prepare_model(
+            pl_module,
+            config,
+            options,
+            trainer.strategy.root_device,
+            peft_config=self.peft_config,
+            precision=str(trainer.precision),
+            check_base=functools.partial(check_same_base_on_all_ranks, trainer.strategy),
+        )
+        if fsdp:
+            configure_fsdp(
+                trainer.strategy, pl_module, prepared.config, adapter_only=not self.save_base_weights
             )
-            raise
-        self.report = report
-        self._config = config
-        self._frozen_keys = frozen_keys
-        self._fingerprint = fingerprint
+        rank_zero_info(prepared.report.compact())
+        rank_zero_info(str(base_memory_for(trainer.strategy, pl_module)))
+        for line in prepared.messages():
+            rank_zero_info(line)
+        warning = prepared.what_trains_without_adapters()
+        if warning is not None:
+            rank_zero_warn(warning)
+        self.report = prepared.report
+        self._config = prepared.config
+        self._frozen_keys = prepared.frozen_keys
+        self._fingerprint = prepared.fingerprint
         self._prepared = weakref.ref(pl_module)
         self._watch_checkpoint_restore(pl_module)
 
-    def _prepare_quantized(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, config: QuantizationConfig
-    ) -> tuple[set[str], str]:
-        """The steps after quantization, in their order; returns the frozen keys and the base fingerprint."""
-        checkpointing = prepare_for_kbit_training(
-            pl_module,
-            gradient_checkpointing=self.gradient_checkpointing,
-            uncheckpointed_blocks=self.uncheckpointed_blocks,
-        )
-        if self.peft_config is not None:
-            inject_checked_adapters(pl_module, self.peft_config)  # checked in `_prepare`
-        if str(trainer.precision) != "bf16-true":
-            # Already here, so a checkpoint's float32 adapters are restored without rounding.
-            cast_to_float32(pl_module, trainable_only=True)
-        # Before the strategy wraps the module: FSDP flattens the parameters these names come from.
-        frozen_keys = frozen_state_keys(pl_module)
-        # Taken before any forward: bitsandbytes' CPU kernels rewrite 4-bit statistics on the first one.
-        fingerprint = base_fingerprint(pl_module, frozen_keys)
-        check_same_base_on_all_ranks(trainer.strategy, fingerprint)
-        if config.bits == 8 and self.dequantize_int8 and use_dequantized_int8(pl_module):
-            rank_zero_info("bnb_lightning: 8-bit layers train through their dequantized weights.")
-        if config.bits == 4 and self.fuse_4bit_dequantize:
-            use_fused_4bit_dequantize(pl_module)
-        if self.chunked_loss and use_chunked_loss(pl_module):
-            # Before compiling: the check runs one short forward of each model.
-            rank_zero_info("bnb_lightning: the causal-LM loss is computed in chunks, without full logits.")
-        if self._should_compile(config, trainer):
-            rank_zero_info(
-                f"bnb_lightning: compiled {compile_blocks(pl_module)} transformer blocks with torch.compile."
-            )
-        if strategy_kind(trainer.strategy) == FSDP:
-            configure_fsdp(trainer.strategy, pl_module, config, adapter_only=not self.save_base_weights)
-        rank_zero_info(str(base_memory_for(trainer.strategy, pl_module)))
-        if checkpointing:
-            kept = (
-                f", except the last {self.uncheckpointed_blocks} blocks" if self.uncheckpointed_blocks else ""
-            )
-            rank_zero_info(f"bnb_lightning: gradient checkpointing is on (non-reentrant){kept}.")
-        rank_zero_info(f"bnb_lightning: {count_parameters(pl_module)}")
-        if self.peft_config is None and adapter_root(pl_module) is None:
-            _say_what_trains(pl_module)
-        return frozen_keys, fingerprint
 
-
-def _default_compile(strategy: Any) -> bool:
-    # Measured on an H100 (benchmarks/RESULTS.md): compiled blocks train 4-bit and 8-bit models
-    # faster on one GPU. A 1B-shape DDP run on one GPU once failed checkpoint recomputation. On the
-    # CPU, compiling costs more than it brings for short runs.
+def _single_cuda_device(strategy: Any) -> bool:
     return strategy.root_device.type == "cuda" and strategy_kind(strategy) == SINGLE_DEVICE
 
 
 def _has_linear_layers(module: nn.Module) -> bool:
     return any(is_plain_linear(m) or is_bnb_linear(m) for m in module.modules())
-
-
-def _say_what_trains(module: nn.Module) -> None:
-    """Without adapters, what trains is whatever the model left trainable: say which, in a few groups."""
-    groups: dict[str, int] = {}
-    for name, parameter in module.named_parameters():
-        if parameter.requires_grad:
-            # "model.layers.3.input_layernorm.weight" -> "model.layers.*.input_layernorm.weight"
-            group = ".".join("*" if part.isdigit() else part for part in name.split("."))
-            groups[group] = groups.get(group, 0) + parameter.numel()
-    if not groups:
-        rank_zero_warn("bnb_lightning: no peft_config and no trainable parameter: nothing will train.")
-        return
-    shown = ", ".join(f"{group} ({count:,})" for group, count in list(groups.items())[:6])
-    more = f" and {len(groups) - 6} more groups" if len(groups) > 6 else ""
-    rank_zero_warn(
-        f"bnb_lightning: no peft_config, so the parameters left in full precision train: {shown}{more}. "
-        "To train adapters instead, pass peft_config=peft.LoraConfig(...)."
-    )

@@ -246,6 +246,34 @@ class QuantizationConfig:
         )
 
 
+def _from_fields(cls: type, fields: Mapping[str, Any], argument: str, alternatives: str = "") -> Any:
+    """``cls(**fields)``, with a message naming unknown fields (and the closest known ones) and the
+    fix for LightningCLI's ``class_path``/``init_args`` form."""
+    names = {field.name for field in dataclasses.fields(cls)}
+    if {"class_path", "init_args"} & set(fields):
+        raise TypeError(
+            f"{argument} got {dict(fields)!r}: a class_path/init_args dict is LightningCLI's YAML form, which the "
+            f"CLI turns into an object. In Python, pass the object: {cls.__name__}(**init_args), or the init_args "
+            "dict itself."
+        )
+    unknown = sorted(str(key) for key in set(fields) - names)
+    if unknown:
+        hints = "; ".join(
+            f"{key!r}"
+            + (
+                f" (did you mean {match[0]!r}?)"
+                if (match := difflib.get_close_matches(key, names, 1))
+                else ""
+            )
+            for key in unknown
+        )
+        raise TypeError(
+            f"{argument} has unknown fields {hints}. A {argument} dict holds the fields of {cls.__name__} "
+            f"({', '.join(sorted(names))}){alternatives}."
+        )
+    return cls(**fields)
+
+
 _BNB_KEY_PREFIXES = ("load_in_", "bnb_4bit_", "llm_int8_")
 
 
@@ -261,33 +289,94 @@ def as_quantization_config(config: Any) -> QuantizationConfig:
     if isinstance(config, QuantizationConfig):
         return config
     if isinstance(config, Mapping):
-        keys = set(config)
-        if {"class_path", "init_args"} & keys:
-            raise TypeError(
-                f"config got {dict(config)!r}: a class_path/init_args dict is LightningCLI's YAML form, which "
-                "the CLI turns into an object. In Python, pass the object: "
-                "QuantizationConfig(**init_args), or the init_args dict itself."
-            )
-        if any(str(key).startswith(_BNB_KEY_PREFIXES) for key in keys):
+        if any(str(key).startswith(_BNB_KEY_PREFIXES) for key in config):
             return QuantizationConfig.from_bitsandbytes_config(config)
-        fields = {field.name for field in dataclasses.fields(QuantizationConfig)}
-        unknown = sorted(str(key) for key in keys - fields)
-        if unknown:
-            close = {key: difflib.get_close_matches(key, fields, n=1) for key in unknown}
-            hints = "; ".join(
-                f"{key!r}" + (f" (did you mean {match[0]!r}?)" if match else "")
-                for key, match in close.items()
-            )
-            raise TypeError(
-                f"config has unknown fields {hints}. A config dict holds the fields of QuantizationConfig "
-                f"({', '.join(sorted(fields))}) or those of a transformers BitsAndBytesConfig (load_in_4bit, ...)."
-            )
-        return QuantizationConfig(**config)
+        return _from_fields(
+            QuantizationConfig,
+            config,
+            "config",
+            " or those of a transformers BitsAndBytesConfig (load_in_4bit, ...)",
+        )
     if hasattr(config, "to_dict") and type(config).__name__ == "BitsAndBytesConfig":
         return QuantizationConfig.from_bitsandbytes_config(config)
     raise TypeError(
         f"quantization config must be a bnb_lightning.QuantizationConfig, a transformers BitsAndBytesConfig or a "
         f"dict of either's fields, got {type(config).__name__} ({config!r})."
+    )
+
+
+def check_block_count(count: Any, checkpointing: bool) -> None:
+    """Refuse a ``count`` that is no number of blocks, or that asks for blocks without checkpointing."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"uncheckpointed_blocks must be an int >= 0, got {count!r}.")
+    if count and not checkpointing:
+        raise ValueError(
+            f"uncheckpointed_blocks={count} only applies with gradient checkpointing on; "
+            "pass gradient_checkpointing=True, or uncheckpointed_blocks=0."
+        )
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """How a quantized model trains: the switches of its preparation, validated once, immutable.
+
+    Args:
+        gradient_checkpointing: ``True``/``False`` turns checkpointing of the transformers model on
+            or off (always non-reentrant); ``None`` keeps the model's own setting.
+        uncheckpointed_blocks: with checkpointing on, the last this many transformer blocks keep
+            their activations instead of recomputing their forward in the backward pass: faster, at
+            the memory of their activations. 0 (default) checkpoints every block.
+        upcast_to_float32: cast full-precision half parameters (norms, embeddings, adapters) to
+            float32, like PEFT's ``prepare_model_for_kbit_training``. Off by default: it costs speed
+            and memory.
+        compile_blocks: ``torch.compile`` each transformer block. ``None`` (default): on for a CUDA
+            device, off on the CPU and for 8-bit with ``dequantize_int8=False`` (the callback also
+            turns it off under DDP and FSDP).
+        chunked_loss: compute a transformers causal LM's training loss chunk by chunk, without
+            materializing the logits (see :func:`bnb_lightning.use_chunked_loss`).
+        dequantize_int8: train 8-bit layers through their dequantized weight in the compute dtype
+            (see :func:`bnb_lightning.use_dequantized_int8`) instead of LLM.int8's matmul.
+        fuse_4bit_dequantize: in compiled blocks, 4-bit layers dequantize in plain torch ops fused
+            into the block's graph (see :func:`bnb_lightning.use_fused_4bit_dequantize`).
+
+    Example::
+
+        TrainingOptions(gradient_checkpointing=True, uncheckpointed_blocks=4)
+    """
+
+    gradient_checkpointing: bool | None = None
+    uncheckpointed_blocks: int = 0
+    upcast_to_float32: bool = False
+    compile_blocks: bool | None = None
+    chunked_loss: bool = True
+    dequantize_int8: bool = True
+    fuse_4bit_dequantize: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("gradient_checkpointing", "compile_blocks"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True, False or None, got {getattr(self, name)!r}.")
+        for name in ("upcast_to_float32", "chunked_loss", "dequantize_int8", "fuse_4bit_dequantize"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        check_block_count(self.uncheckpointed_blocks, checkpointing=self.gradient_checkpointing is not False)
+
+    def replace(self, **changes: Any) -> TrainingOptions:
+        """A copy with some fields changed, validated again."""
+        return dataclasses.replace(self, **changes)
+
+
+def as_training_options(options: Any) -> TrainingOptions:
+    """``TrainingOptions`` from what users pass: the object, a dict of its fields, or ``None`` (defaults)."""
+    if options is None:
+        return TrainingOptions()
+    if isinstance(options, TrainingOptions):
+        return options
+    if isinstance(options, Mapping):
+        return _from_fields(TrainingOptions, options, "options")
+    raise TypeError(
+        f"options must be a bnb_lightning.TrainingOptions or a dict of its fields, got {type(options).__name__} "
+        f"({options!r})."
     )
 
 

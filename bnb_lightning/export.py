@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import inject_adapters
+from .adapters import adapter_root, inject_adapters
 from .backend import is_bnb_linear, is_quantized_parameter, require_bitsandbytes
 from .checkpoint import base_fingerprint
 from .distributed import unwrapped_name
@@ -37,18 +37,6 @@ PEFT_PREFIX = "base_model.model."
 
 
 # -- finding the adapters -----------------------------------------------------------------------------
-
-
-def adapter_root(model: nn.Module) -> nn.Module | None:
-    """The outermost module holding PEFT's ``peft_config`` (where ``inject_adapters`` put the adapters)."""
-    from peft import PeftModel
-
-    for module in model.modules():
-        if isinstance(module, PeftModel):
-            return module.get_base_model()
-        if isinstance(getattr(module, "peft_config", None), dict) and module.peft_config:
-            return module
-    return None
 
 
 def _require_adapter_root(model: nn.Module, adapter_name: str) -> nn.Module:

@@ -18,10 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import adapter_target
+from .adapters import adapter_root, adapter_target
 from .backend import is_bnb_linear, is_quantized_parameter, require_bitsandbytes
 from .config import parse_dtype
-from .export import adapter_root
 from .files import atomic_path, export_directory
 
 # export_merged's default tolerance, as a share of the largest |logit| the quantized model gives on the

@@ -1,4 +1,4 @@
-"""Lean preparation of a quantized model for adapter training, and adapter injection.
+"""Preparing a model for QLoRA training: :func:`prepare_model`, the whole setup in its order, and its steps.
 
 Unlike PEFT's ``prepare_model_for_kbit_training``, nothing is upcast to float32 by default:
 norms and embeddings stay in the model's dtype, which keeps training at half-precision speed.
@@ -7,14 +7,31 @@ norms and embeddings stay in the model's dtype, which keeps training at half-pre
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from .adapters import adapter_root, check_peft_config, inject_checked_adapters
 from .backend import is_quantized_parameter
 from .blocks import checkpointable_blocks, transformer_blocks, transformers_models
+from .checkpoint import base_fingerprint, frozen_state_keys
+from .config import (
+    QuantizationConfig,
+    TrainingOptions,
+    as_quantization_config,
+    as_training_options,
+    check_block_count,
+    compute_dtype_for_precision,
+)
+from .int8 import use_dequantized_int8
+from .linear4bit import use_fused_4bit_dequantize
+from .loss import use_chunked_loss
+from .quantize import quantize_model
+from .report import QuantizationReport
+from .restore import restore_point
 
 
 @dataclass(frozen=True)
@@ -83,17 +100,6 @@ def will_checkpoint(model: nn.Module, gradient_checkpointing: bool | None) -> bo
     return any(
         _wants_checkpointing(hf_model, gradient_checkpointing) for hf_model in transformers_models(model)
     )
-
-
-def check_block_count(count: Any, checkpointing: bool) -> None:
-    """Refuse a ``count`` that is no number of blocks, or that asks for blocks without checkpointing."""
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-        raise ValueError(f"uncheckpointed_blocks must be an int >= 0, got {count!r}.")
-    if count and not checkpointing:
-        raise ValueError(
-            f"uncheckpointed_blocks={count} only applies with gradient checkpointing on; "
-            "pass gradient_checkpointing=True, or uncheckpointed_blocks=0."
-        )
 
 
 def check_uncheckpointed_blocks(model: nn.Module, count: int, checkpointing: bool) -> None:
@@ -180,3 +186,178 @@ def compile_blocks(model: nn.Module) -> int:
     for block in blocks:
         block.compile()
     return len(blocks)
+
+
+@dataclass
+class PreparedModel:
+    """What :func:`prepare_model` did to a model: the quantization and every decision after it.
+
+    ``config`` and ``options`` are the ones applied (compute dtype and compile decision resolved);
+    ``frozen_keys`` and ``fingerprint`` identify the frozen base, as adapter-only checkpoints record it.
+    """
+
+    model: nn.Module
+    config: QuantizationConfig
+    options: TrainingOptions
+    report: QuantizationReport
+    frozen_keys: set[str]
+    fingerprint: str
+    checkpointing: bool
+    adapters: nn.Module | None
+    dequantized_int8_layers: int
+    fused_4bit_layers: int
+    chunked_loss: list[str]
+    compiled_blocks: int
+
+    def messages(self) -> list[str]:
+        """One line for each decision, as the callback logs them after the quantization report."""
+        lines = []
+        if self.dequantized_int8_layers:
+            lines.append("bnb_lightning: 8-bit layers train through their dequantized weights.")
+        if self.chunked_loss:
+            lines.append("bnb_lightning: the causal-LM loss is computed in chunks, without full logits.")
+        if self.compiled_blocks:
+            lines.append(
+                f"bnb_lightning: compiled {self.compiled_blocks} transformer blocks with torch.compile."
+            )
+        if self.checkpointing:
+            kept = self.options.uncheckpointed_blocks
+            lines.append(
+                "bnb_lightning: gradient checkpointing is on (non-reentrant)"
+                + (f", except the last {kept} blocks." if kept else ".")
+            )
+        lines.append(f"bnb_lightning: {count_parameters(self.model)}")
+        return lines
+
+    def what_trains_without_adapters(self) -> str | None:
+        """Without adapters, what trains is whatever the model left trainable: a warning saying which."""
+        if self.adapters is not None:
+            return None
+        groups: dict[str, int] = {}
+        for name, parameter in self.model.named_parameters():
+            if parameter.requires_grad:
+                # "model.layers.3.input_layernorm.weight" -> "model.layers.*.input_layernorm.weight"
+                group = ".".join("*" if part.isdigit() else part for part in name.split("."))
+                groups[group] = groups.get(group, 0) + parameter.numel()
+        if not groups:
+            return "bnb_lightning: no peft_config and no trainable parameter: nothing will train."
+        shown = ", ".join(f"{group} ({count:,})" for group, count in list(groups.items())[:6])
+        more = f" and {len(groups) - 6} more groups" if len(groups) > 6 else ""
+        return (
+            f"bnb_lightning: no peft_config, so the parameters left in full precision train: {shown}{more}. "
+            "To train adapters instead, pass peft_config=peft.LoraConfig(...)."
+        )
+
+
+def prepare_model(
+    model: nn.Module,
+    config: QuantizationConfig | Any = None,
+    options: TrainingOptions | Mapping[str, Any] | None = None,
+    device: torch.device | str | int | None = None,
+    *,
+    peft_config: Any = None,
+    precision: str | None = None,
+    check_base: Callable[[str], None] | None = None,
+) -> PreparedModel:
+    """Quantize ``model`` and get it ready to train adapters, in place: the whole setup, in its order.
+
+    What ``BnbQuantization`` does in ``setup``, for Fabric and plain training loops. Validate, then
+    mutate; on failure, leave everything as it was:
+
+    1. Checked first, on the model as it is: the options against the model (checkpointing it does
+       not have, more uncheckpointed blocks than it has), the PEFT config (a dry run on a meta-device
+       copy of the module tree); :func:`quantize_model` then checks its own input (meta or float64
+       weights, a model quantized with another config) before the first layer changes, and puts a
+       CPU model back if a layer fails.
+    2. Quantize, layer by layer, onto ``device``.
+    3. From a restore point, so that a failure puts the model back to its just-quantized state
+       (quantized layers cannot turn back into the full-precision weights they freed; calling again
+       with the same config continues from them): checkpointing; adapters; trainable parameters to
+       float32, except under ``precision="bf16-true"``; the frozen base's keys and fingerprint (before
+       any forward: bitsandbytes' CPU kernels rewrite 4-bit statistics on the first one), passed to
+       ``check_base``; the training fast paths (dequantized int8 and fused 4-bit layer classes); the
+       chunked loss (its check runs a short forward, so before compiling); compiled blocks last.
+
+    Args:
+        model: the model, with its weights in memory (a LightningModule, a transformers model, any module).
+        config: a :class:`QuantizationConfig` (or what :func:`quantize_model` accepts).
+        options: a :class:`TrainingOptions` or a dict of its fields; default ``TrainingOptions()``.
+        device: where the quantized model lives (``None``: where its weights are).
+        peft_config: adapters to add, e.g. ``peft.LoraConfig(r=16, target_modules="all-linear")``.
+        precision: the Trainer's or Fabric's precision (``"bf16-true"``, ``"bf16-mixed"``, ...): the
+            compute dtype of 4-bit layers follows it unless ``config`` sets one, and trainable
+            parameters are float32 except under ``"bf16-true"``.
+        check_base: called with the base fingerprint before the training fast paths; raise to stop
+            (e.g. when the ranks of a distributed run quantized different weights).
+
+    Returns:
+        A :class:`PreparedModel`: the report and every decision taken.
+
+    Example::
+
+        prepared = prepare_model(model, QuantizationConfig(bits=4), TrainingOptions(gradient_checkpointing=True),
+                                 device="cuda", peft_config=LoraConfig(r=16, target_modules="all-linear"),
+                                 precision="bf16-mixed")
+        print(prepared.report.summary())
+    """
+    config = as_quantization_config(config)
+    options = as_training_options(options)
+    precision_dtype = compute_dtype_for_precision(precision)
+    if config.bits == 4 and config.compute_dtype is None and precision_dtype is not None:
+        config = config.replace(compute_dtype=precision_dtype)
+
+    check_uncheckpointed_blocks(
+        model, options.uncheckpointed_blocks, will_checkpoint(model, options.gradient_checkpointing)
+    )
+    check_gradient_checkpointing(model, options.gradient_checkpointing)
+    if peft_config is not None:
+        check_peft_config(model, peft_config)
+
+    report = quantize_model(model, config, device=device)
+
+    restore = restore_point(model)
+    try:
+        checkpointing = prepare_for_kbit_training(
+            model,
+            gradient_checkpointing=options.gradient_checkpointing,
+            upcast_to_float32=options.upcast_to_float32,
+            uncheckpointed_blocks=options.uncheckpointed_blocks,
+        )
+        if peft_config is not None:
+            inject_checked_adapters(model, peft_config)  # checked above, on the same module names
+        if str(precision) != "bf16-true":
+            # Optimizer steps on half-precision parameters lose small updates (bfloat16) or turn to NaN
+            # (float16): what trains is float32, as in PEFT. bf16-true asks for bfloat16 throughout.
+            cast_to_float32(model, trainable_only=True)
+        frozen_keys = frozen_state_keys(model)
+        fingerprint = base_fingerprint(model, frozen_keys)
+        if check_base is not None:
+            check_base(fingerprint)
+        dequantized = use_dequantized_int8(model) if config.bits == 8 and options.dequantize_int8 else 0
+        fused = use_fused_4bit_dequantize(model) if config.bits == 4 and options.fuse_4bit_dequantize else 0
+        chunked = use_chunked_loss(model) if options.chunked_loss else []
+        if options.compile_blocks is None:
+            # Measured faster on one GPU (benchmarks/RESULTS.md); on the CPU compiling costs more than it
+            # brings for short runs; 8-bit was measured compiled with the dequantized matmul only.
+            compiled = torch.device(report.device).type == "cuda" and (
+                config.bits == 4 or options.dequantize_int8
+            )
+            options = options.replace(compile_blocks=compiled)
+        compiled_blocks = compile_blocks(model) if options.compile_blocks else 0
+    except BaseException:
+        restore()
+        raise
+    return PreparedModel(
+        model=model,
+        config=config,
+        options=options,
+        report=report,
+        frozen_keys=frozen_keys,
+        fingerprint=fingerprint,
+        checkpointing=checkpointing,
+        adapters=adapter_root(model),
+        dequantized_int8_layers=dequantized,
+        fused_4bit_layers=fused,
+        chunked_loss=chunked,
+        compiled_blocks=compiled_blocks,
+    )

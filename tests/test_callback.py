@@ -300,7 +300,17 @@ def test_refuses_float_storage_the_precision_would_cast(tmp_path):
         ({"gradient_checkpointing": "yes"}, "gradient_checkpointing must be True, False or None"),
         ({"upcast_to_float32": 1}, "upcast_to_float32 must be True or False"),
         ({"chunked_loss": "auto"}, "chunked_loss must be True or False"),
-        ({"dequantize_int8": None}, "dequantize_int8 must be True or False"),
+        ({"dequantize_int8": "no"}, "dequantize_int8 must be True or False"),
+        ({"options": {"chunked_loss": 0}}, "chunked_loss must be True or False"),
+        (
+            {"options": {"compile_block": True}},
+            "unknown fields 'compile_block' \\(did you mean 'compile_blocks'\\?\\)",
+        ),
+        ({"options": "fast"}, "options must be a bnb_lightning.TrainingOptions"),
+        (
+            {"options": {"chunked_loss": False}, "compile_blocks": True},
+            "either in options= or as keyword arguments, not both; got options and compile_blocks=True",
+        ),
         ({"fuse_4bit_dequantize": "yes"}, "fuse_4bit_dequantize must be True or False"),
         ({"uncheckpointed_blocks": 1.5}, "uncheckpointed_blocks must be an int >= 0"),
         (

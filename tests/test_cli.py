@@ -78,3 +78,29 @@ def test_bad_value_in_yaml_names_the_field(cli, tmp_path, field, value, message)
     # ValueError comes out, inside jsonargparse's report of the union types it tried.
     with pytest.raises(ValueError, match=re.escape(message)):
         cli.main(["fit", "--config", str(bad), f"--trainer.default_root_dir={tmp_path}"])
+
+
+def test_training_options_in_yaml_nested_or_flat(cli, tmp_path):
+    config = yaml.safe_load(CONFIG.read_text())
+    callback_args = _callback_args(config)
+    assert callback_args["options"]["chunked_loss"] is True
+    callback_args["options"] = {"chunked_loss": False, "gradient_checkpointing": True}
+    nested = tmp_path / "nested.yaml"
+    nested.write_text(yaml.safe_dump(config))
+    flat_config = yaml.safe_load(CONFIG.read_text())
+    flat_args = _callback_args(flat_config)
+    flat_args.pop("options")
+    flat_args.update(chunked_loss=False, gradient_checkpointing=True)
+    flat = tmp_path / "flat.yaml"
+    flat.write_text(yaml.safe_dump(flat_config))
+
+    built = []
+    for path in (nested, flat):
+        run = cli.main(
+            ["fit", "--config", str(path), "--trainer.max_steps=1", f"--trainer.default_root_dir={tmp_path}"]
+        )
+        (callback,) = [c for c in run.trainer.callbacks if isinstance(c, BnbQuantization)]
+        built.append(callback.options)
+        assert run.model.model.is_gradient_checkpointing
+    assert built[0] == built[1]
+    assert (built[0].chunked_loss, built[0].gradient_checkpointing) == (False, True)

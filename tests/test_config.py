@@ -284,3 +284,55 @@ def test_from_bitsandbytes_config_validates_the_result():
 )
 def test_compute_dtype_for_precision(precision, dtype):
     assert compute_dtype_for_precision(precision) is dtype
+
+
+# -- TrainingOptions --------------------------------------------------------------------------------------
+
+
+def test_training_options_defaults_and_dicts():
+    from bnb_lightning import TrainingOptions
+    from bnb_lightning.config import as_training_options
+
+    options = TrainingOptions()
+    assert (options.gradient_checkpointing, options.uncheckpointed_blocks, options.upcast_to_float32) == (
+        None,
+        0,
+        False,
+    )
+    assert (
+        options.compile_blocks,
+        options.chunked_loss,
+        options.dequantize_int8,
+        options.fuse_4bit_dequantize,
+    ) == (
+        None,
+        True,
+        True,
+        True,
+    )
+    assert as_training_options(None) == options
+    assert as_training_options({"chunked_loss": False}) == TrainingOptions(chunked_loss=False)
+    assert options.replace(compile_blocks=True).compile_blocks is True
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.chunked_loss = False
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "message"),
+    [
+        ({"gradient_checkpointing": "yes"}, TypeError, "gradient_checkpointing must be True, False or None"),
+        ({"compile_blocks": 1}, TypeError, "compile_blocks must be True, False or None"),
+        ({"chunked_loss": None}, TypeError, "chunked_loss must be True or False, got None"),
+        ({"uncheckpointed_blocks": -1}, ValueError, "uncheckpointed_blocks must be an int >= 0"),
+        (
+            {"uncheckpointed_blocks": 2, "gradient_checkpointing": False},
+            ValueError,
+            "only applies with gradient checkpointing on",
+        ),
+    ],
+)
+def test_training_options_name_the_wrong_field(fields, error, message):
+    from bnb_lightning import TrainingOptions
+
+    with pytest.raises(error, match=message):
+        TrainingOptions(**fields)

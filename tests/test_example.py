@@ -135,3 +135,21 @@ def test_example_with_a_local_transformers_model(example, tmp_path):
     assert len(result["losses"]) == 3 and all(torch.isfinite(torch.tensor(result["losses"])))
     assert len(result["report"].converted) == 8  # 2 blocks x (c_attn, c_proj, c_fc, mlp.c_proj)
     assert result["report"].skipped == {"model.lm_head": "tied weights"}
+
+
+@pytest.mark.parametrize("script", ["fabric_qlora", "plain_qlora"])
+def test_fabric_and_plain_loops_train_exactly_as_the_callback(example, script):
+    import importlib
+
+    steps = ["--max-steps", "6", "--batch-size", "4", "--seq-len", "32"]
+    callback_run = example.main([*steps, "--precision", "32-true", "--accelerator", "cpu"])
+    run = importlib.import_module(script).main(steps)
+
+    # prepare_model is the callback's setup: the same quantization, adapters and loss, step by step.
+    assert run["losses"] == callback_run["losses"]
+    # The callback quantizes the LightningModule, whose transformers model is its `model` attribute.
+    assert [f"model.{name}" for name in run["prepared"].report.converted] == callback_run["report"].converted
+    assert run["prepared"].chunked_loss == [""]
+    assert run["prepared"].options.compile_blocks is False  # on the CPU
+    trainable = {n for n, p in run["model"].named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)

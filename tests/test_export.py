@@ -19,7 +19,8 @@ from test_callback import CausalLM, batches, lora, trainer
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from bnb_lightning import BnbQuantization, QuantizationConfig, inject_adapters, quantize_model
-from bnb_lightning.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_root, export_adapters, load_adapters
+from bnb_lightning.adapters import adapter_root
+from bnb_lightning.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_adapters, load_adapters
 from bnb_lightning.merge import MergeToleranceError, dequantized_weight, export_merged, merged_model
 
 # The manifest every export writes (its name is in the README and the docstrings).

@@ -286,3 +286,80 @@ def test_quantizing_a_model_with_adapters_leaves_the_adapters_alone():
         for n, m in model.named_modules()
         if n.endswith(("lora_A.default", "lora_B.default"))
     )
+
+
+# -- prepare_model: the whole setup --------------------------------------------------------------------
+
+
+def test_prepare_model_reports_every_decision(tokens):
+    from bnb_lightning import PreparedModel, TrainingOptions, prepare_model
+    from bnb_lightning.checkpoint import base_fingerprint
+
+    model = tiny_llama().train()
+    options = TrainingOptions(gradient_checkpointing=True, uncheckpointed_blocks=1)
+    prepared = prepare_model(
+        model,
+        None,
+        options,
+        "cpu",
+        peft_config=LoraConfig(r=4, target_modules="all-linear"),
+        precision="bf16-mixed",
+    )
+
+    assert isinstance(prepared, PreparedModel) and prepared.model is model
+    assert len(prepared.report.converted) == 14
+    assert prepared.config.compute_dtype is torch.bfloat16  # from the precision
+    assert prepared.options == options.replace(compile_blocks=False)  # compiled blocks: CUDA only
+    assert prepared.checkpointing and model.is_gradient_checkpointing
+    assert not model.model.layers[-1].gradient_checkpointing
+    assert prepared.adapters is model
+    assert (prepared.fused_4bit_layers, prepared.dequantized_int8_layers, prepared.compiled_blocks) == (
+        14,
+        0,
+        0,
+    )
+    assert prepared.chunked_loss == [""]
+    assert prepared.fingerprint == base_fingerprint(model, prepared.frozen_keys)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    assert "gradient checkpointing is on (non-reentrant), except the last 1 blocks." in " ".join(
+        prepared.messages()
+    )
+    assert prepared.what_trains_without_adapters() is None
+    loss = model(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+
+
+def test_prepare_model_refuses_before_quantizing():
+    from bnb_lightning import prepare_model
+
+    model = tiny_llama()
+    before = _structure(model)
+    with pytest.raises(ValueError, match="'v_prj' matches no module"):
+        prepare_model(model, peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_prj"]))
+    assert _structure(model) == before
+    with pytest.raises(ValueError, match="gradient_checkpointing=True needs a transformers model"):
+        prepare_model(TiedMLP(), options={"gradient_checkpointing": True})
+
+
+def test_a_failure_after_quantizing_leaves_the_model_just_quantized_and_a_new_call_continues():
+    from bnb_lightning import prepare_model
+
+    model = tiny_llama().train()
+    lora = LoraConfig(r=4, target_modules="all-linear")
+
+    def other_ranks_differ(fingerprint: str) -> None:
+        raise RuntimeError("the ranks quantized different base weights")
+
+    with pytest.raises(RuntimeError, match="different base weights"):
+        prepare_model(
+            model, None, {"gradient_checkpointing": True}, peft_config=lora, check_base=other_ranks_differ
+        )
+    # The quantized layers stay (their full-precision weights are gone), nothing else of the preparation.
+    layers = [m for m in model.modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
+    assert len(layers) == 14 and {type(m) for m in layers} == {bnb.nn.Linear4bit}
+    assert not any("lora_" in name for name, _ in model.named_parameters())
+    assert not model.is_gradient_checkpointing and "forward" not in vars(model)
+
+    prepared = prepare_model(model, None, {"gradient_checkpointing": True}, peft_config=lora)
+    assert prepared.report.converted == [] and len(prepared.report.already_quantized) == 14
+    assert prepared.adapters is model and prepared.checkpointing

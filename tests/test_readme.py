@@ -38,3 +38,13 @@ def test_cli_snippet_matches_the_shipped_config():
     shipped = yaml.safe_load((Path(__file__).parents[1] / "examples" / "cli_config.yaml").read_text())
     callbacks = shipped["trainer"]["callbacks"]
     assert yaml.safe_load(snippet)["trainer"]["callbacks"][0] in callbacks
+
+
+def test_prepare_model_example_runs():
+    (code,) = [block for block in blocks("python") if "prepare_model(\n" in block]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    prepared = namespace["prepared"]
+    assert len(prepared.report.converted) == 14 and prepared.checkpointing
+    assert prepared.adapters is namespace["model"]
+    assert namespace["optimizer"].param_groups[0]["params"]
