@@ -21,6 +21,7 @@ below the 5.55 of a uniform guess over 256 bytes.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -215,22 +216,26 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = (
         ),
         gradient_checkpointing=args.gradient_checkpointing,
     )
+    module = CausalLM(model_path=args.model, lr=args.lr)
+    data = TextDataModule(
+        args.data, tokenizer_path=args.model, seq_len=args.seq_len, batch_size=args.batch_size
+    )
+    # The epochs max_steps spans, so the progress bar reads "Epoch 3/9" rather than "Epoch 3/-2".
+    data.setup("fit")
+    epochs = math.ceil(args.max_steps / len(data.train_dataloader()))
     history = LossHistory()
     trainer = pl.Trainer(
         accelerator=args.accelerator,
         devices=int(args.devices) if args.devices.isdigit() else args.devices,
         precision=args.precision,
         max_steps=args.max_steps,
+        max_epochs=epochs,
         callbacks=[quantization, history, *callbacks],
         logger=False,
         # A full checkpoint would hold the quantized base as well as the small adapters.
         enable_checkpointing=False,
         # Lightning's summary counts a packed 4-bit weight as half its size; the callback's count does not.
         enable_model_summary=False,
-    )
-    module = CausalLM(model_path=args.model, lr=args.lr)
-    data = TextDataModule(
-        args.data, tokenizer_path=args.model, seq_len=args.seq_len, batch_size=args.batch_size
     )
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
