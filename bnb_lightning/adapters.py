@@ -58,6 +58,24 @@ def _structural_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def require_peft_config(peft_config: Any) -> None:
+    """Refuse anything but a PEFT config object, with the fix for LightningCLI's dict form."""
+    from peft import PeftConfig
+
+    if isinstance(peft_config, PeftConfig):
+        return
+    hint = (
+        " A class_path/init_args dict is LightningCLI's YAML form; in Python, pass the object, e.g. "
+        "peft.LoraConfig(**init_args)."
+        if isinstance(peft_config, dict) and "class_path" in peft_config
+        else ""
+    )
+    raise TypeError(
+        f"peft_config must be a PEFT config such as peft.LoraConfig(...), got {type(peft_config).__name__}."
+        + hint
+    )
+
+
 def check_peft_config(model: nn.Module, peft_config: Any) -> None:
     """Refuse a PEFT config that :func:`inject_adapters` could not apply to ``model``, changing nothing.
 
@@ -71,12 +89,7 @@ def check_peft_config(model: nn.Module, peft_config: Any) -> None:
         TypeError: ``peft_config`` is not a PEFT config.
         ValueError: what is wrong and how to fix it.
     """
-    from peft import PeftConfig
-
-    if not isinstance(peft_config, PeftConfig):
-        raise TypeError(
-            f"peft_config must be a PEFT config such as peft.LoraConfig(...), got {type(peft_config).__name__}."
-        )
+    require_peft_config(peft_config)
     if getattr(peft_config, "is_prompt_learning", False) or getattr(peft_config, "is_adaption_prompt", False):
         raise ValueError(
             f"{type(peft_config).__name__} learns virtual tokens or prompts, which PEFT adds through PeftModel's "

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from peft import PeftConfig
 from torch import nn
 
+from .adapters import require_peft_config
 from .backend import check_device_supported, is_bnb_linear, is_plain_linear
 from .checkpoint import (
     FileNamingCheckpointIO,
@@ -122,17 +123,8 @@ class BnbQuantization(Callback):
         fuse_4bit_dequantize: bool | None = None,
     ) -> None:
         self.config = as_quantization_config(config)
-        if peft_config is not None and not isinstance(peft_config, PeftConfig):
-            hint = (
-                " A class_path/init_args dict is LightningCLI's YAML form; in Python, pass the object, e.g. "
-                "peft.LoraConfig(**init_args)."
-                if isinstance(peft_config, dict) and "class_path" in peft_config
-                else ""
-            )
-            raise TypeError(
-                f"peft_config must be a PEFT config such as peft.LoraConfig(...), got {type(peft_config).__name__}."
-                + hint
-            )
+        if peft_config is not None:
+            require_peft_config(peft_config)
         switches = {
             "gradient_checkpointing": gradient_checkpointing,
             "uncheckpointed_blocks": uncheckpointed_blocks,

@@ -227,8 +227,8 @@ def quantize_model(
     precision (tied weights, output embeddings, last module, ``skip_modules``) keep their very
     tensor objects, so ties survive. Quantized weights are frozen. A second call with the same config
     changes nothing; one with another config is refused (the layers cannot be quantized again).
-    Everything is checked before the first layer changes. A model quantized by someone else (for example transformers'
-    ``from_pretrained(quantization_config=...)``) is left alone, with a warning.
+    Everything is checked before the first layer changes. A model quantized by someone else (for
+    example transformers' ``from_pretrained(quantization_config=...)``) is left alone, with a warning.
 
     Args:
         model: any ``nn.Module`` with its weights in memory (not on the meta device).
