@@ -5,7 +5,7 @@ rank's own device from the same seed) is quantized to NF4 with double quantizati
 ``BnbQuantization`` and trained with LoRA r=16 on all linear layers, gradient checkpointing on,
 ``precision="bf16-true"``, one sequence of ``--seq`` random tokens per device and step. Then a
 second run resumes from the checkpoint the first one wrote. One JSON line per strategy goes to
-stdout and ``--out``, with:
+stdout and is appended to ``--out`` (default ``benchmarks/results/multi_gpu.jsonl``), with:
 
 - ``peak_memory_gib`` per device (training, after quantization), ``tokens_per_s`` in all and per device;
 - ``adapters_equal``: the adapters (gathered under FSDP) hash the same on every rank, after the fit
@@ -288,7 +288,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="callback",
         help="FSDP units: the callback's policy (a unit per block and per trainable leaf) or one per block",
     )
-    parser.add_argument("--out", type=Path, default=Path("multi_gpu.jsonl"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/multi_gpu.jsonl"))
     parser.add_argument("--work", help=argparse.SUPPRESS)  # set for the per-strategy runs
     parser.add_argument("--run", choices=STRATEGIES, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -326,6 +326,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 rows.append({"strategy": strategy, "status": "failed", "error": done.stderr[-3000:]})
             else:
                 rows.append(summarize(strategy, args, Path(work), time.perf_counter() - start))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a") as file:
         for row in rows:
             line = json.dumps(row)

@@ -2,28 +2,8 @@
 
 Builds a Llama-shaped model with random weights from a ``LlamaConfig`` (nothing downloaded), saves it
 once to a temporary directory, and measures each recipe on the same weights and the same random token
-batches:
-
-- ``bnb``: ``BnbQuantization`` (its defaults, LoRA, ``gradient_checkpointing=True``) under a Lightning
-  ``Trainer(precision="bf16-true")``.
-- ``bnb_full_loss``: the same with ``chunked_loss=False`` (the model's own full-vocabulary loss).
-- ``bnb_compile``: ``bnb`` with ``compile_blocks=True`` (already the default on one CUDA device).
-- ``bnb_llm_int8``: ``bnb`` with ``dequantize_int8=False`` (bitsandbytes' LLM.int8 matmul; 8-bit only).
-- ``bnb_bnb_dequantize``: ``bnb`` with ``fuse_4bit_dequantize=False`` (bitsandbytes' own 4-bit op in
-  the compiled blocks; 4-bit only).
-- ``bnb_paged_adamw``: ``bnb`` with bitsandbytes' ``PagedAdamW`` instead of torch's ``AdamW``.
-- ``bnb_uncheckpointed``: ``bnb`` with ``uncheckpointed_blocks=--uncheckpointed-blocks`` (the last
-  blocks keep their activations instead of recomputing them).
-- ``hf_prepare``: ``from_pretrained(quantization_config=BitsAndBytesConfig(...))``, PEFT's
-  ``prepare_model_for_kbit_training`` (float32 upcast) and ``get_peft_model``; a plain torch loop
-  under bfloat16 autocast, as transformers' ``Trainer(bf16=True)`` runs it.
-- ``hf_noupcast``: the same without the upcast (non-reentrant checkpointing, ``enable_input_require_grads``).
-- ``hf_compile``: ``hf_noupcast`` with every decoder layer ``torch.compile``-d.
-- ``hf_prepare_no_autocast``, ``hf_noupcast_no_autocast``, ``hf_compile_no_autocast``: the same three
-  in a loop without autocast, where what is float32 computes in float32 (with the upcast: norms,
-  embeddings, lm_head and the hidden states between layers; always: PEFT's float32 adapters).
-- ``bnb_precision``: Lightning's ``BitsandbytesPrecision`` quantization only (CUDA only).
-- ``bf16_lora``: a bfloat16 base with the same LoRA, no quantization.
+batches. The recipes and what each one is: ``RECIPES`` below (the table in ``benchmarks/README.md``
+lists the same, and a test keeps them equal), or ``--help``.
 
 For each: time to a quantized model, memory after it (peak and steady), training tokens/s over the
 steps after warm-up, peak training memory. Every configuration runs ``--repeats`` times, interleaved.
@@ -55,23 +35,36 @@ import torch
 from peft import LoraConfig
 from torch.autograd import DeviceType
 
-RECIPES = (
-    "bnb",
-    "bnb_full_loss",
-    "bnb_compile",
-    "bnb_llm_int8",
-    "bnb_bnb_dequantize",
-    "bnb_paged_adamw",
-    "bnb_uncheckpointed",
-    "hf_prepare",
-    "hf_noupcast",
-    "hf_compile",
-    "hf_prepare_no_autocast",
-    "hf_noupcast_no_autocast",
-    "hf_compile_no_autocast",
-    "bnb_precision",
-    "bf16_lora",
-)
+# Recipe name -> what it is, one line of Markdown. The single list: benchmarks/README.md's table
+# gives the same lines (tests/test_benchmark.py checks it), and RUNNERS has one runner per name.
+RECIPES: dict[str, str] = {
+    "bnb": "`BnbQuantization(QuantizationConfig(bits=...), LoRA, gradient_checkpointing=True)`, its other "
+    'options at their defaults, under `Trainer(precision="bf16-true")`',
+    "bnb_full_loss": "`bnb` with `chunked_loss=False`: the model's own full-vocabulary loss",
+    "bnb_compile": "`bnb` with `compile_blocks=True` (already the default on one CUDA device)",
+    "bnb_llm_int8": "`bnb` with `dequantize_int8=False`: bitsandbytes' LLM.int8 matmul (8-bit only)",
+    "bnb_bnb_dequantize": "`bnb` with `fuse_4bit_dequantize=False`: bitsandbytes' own 4-bit op in the "
+    "compiled blocks (4-bit only)",
+    "bnb_paged_adamw": "`bnb` with bitsandbytes' `PagedAdamW` (optimizer state in paged memory) instead of "
+    "torch's `AdamW`",
+    "bnb_uncheckpointed": "`bnb` with `uncheckpointed_blocks=--uncheckpointed-blocks` (default: the last "
+    "quarter of the blocks keep their activations instead of recomputing them)",
+    "hf_prepare": "`from_pretrained(quantization_config=BitsAndBytesConfig(...))`, PEFT's "
+    "`prepare_model_for_kbit_training` (float32 upcast) and `get_peft_model`; a plain torch loop under "
+    "bf16 autocast, as transformers' `Trainer(bf16=True)` runs it",
+    "hf_noupcast": "`hf_prepare` without the upcast: non-reentrant checkpointing, `enable_input_require_grads`",
+    "hf_compile": "`hf_noupcast` with each decoder layer `torch.compile`-d (recorded as skipped, with the "
+    "error, if compiling fails)",
+    "hf_prepare_no_autocast": "`hf_prepare` in a loop without autocast: the upcast norms, embeddings, "
+    "lm_head and hidden states between layers, and PEFT's float32 adapters, compute in float32",
+    "hf_noupcast_no_autocast": "`hf_noupcast` in a loop without autocast: PEFT's float32 adapters compute "
+    "in float32",
+    "hf_compile_no_autocast": "`hf_compile` in a loop without autocast: PEFT's float32 adapters compute "
+    "in float32",
+    "bnb_precision": 'Lightning\'s `BitsandbytesPrecision("nf4-dq" / "int8")`: quantization only, not '
+    "trained (CUDA only)",
+    "bf16_lora": "a bfloat16 base with the same LoRA, no quantization",
+}
 # Ratios in the table are taken against these recipes, where they were measured.
 BASELINES = tuple(recipe for recipe in RECIPES if recipe.startswith("hf_"))
 
@@ -725,7 +718,11 @@ def markdown(results: list[Measurement], env: dict[str, Any], model: dict[str, A
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="recipes:\n" + "\n".join(f"  {name}: {text}" for name, text in RECIPES.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     parser.add_argument("--bits", type=int, nargs="+", choices=(4, 8), default=[4, 8])
     parser.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
@@ -741,8 +738,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="for bnb_uncheckpointed: blocks that keep their activations (default: a quarter of them)",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="benchmarks/results.jsonl", help="JSON lines, one per measurement")
-    parser.add_argument("--markdown", default="benchmarks/results.md", help="the Markdown table")
+    parser.add_argument(
+        "--out", default="benchmarks/results/qlora_bench.jsonl", help="JSON lines, one per measurement"
+    )
+    parser.add_argument("--markdown", default="benchmarks/results/qlora_bench.md", help="the Markdown table")
     parser.add_argument(
         "--profile",
         metavar="DIR",

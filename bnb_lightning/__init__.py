@@ -1,14 +1,29 @@
-"""Quantize a model to bitsandbytes 4-bit or 8-bit inside a Lightning Trainer, ready for LoRA."""
+"""Quantize a model to bitsandbytes 4-bit or 8-bit inside a Lightning Trainer, ready for LoRA.
 
+The layers, from the bottom: the core (``config``, ``skip``, ``quantize``, ``replace``, ``prepare``
+and their helpers) quantizes a model and prepares it for adapters; ``training`` holds the speed paths
+``prepare_model`` applies; ``io`` saves, loads and exports; ``callback`` and ``distributed`` wire it
+all into a Lightning Trainer.
+"""
+
+import sys as _sys
+
+from . import io, training
 from .adapters import inject_adapters
 from .callback import BnbQuantization
 from .config import QuantizationConfig, TrainingOptions
-from .export import export_adapters, load_adapters
-from .int8 import remove_dequantized_int8, use_dequantized_int8
-from .linear4bit import remove_fused_4bit_dequantize, use_fused_4bit_dequantize
-from .loss import linear_cross_entropy, remove_chunked_loss, use_chunked_loss
-from .merge import MergedExport, MergeToleranceError, export_merged, merged_model
-from .prepare import PreparedModel, compile_blocks, count_parameters, prepare_for_kbit_training, prepare_model
+from .io import (
+    MergedExport,
+    MergeToleranceError,
+    export_adapters,
+    export_merged,
+    load_adapters,
+    load_state_dict_file,
+    merged_model,
+    read_state_dict_file,
+    save_state_dict_file,
+)
+from .prepare import PreparedModel, count_parameters, prepare_for_kbit_training, prepare_model
 from .quantize import QuantizationError, quantize_model
 from .replace import (
     load_quantized_state_dict,
@@ -19,36 +34,23 @@ from .replace import (
 )
 from .report import ModuleReport, QuantizationReport
 from .skip import get_keys_to_not_convert
-from .state_dict import load_state_dict_file, read_state_dict_file, save_state_dict_file
+from .training import (
+    compile_blocks,
+    linear_cross_entropy,
+    remove_chunked_loss,
+    remove_dequantized_int8,
+    remove_fused_4bit_dequantize,
+    use_chunked_loss,
+    use_dequantized_int8,
+    use_fused_4bit_dequantize,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "compile_blocks",
-    "use_dequantized_int8",
-    "remove_dequantized_int8",
-    "use_fused_4bit_dequantize",
-    "remove_fused_4bit_dequantize",
-    "linear_cross_entropy",
-    "use_chunked_loss",
-    "remove_chunked_loss",
-    "save_state_dict_file",
-    "load_state_dict_file",
-    "read_state_dict_file",
-    "export_adapters",
-    "export_merged",
-    "load_adapters",
-    "merged_model",
-    "MergedExport",
-    "MergeToleranceError",
-    "BnbQuantization",
-    "count_parameters",
-    "inject_adapters",
-    "prepare_for_kbit_training",
+    # Core: configure, quantize, prepare for adapters.
     "QuantizationConfig",
     "TrainingOptions",
-    "prepare_model",
-    "PreparedModel",
     "QuantizationError",
     "QuantizationReport",
     "ModuleReport",
@@ -59,4 +61,54 @@ __all__ = [
     "load_quantized_state_dict",
     "replace_8bit_linear",
     "set_module_8bit_tensor_to_device",
+    "inject_adapters",
+    "prepare_for_kbit_training",
+    "count_parameters",
+    "prepare_model",
+    "PreparedModel",
+    # Training speed paths (bnb_lightning.training).
+    "compile_blocks",
+    "use_dequantized_int8",
+    "remove_dequantized_int8",
+    "use_fused_4bit_dequantize",
+    "remove_fused_4bit_dequantize",
+    "linear_cross_entropy",
+    "use_chunked_loss",
+    "remove_chunked_loss",
+    # Persistence (bnb_lightning.io).
+    "save_state_dict_file",
+    "load_state_dict_file",
+    "read_state_dict_file",
+    "export_adapters",
+    "load_adapters",
+    "export_merged",
+    "merged_model",
+    "MergedExport",
+    "MergeToleranceError",
+    # Lightning.
+    "BnbQuantization",
 ]
+
+# Modules of the flat layout of 0.1.0, kept under their old names: old imports and pickles of the
+# training layer classes (``bnb_lightning.int8.DequantizedLinear8bitLt``) resolve to the new modules.
+_OLD_NAMES = {
+    "int8": training.int8,
+    "linear4bit": training.linear4bit,
+    "loss": training.loss,
+    "blocks": training.blocks,
+    "files": io.files,
+    "state_dict": io.state_dict,
+    "layer_state": io.layer_state,
+    "checkpoint": io.checkpoint,
+    "export": io.export,
+    "merge": io.merge,
+}
+for _name, _module in _OLD_NAMES.items():
+    _sys.modules.setdefault(f"{__name__}.{_name}", _module)
+del _name, _module
+
+
+def __getattr__(name: str):
+    if name in _OLD_NAMES:
+        return _OLD_NAMES[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from .backend import is_quantized_parameter, require_bitsandbytes
-from .blocks import transformers_models
 from .restore import restore_point
+from .training.blocks import transformers_models
 
 
 def adapter_target(model: nn.Module) -> nn.Module:

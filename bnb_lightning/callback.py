@@ -17,15 +17,6 @@ from torch import nn
 
 from .adapters import require_peft_config
 from .backend import check_device_supported, is_bnb_linear, is_plain_linear
-from .checkpoint import (
-    FileNamingCheckpointIO,
-    adapter_state_dict,
-    add_frozen_base,
-    check_record_base,
-    check_record_config,
-    check_trainables,
-    quantization_record,
-)
 from .config import (
     QuantizationConfig,
     TrainingOptions,
@@ -45,8 +36,17 @@ from .distributed import (
     is_fsdp_wrapped,
     strategy_kind,
 )
-from .export import export_adapters
-from .merge import MergedExport, export_merged
+from .io.checkpoint import (
+    FileNamingCheckpointIO,
+    adapter_state_dict,
+    add_frozen_base,
+    check_record_base,
+    check_record_config,
+    check_trainables,
+    quantization_record,
+)
+from .io.export import export_adapters
+from .io.merge import MergedExport, export_merged
 from .prepare import cast_to_float32, prepare_model
 from .report import QuantizationReport
 

@@ -28,8 +28,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from .backend import is_bnb_linear, is_quantized_parameter
-from .blocks import block_class_names
 from .config import QuantizationConfig
+from .training.blocks import block_class_names
 
 SINGLE_DEVICE, DDP, FSDP = "single device", "DDP", "FSDP"
 

@@ -16,22 +16,31 @@ from torch import nn
 
 from .adapters import adapter_root, check_peft_config, inject_checked_adapters
 from .backend import is_quantized_parameter
-from .blocks import checkpointable_blocks, transformer_blocks, transformers_models
-from .checkpoint import base_fingerprint, frozen_state_keys
 from .config import (
     QuantizationConfig,
     TrainingOptions,
     as_quantization_config,
     as_training_options,
-    check_block_count,
     compute_dtype_for_precision,
 )
-from .int8 import use_dequantized_int8
-from .linear4bit import use_fused_4bit_dequantize
-from .loss import use_chunked_loss
+from .io.checkpoint import base_fingerprint, frozen_state_keys
 from .quantize import quantize_model
 from .report import QuantizationReport
 from .restore import restore_point
+from .training.blocks import (
+    check_gradient_checkpointing,
+    check_uncheckpointed_blocks,
+    checkpointable_blocks,
+    checkpointing_enabled,
+    compile_blocks,
+    set_checkpointing,
+    transformers_models,
+    wants_checkpointing,
+    will_checkpoint,
+)
+from .training.int8 import use_dequantized_int8
+from .training.linear4bit import use_fused_4bit_dequantize
+from .training.loss import use_chunked_loss
 
 
 @dataclass(frozen=True)
@@ -70,67 +79,6 @@ def cast_to_float32(model: nn.Module, trainable_only: bool = False) -> None:
             parameter.data = parameter.data.float()
 
 
-def _checkpointing_enabled(hf_model: nn.Module) -> bool:
-    # transformers 5.x renamed gradient checkpointing to activation checkpointing; the old names warn.
-    for flag in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(hf_model), flag):
-            return bool(getattr(hf_model, flag))
-    return False
-
-
-def _set_checkpointing(hf_model: nn.Module, enabled: bool) -> None:
-    kwargs = {"use_reentrant": False}
-    if hasattr(hf_model, "activation_checkpointing_enable"):
-        if enabled:
-            hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            hf_model.activation_checkpointing_disable()
-    elif enabled:
-        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    else:
-        hf_model.gradient_checkpointing_disable()
-
-
-def _wants_checkpointing(hf_model: nn.Module, gradient_checkpointing: bool | None) -> bool:
-    return _checkpointing_enabled(hf_model) if gradient_checkpointing is None else gradient_checkpointing
-
-
-def will_checkpoint(model: nn.Module, gradient_checkpointing: bool | None) -> bool:
-    """Whether :func:`prepare_for_kbit_training` would leave checkpointing on, without changing anything."""
-    return any(
-        _wants_checkpointing(hf_model, gradient_checkpointing) for hf_model in transformers_models(model)
-    )
-
-
-def check_uncheckpointed_blocks(model: nn.Module, count: int, checkpointing: bool) -> None:
-    """Refuse a ``count`` of blocks to leave out of checkpointing that ``model`` cannot honour."""
-    check_block_count(count, checkpointing)
-    if count == 0:
-        return
-    available = len(checkpointable_blocks(model))
-    if count > available:
-        found = (
-            f"has {available}"
-            if available
-            else "has none (it needs a transformers model whose decoder layers checkpoint themselves, "
-            "transformers >= 4.53)"
-        )
-        raise ValueError(
-            f"uncheckpointed_blocks={count} asks to keep the activations of {count} transformer blocks, "
-            f"but {type(model).__name__} {found}. Pass a number from 0 to {available}."
-        )
-
-
-def check_gradient_checkpointing(model: nn.Module, gradient_checkpointing: bool | None) -> None:
-    """Refuse ``gradient_checkpointing=True`` for a model that has no checkpointing to turn on."""
-    if gradient_checkpointing and not transformers_models(model):
-        raise ValueError(
-            f"gradient_checkpointing=True needs a transformers model inside {type(model).__name__} to turn it on; "
-            "for other models, wrap your blocks in torch.utils.checkpoint.checkpoint(..., use_reentrant=False) "
-            "and leave gradient_checkpointing=None."
-        )
-
-
 def prepare_for_kbit_training(
     model: nn.Module,
     gradient_checkpointing: bool | None = None,
@@ -156,7 +104,7 @@ def prepare_for_kbit_training(
     """
     check_gradient_checkpointing(model, gradient_checkpointing)
     roots = transformers_models(model)
-    wanted = {id(hf_model): _wants_checkpointing(hf_model, gradient_checkpointing) for hf_model in roots}
+    wanted = {id(hf_model): wants_checkpointing(hf_model, gradient_checkpointing) for hf_model in roots}
     checkpointing = any(wanted.values())
     # Checked before anything changes, so a refused call leaves the model as it was.
     check_uncheckpointed_blocks(model, uncheckpointed_blocks, checkpointing)
@@ -164,28 +112,15 @@ def prepare_for_kbit_training(
         cast_to_float32(model)
     for hf_model in roots:
         if wanted[id(hf_model)]:
-            _set_checkpointing(hf_model, True)
+            set_checkpointing(hf_model, True)
             # The frozen base gives activations that need no grad; the adapters behind them do.
             hf_model.enable_input_require_grads()
-        elif _checkpointing_enabled(hf_model):
-            _set_checkpointing(hf_model, False)
+        elif checkpointing_enabled(hf_model):
+            set_checkpointing(hf_model, False)
     if uncheckpointed_blocks:
         for block in checkpointable_blocks(model)[-uncheckpointed_blocks:]:
             block.gradient_checkpointing = False
     return checkpointing
-
-
-def compile_blocks(model: nn.Module) -> int:
-    """``torch.compile`` each transformer block in place; returns how many were compiled.
-
-    Blocks are the module classes transformers models list in ``_no_split_modules`` (e.g.
-    ``LlamaDecoderLayer``). Compiling per block keeps graphs small and works with activation
-    checkpointing, which wraps each block. State-dict keys do not change.
-    """
-    blocks = transformer_blocks(model)
-    for block in blocks:
-        block.compile()
-    return len(blocks)
 
 
 @dataclass

@@ -24,7 +24,7 @@ from .backend import (
     require_bitsandbytes,
 )
 from .config import QuantizationConfig, as_patterns, as_quantization_config
-from .layer_state import (
+from .io.layer_state import (
     STATS_8BIT,
     check_shape,
     prequantized_4bit_weight,

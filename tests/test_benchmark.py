@@ -1,4 +1,5 @@
-"""The benchmark's --smoke run: every recipe of benchmarks/qlora_bench.py runs (or says why not) on CPU."""
+"""benchmarks/qlora_bench.py: its --smoke run measures every recipe (or says why not) on CPU, and
+benchmarks/README.md's recipe table lists the recipes of the code."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "qlora_bench.py"
+README = SCRIPT.parent / "README.md"
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +68,24 @@ def test_profile_covers_extra_steps_and_keeps_timing_apart(bench, tmp_path):
     # LoRA r=16 on the tiny model's linears: the adapters' matmuls are found by their rank.
     adapters = next(line for line in text.splitlines() if line.startswith("adapters: "))
     assert int(adapters.split(" in ")[1].split()[0]) > 0, adapters
+
+
+def readme_recipes() -> list[tuple[str, str]]:
+    """(name, description) per row of the recipe table in benchmarks/README.md."""
+    lines = README.read_text().splitlines()
+    start = lines.index("| recipe | what it is |") + 2  # past the header and its |---| line
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("| "):
+            break
+        name, description = line.removeprefix("| ").removesuffix(" |").split(" | ", 1)
+        rows.append((name.strip("`"), description))
+    return rows
+
+
+def test_readme_lists_the_recipes_of_the_code(bench):
+    assert readme_recipes() == list(bench.RECIPES.items())
+
+
+def test_every_recipe_has_a_runner(bench):
+    assert list(bench.RUNNERS) == list(bench.RECIPES)

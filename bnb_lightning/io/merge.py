@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import adapter_root, adapter_target
-from .backend import is_bnb_linear, is_quantized_parameter, require_bitsandbytes
-from .config import parse_dtype
+from ..adapters import adapter_root, adapter_target
+from ..backend import is_bnb_linear, is_quantized_parameter, require_bitsandbytes
+from ..config import parse_dtype
 from .files import atomic_path, export_directory
 
 # export_merged's default tolerance, as a share of the largest |logit| the quantized model gives on the
@@ -342,7 +342,7 @@ def export_merged(
     files written. Only files a previous bnb_lightning export wrote are replaced: those of a previous
     merged export that this one does not write again are removed, an adapter export there is kept, and
     a file of the same name that bnb_lightning did not write (a base model's ``config.json``) makes the
-    export fail before anything is written (:func:`~bnb_lightning.files.export_directory`). The new
+    export fail before anything is written (:func:`~bnb_lightning.io.files.export_directory`). The new
     files are swapped in only once all are written; other files (e.g. a tokenizer) are kept.
 
     Merging into the 4-bit weights themselves (re-quantizing) loses quality (transformers#31293,

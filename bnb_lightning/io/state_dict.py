@@ -3,7 +3,7 @@
 A quantized model's ``state_dict()`` holds the packed weights with their statistics (4-bit quant
 state, 8-bit ``SCB``), and ``model.load_state_dict(state_dict, strict=True)`` takes it back into a
 model quantized with the same config: every layer this package creates carries the hooks for that
-(:mod:`bnb_lightning.layer_state`). These functions add files, in safetensors or torch format,
+(:mod:`bnb_lightning.io.layer_state`). These functions add files, in safetensors or torch format,
 written atomically and read back with errors that name the file; a file is checked whole, statistics
 included, before anything is loaded, so a file that does not fit leaves the model untouched.
 """
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backend import require_bitsandbytes
+from ..backend import require_bitsandbytes
 from .files import atomic_path
 from .layer_state import STATS_4BIT, STATS_8BIT, check_layer_entries
 

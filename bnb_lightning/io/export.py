@@ -1,7 +1,7 @@
 """Export a quantized model's adapters in PEFT's format, and load them back into one.
 
-Every export (adapters here, a merged model in :mod:`bnb_lightning.merge`) goes through
-:func:`~bnb_lightning.files.export_directory`: the files are written into a temporary directory beside
+Every export (adapters here, a merged model in :mod:`bnb_lightning.io.merge`) goes through
+:func:`~bnb_lightning.io.files.export_directory`: the files are written into a temporary directory beside
 the target, which is swapped in only once every file is written, so an interrupted or refused export
 leaves the previous directory exactly as it was. The export also writes ``bnb_lightning_export.json``
 listing the files it wrote; the next export into the same directory replaces or removes only those,
@@ -22,13 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import adapter_root, inject_adapters
-from .backend import is_bnb_linear, is_quantized_parameter, require_bitsandbytes
+from ..adapters import adapter_root, inject_adapters
+from ..backend import is_bnb_linear, is_quantized_parameter, require_bitsandbytes
+from ..distributed import unwrapped_name
+from ..restore import restore_point
 from .checkpoint import base_fingerprint
-from .distributed import unwrapped_name
 from .files import MANIFEST, atomic_path, check_export_directory, export_directory, read_manifest
 from .layer_state import _UNPACKED_FIELDS
-from .restore import restore_point
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -100,7 +100,7 @@ def _state_reads_exactly(layer: nn.Module) -> bool:
 
     bitsandbytes' own ``state_dict()`` of a 4-bit weight that it repacked for the CPU re-quantizes the
     statistics, in place (lossy). Layers built by bnb_lightning undo the repacking exactly
-    (:mod:`bnb_lightning.layer_state`), provided their hook saw the weight before it was repacked.
+    (:mod:`bnb_lightning.io.layer_state`), provided their hook saw the weight before it was repacked.
     """
     quant_state = getattr(layer.weight, "quant_state", None)
     if quant_state is None or not getattr(quant_state, "packing_format_for_cpu", False):
@@ -200,11 +200,11 @@ def export_adapters(
     ``directory`` gets ``adapter_config.json`` and ``adapter_model.safetensors``, loadable with
     ``PeftModel.from_pretrained(base, directory)`` on the original transformers model (quantized the
     same way, or in full precision) or with :func:`load_adapters`, and ``bnb_lightning_export.json``
-    (:data:`~bnb_lightning.files.MANIFEST`): the files written, how the base was quantized and a
+    (:data:`~bnb_lightning.io.files.MANIFEST`): the files written, how the base was quantized and a
     fingerprint of it (:func:`base_record`), which :func:`load_adapters` checks.
 
     Only files that a previous bnb_lightning export wrote there are replaced
-    (:func:`~bnb_lightning.files.export_directory`): a directory holding an ``adapter_config.json`` or
+    (:func:`~bnb_lightning.io.files.export_directory`): a directory holding an ``adapter_config.json`` or
     ``adapter_model.safetensors`` that it did not write (e.g. from ``PeftModel.save_pretrained``) is
     refused before anything is written; other files (a tokenizer, a base model's ``config.json`` and
     weights, a merged export of ours) are kept as they are. The new files are swapped in only once all

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backend import is_quantized_parameter, require_bitsandbytes
+from ..backend import is_quantized_parameter, require_bitsandbytes
 
 # Entries saved next to a quantized weight: ``QuantState.as_dict(packed=True)`` for 4-bit, longest first so
 # ``nested_absmax`` is not read as ``absmax``; the row scales and their layout for int8.
@@ -287,7 +287,7 @@ def check_layer_entries(layer: nn.Module, prefix: str, state_dict: Mapping[str, 
 
     torch runs load hooks while it copies, one module after another: a hook that refuses a layer's
     statistics comes after the layers before it were overwritten. Checking every bnb layer with this
-    first makes loading all-or-nothing (:func:`bnb_lightning.state_dict.load_state_dict_file`).
+    first makes loading all-or-nothing (:func:`bnb_lightning.io.state_dict.load_state_dict_file`).
 
     Raises:
         ValueError: as the hooks word it, naming the layer's weight and what does not fit.

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import matmul_dtype
 from .blocks import transformers_models
-from .config import matmul_dtype
 
 # Float32 logits of one chunk stay near this size (64 Mi elements = 256 MiB).
 _CHUNK_ELEMENTS = 1 << 26

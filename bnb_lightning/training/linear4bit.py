@@ -15,14 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backend import (
-    find_layer_subclass,
-    recomputed_weight,
-    remove_layer_subclass,
-    require_bitsandbytes,
-    use_layer_subclass,
-)
-from .config import matmul_dtype
+from ..backend import require_bitsandbytes
+from ..config import matmul_dtype
+from .swap import find_layer_subclass, recomputed_weight, remove_layer_subclass, use_layer_subclass
 
 
 def _blockwise_scale(values: torch.Tensor, absmax: torch.Tensor, blocksize: int, numel: int) -> torch.Tensor:

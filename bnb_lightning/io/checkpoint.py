@@ -24,9 +24,9 @@ from fsspec.utils import get_protocol
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from torch import nn
 
-from .backend import flat_bytes, is_bnb_linear
-from .config import QuantizationConfig
-from .distributed import is_fsdp_wrapped, unwrapped_name
+from ..backend import flat_bytes, is_bnb_linear
+from ..config import QuantizationConfig
+from ..distributed import is_fsdp_wrapped, unwrapped_name
 from .files import atomic_path
 
 RECORD_VERSION = 1
