@@ -12,17 +12,7 @@ from . import io, training
 from .adapters import inject_adapters
 from .callback import BnbQuantization
 from .config import QuantizationConfig, TrainingOptions
-from .io import (
-    MergedExport,
-    MergeToleranceError,
-    export_adapters,
-    export_merged,
-    load_adapters,
-    load_state_dict_file,
-    merged_model,
-    read_state_dict_file,
-    save_state_dict_file,
-)
+from .io import *  # noqa: F403  (its __all__, below)
 from .prepare import PreparedModel, count_parameters, prepare_for_kbit_training, prepare_model
 from .quantize import QuantizationError, quantize_model
 from .replace import (
@@ -34,16 +24,7 @@ from .replace import (
 )
 from .report import ModuleReport, QuantizationReport
 from .skip import get_keys_to_not_convert
-from .training import (
-    compile_blocks,
-    linear_cross_entropy,
-    remove_chunked_loss,
-    remove_dequantized_int8,
-    remove_fused_4bit_dequantize,
-    use_chunked_loss,
-    use_dequantized_int8,
-    use_fused_4bit_dequantize,
-)
+from .training import *  # noqa: F403  (its __all__, below)
 
 __version__ = "0.1.0"
 
@@ -67,24 +48,9 @@ __all__ = [
     "prepare_model",
     "PreparedModel",
     # Training speed paths (bnb_lightning.training).
-    "compile_blocks",
-    "use_dequantized_int8",
-    "remove_dequantized_int8",
-    "use_fused_4bit_dequantize",
-    "remove_fused_4bit_dequantize",
-    "linear_cross_entropy",
-    "use_chunked_loss",
-    "remove_chunked_loss",
+    *training.__all__,
     # Persistence (bnb_lightning.io).
-    "save_state_dict_file",
-    "load_state_dict_file",
-    "read_state_dict_file",
-    "export_adapters",
-    "load_adapters",
-    "export_merged",
-    "merged_model",
-    "MergedExport",
-    "MergeToleranceError",
+    *io.__all__,
     # Lightning.
     "BnbQuantization",
 ]

@@ -58,12 +58,12 @@ def _structural_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def require_peft_config(peft_config: Any) -> None:
-    """Refuse anything but a PEFT config object, with the fix for LightningCLI's dict form."""
+def require_peft_config(peft_config: Any) -> Any:
+    """``peft_config``, once it is a PEFT config object; the error has the fix for LightningCLI's dict form."""
     from peft import PeftConfig
 
     if isinstance(peft_config, PeftConfig):
-        return
+        return peft_config
     hint = (
         " A class_path/init_args dict is LightningCLI's YAML form; in Python, pass the object, e.g. "
         "peft.LoraConfig(**init_args)."

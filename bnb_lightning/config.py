@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -366,8 +368,20 @@ class TrainingOptions:
         return dataclasses.replace(self, **changes)
 
 
-def as_training_options(options: Any) -> TrainingOptions:
-    """``TrainingOptions`` from what users pass: the object, a dict of its fields, or ``None`` (defaults)."""
+def as_training_options(options: Any, **switches: Any) -> TrainingOptions:
+    """``TrainingOptions`` from what users pass: the object, a dict of its fields, or ``None`` (defaults).
+
+    ``switches`` are the same fields passed one by one (``None``: not given), as the callback's flat
+    keyword arguments and LightningCLI's flat YAML give them; they go either there or in ``options``.
+    """
+    given = {name: value for name, value in switches.items() if value is not None}
+    if given:
+        if options is not None:
+            raise TypeError(
+                "training switches go either in options= or as keyword arguments, not both; got options and "
+                f"{', '.join(f'{name}={value!r}' for name, value in given.items())}. Move them into options."
+            )
+        return TrainingOptions(**given)
     if options is None:
         return TrainingOptions()
     if isinstance(options, TrainingOptions):
@@ -378,6 +392,36 @@ def as_training_options(options: Any) -> TrainingOptions:
         f"options must be a bnb_lightning.TrainingOptions or a dict of its fields, got {type(options).__name__} "
         f"({options!r})."
     )
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """``value``, once it is a bool."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}.")
+    return value
+
+
+def check_directory(name: str, value: Any) -> str | os.PathLike | None:
+    """``value``, once it is a directory path or ``None``."""
+    if value is not None and not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a directory path or None, got {value!r}.")
+    return value
+
+
+def check_merge_tolerance(value: Any) -> float | None:
+    """``value``, once it is a finite number >= 0 or ``None`` (the largest accepted max |logits difference|)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            "merge_tolerance must be a number (the largest accepted max |logits difference|) or None, "
+            f"got {type(value).__name__} {value!r}; write e.g. merge_tolerance=0.1."
+        )
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(
+            f"merge_tolerance={value!r} must be a finite number >= 0, or None (the default: 5% of the largest |logit|)."
+        )
+    return value
 
 
 def _dtype_field(value: Any) -> DTypeLike:

@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
-from .backend import is_bnb_linear, is_quantized_parameter
+from .backend import check_device_supported, is_bnb_linear, is_quantized_parameter
 from .config import QuantizationConfig
 from .training.blocks import block_class_names
 
@@ -110,14 +110,7 @@ def check_strategy(
             "8-bit (LLM.int8) weights cannot be sharded by FSDP: they are int8 with per-row statistics kept "
             "outside the parameter. Use QuantizationConfig(bits=4) with FSDP, or strategy='ddp' for 8-bit."
         )
-    storage = config.quant_storage
-    wanted = _precision_dtype(precision)
-    if storage.is_floating_point and wanted is not None and storage != wanted:
-        raise ValueError(
-            f"quant_storage={storage} cannot be sharded by FSDP under precision '{precision}': FSDP flattens each "
-            f"block's parameters into one {wanted} tensor. Leave quant_storage unset (BnbQuantization then uses "
-            f"{wanted}) or set quant_storage='{str(wanted).removeprefix('torch.')}'."
-        )
+    check_quant_storage(config, precision, fsdp=True)
     # Lightning loads a sharded checkpoint with torch.distributed.checkpoint, which requires every key of the
     # model, frozen base included, to be in the file; an adapter-only checkpoint leaves the base out.
     if adapter_only and getattr(strategy, "_state_dict_type", "full") == "sharded":
@@ -141,6 +134,53 @@ def check_strategy(
 def _precision_dtype(precision: str) -> torch.dtype | None:
     """The dtype ``*-true`` precisions convert parameters to; ``None`` where they keep their own."""
     return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(str(precision))
+
+
+def check_quant_storage(config: QuantizationConfig, precision: str, fsdp: bool) -> None:
+    """Refuse a floating 4-bit ``quant_storage`` that the precision would cast (the packed bytes with it)."""
+    storage, wanted = config.quant_storage, _precision_dtype(precision)
+    if config.bits != 4 or not storage.is_floating_point or wanted is None or storage == wanted:
+        return
+    if fsdp:
+        raise ValueError(
+            f"quant_storage={storage} cannot be sharded by FSDP under precision '{precision}': FSDP flattens each "
+            f"block's parameters into one {wanted} tensor. Leave quant_storage unset (BnbQuantization then uses "
+            f"{wanted}) or set quant_storage='{str(wanted).removeprefix('torch.')}'."
+        )
+    raise ValueError(
+        f"quant_storage={storage} would be cast to {wanted} by precision '{precision}', corrupting the packed "
+        "4-bit weights. Use quant_storage='uint8' or a quant_storage equal to the precision's dtype."
+    )
+
+
+_REFUSED_PRECISION_PLUGINS = {
+    "BitsandbytesPrecision": "it quantizes every linear layer itself (the lm_head too); remove the plugin "
+    "and let BnbQuantization do the quantization",
+    "TransformerEnginePrecision": "it replaces linear layers with Transformer Engine layers; use "
+    "precision='bf16-true' or 'bf16-mixed' instead",
+    "DoublePrecision": "bitsandbytes does not quantize float64 weights; use precision='32-true', "
+    "'bf16-true' or 'bf16-mixed'",
+}
+
+
+def check_trainer(trainer: Any, config: QuantizationConfig, adapter_only: bool, exports: bool) -> str:
+    """The strategy's kind, once the Trainer's precision plugin, strategy and device work with ``config``.
+
+    Everything here is checked before anything changes, the strategy's needs too (FSDP's mixed
+    precision settings are checked now, not when FSDP is configured after quantization).
+    """
+    plugin = type(trainer.precision_plugin).__name__
+    if plugin in _REFUSED_PRECISION_PLUGINS:
+        raise RuntimeError(
+            f"BnbQuantization cannot work with the {plugin} precision plugin: {_REFUSED_PRECISION_PLUGINS[plugin]}."
+        )
+    precision = str(trainer.precision)
+    kind = check_strategy(trainer.strategy, config, precision, adapter_only=adapter_only, exports=exports)
+    check_device_supported(trainer.strategy.root_device)
+    check_quant_storage(config, precision, fsdp=kind == FSDP)
+    if kind == FSDP:
+        fsdp_mixed_precision(trainer.strategy, config.quant_storage)
+    return kind
 
 
 def fsdp_quant_storage(model: nn.Module, precision: str) -> torch.dtype:

@@ -6,6 +6,7 @@ norms and embeddings stay in the model's dtype, which keeps training at half-pre
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -79,6 +80,19 @@ def cast_to_float32(model: nn.Module, trainable_only: bool = False) -> None:
             parameter.data = parameter.data.float()
 
 
+def cast_for_training(model: nn.Module, precision: str | None, upcast_to_float32: bool = False) -> None:
+    """Put what trains in float32, except under ``"bf16-true"``; with ``upcast_to_float32``, all that is not quantized.
+
+    Optimizer steps on half-precision parameters lose small updates (bfloat16) or turn to NaN
+    (float16, where Adam's eps underflows): what trains is float32, as in PEFT. ``"bf16-true"`` asks
+    for bfloat16 throughout, and gets it.
+    """
+    if upcast_to_float32:
+        cast_to_float32(model)
+    elif str(precision) != "bf16-true":
+        cast_to_float32(model, trainable_only=True)
+
+
 def prepare_for_kbit_training(
     model: nn.Module,
     gradient_checkpointing: bool | None = None,
@@ -135,14 +149,14 @@ class PreparedModel:
     config: QuantizationConfig
     options: TrainingOptions
     report: QuantizationReport
-    frozen_keys: set[str]
-    fingerprint: str
-    checkpointing: bool
-    adapters: nn.Module | None
-    dequantized_int8_layers: int
-    fused_4bit_layers: int
-    chunked_loss: list[str]
-    compiled_blocks: int
+    frozen_keys: set[str] = dataclasses.field(default_factory=set)
+    fingerprint: str = ""
+    checkpointing: bool = False
+    adapters: nn.Module | None = None
+    dequantized_int8_layers: int = 0
+    fused_4bit_layers: int = 0
+    chunked_loss: list[str] = dataclasses.field(default_factory=list)
+    compiled_blocks: int = 0
 
     def messages(self) -> list[str]:
         """One line for each decision, as the callback logs them after the quantization report."""
@@ -248,11 +262,11 @@ def prepare_model(
     if peft_config is not None:
         check_peft_config(model, peft_config)
 
-    report = quantize_model(model, config, device=device)
+    prepared = PreparedModel(model, config, options, quantize_model(model, config, device=device))
 
     restore = restore_point(model)
     try:
-        checkpointing = prepare_for_kbit_training(
+        prepared.checkpointing = prepare_for_kbit_training(
             model,
             gradient_checkpointing=options.gradient_checkpointing,
             upcast_to_float32=options.upcast_to_float32,
@@ -260,39 +274,28 @@ def prepare_model(
         )
         if peft_config is not None:
             inject_checked_adapters(model, peft_config)  # checked above, on the same module names
-        if str(precision) != "bf16-true":
-            # Optimizer steps on half-precision parameters lose small updates (bfloat16) or turn to NaN
-            # (float16): what trains is float32, as in PEFT. bf16-true asks for bfloat16 throughout.
-            cast_to_float32(model, trainable_only=True)
-        frozen_keys = frozen_state_keys(model)
-        fingerprint = base_fingerprint(model, frozen_keys)
+        prepared.adapters = adapter_root(model)
+        cast_for_training(model, precision, options.upcast_to_float32)
+        prepared.frozen_keys = frozen_state_keys(model)
+        prepared.fingerprint = base_fingerprint(model, prepared.frozen_keys)
         if check_base is not None:
-            check_base(fingerprint)
-        dequantized = use_dequantized_int8(model) if config.bits == 8 and options.dequantize_int8 else 0
-        fused = use_fused_4bit_dequantize(model) if config.bits == 4 and options.fuse_4bit_dequantize else 0
-        chunked = use_chunked_loss(model) if options.chunked_loss else []
+            check_base(prepared.fingerprint)
+        if config.bits == 8 and options.dequantize_int8:
+            prepared.dequantized_int8_layers = use_dequantized_int8(model)
+        if config.bits == 4 and options.fuse_4bit_dequantize:
+            prepared.fused_4bit_layers = use_fused_4bit_dequantize(model)
+        if options.chunked_loss:
+            prepared.chunked_loss = use_chunked_loss(model)
         if options.compile_blocks is None:
             # Measured faster on one GPU (benchmarks/RESULTS.md); on the CPU compiling costs more than it
             # brings for short runs; 8-bit was measured compiled with the dequantized matmul only.
-            compiled = torch.device(report.device).type == "cuda" and (
+            compiled = torch.device(prepared.report.device).type == "cuda" and (
                 config.bits == 4 or options.dequantize_int8
             )
-            options = options.replace(compile_blocks=compiled)
-        compiled_blocks = compile_blocks(model) if options.compile_blocks else 0
+            prepared.options = options.replace(compile_blocks=compiled)
+        if prepared.options.compile_blocks:
+            prepared.compiled_blocks = compile_blocks(model)
     except BaseException:
         restore()
         raise
-    return PreparedModel(
-        model=model,
-        config=config,
-        options=options,
-        report=report,
-        frozen_keys=frozen_keys,
-        fingerprint=fingerprint,
-        checkpointing=checkpointing,
-        adapters=adapter_root(model),
-        dequantized_int8_layers=dequantized,
-        fused_4bit_layers=fused,
-        chunked_loss=chunked,
-        compiled_blocks=compiled_blocks,
-    )
+    return prepared

@@ -27,8 +27,7 @@ from .config import QuantizationConfig, as_patterns, as_quantization_config
 from .io.layer_state import (
     STATS_8BIT,
     check_shape,
-    prequantized_4bit_weight,
-    prequantized_int8_weight,
+    prequantized_weight,
     register_layer_hooks,
 )
 from .skip import matches_any
@@ -336,8 +335,7 @@ def _set_tensor(
     expected_shape = (owner.out_features, owner.in_features)
 
     if prequantized:
-        build = prequantized_4bit_weight if is_4bit else prequantized_int8_weight
-        param = build(owner, tensor_name, new_value, quantized_stats, device)
+        param = prequantized_weight(owner, tensor_name, new_value, quantized_stats, device)
     elif is_8bit:
         check_shape(tensor_name, new_value.shape, expected_shape)
         param = bnb.nn.Int8Params(

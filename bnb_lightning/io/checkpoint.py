@@ -286,6 +286,62 @@ def add_frozen_base(state_dict: dict[str, Any], module: nn.Module) -> None:
         state_dict.setdefault(key, current[key])
 
 
+@dataclasses.dataclass(frozen=True)
+class BaseRecord:
+    """What the checkpoints of one prepared model record of its base, and check against it on resume.
+
+    Args:
+        config: the quantization config applied.
+        fingerprint: :func:`base_fingerprint` of the frozen base.
+        frozen_keys: the base's state-dict keys, taken before a strategy wrapped the model.
+        adapter_only: whether checkpoints leave the frozen base out.
+    """
+
+    config: QuantizationConfig
+    fingerprint: str
+    frozen_keys: frozenset[str]
+    adapter_only: bool
+
+    def record(self) -> dict[str, Any]:
+        """The record a checkpoint keeps (a callback's ``state_dict``)."""
+        return quantization_record(self.config, self.fingerprint, self.adapter_only)
+
+    def saved_state(self, state_dict: Mapping[str, Any], module: nn.Module) -> dict[str, Any]:
+        """``state_dict`` as a checkpoint keeps it: without the frozen base if ``adapter_only``."""
+        if not self.adapter_only:
+            return dict(state_dict)
+        return adapter_state_dict(state_dict, module, frozen_keys=self.frozen_keys)
+
+    def restore(
+        self, checkpoint: dict[str, Any], record: Mapping[str, Any], module: nn.Module, check_base: bool
+    ) -> dict[str, torch.Tensor]:
+        """Check ``checkpoint`` before it loads into ``module``; give an adapter-only one the base.
+
+        ``record`` is the checkpoint's :meth:`record` (empty if it has none); ``check_base`` refuses
+        another config or another base. Returns the checkpoint's trainable tensors, to copy in again
+        after a precision plugin's cast (16-true would round float32 adapters to float16).
+        """
+        if check_base:
+            check_record_config(record, self.config)
+        if "state_dict" not in checkpoint or is_fsdp_wrapped(module):
+            # The strategy loads the state itself: FSDP's `load_checkpoint` puts a full checkpoint's
+            # state into its shards (not strictly) and removes it before any hook runs. The names of
+            # the wrapped module's parameters are not the checkpoint's either, and 16-true, whose
+            # rounding the copy would undo, is refused under FSDP.
+            if check_base:
+                check_record_base(record, self.fingerprint)
+            return {}
+        state = checkpoint["state_dict"]
+        # Other adapters (or none) are said as such before they could look like another base.
+        check_trainables(state, module, self.frozen_keys, strict=getattr(module, "strict_loading", True))
+        if check_base:
+            check_record_base(record, self.fingerprint)
+        if record.get("adapter_only"):
+            add_frozen_base(state, module)
+        trainable = {name for name, parameter in module.named_parameters() if parameter.requires_grad}
+        return {name: state[name] for name in trainable if name in state}
+
+
 _VERIFY_CHUNK = 2**22  # bytes read at a time when checking an archive's CRCs
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # a zip member's local header: signature ... name, extra lengths
 _RECORD_KEYS = frozenset({"version", "config", "base_fingerprint", "adapter_only"})  # quantization_record's

@@ -32,7 +32,7 @@ STATS_8BIT = ("SCB", "weight_format")
 # Attribute of a 4-bit QuantState holding its fields as quantization made them, while bitsandbytes' CPU
 # kernels work on a repacked copy (see _remember_unpacked_state).
 _UNPACKED_FIELDS = "_bnb_lightning_unpacked"
-# Attribute of a Linear8bitLt while it loads: unexpected keys kept from bitsandbytes (see _load_int8_weight).
+# Attribute of a Linear8bitLt while it loads: unexpected keys kept from bitsandbytes (see _set_aside_int8_keys).
 _SET_ASIDE = "_bnb_lightning_set_aside"
 
 
@@ -141,7 +141,7 @@ def check_prequantized_4bit(
 
     The quant type must be the layer's; dtype (``quant_storage``), shape, packed size and the number of
     block scales must fit. The block size and double quantization are the checkpoint's. Apart from
-    :func:`prequantized_4bit_weight`, so a whole state dict can be checked before any layer is loaded.
+    :func:`prequantized_weight`, so a whole state dict can be checked before any layer is loaded.
 
     Raises:
         ValueError: naming ``tensor_name`` and what does not fit.
@@ -162,40 +162,12 @@ def check_prequantized_4bit(
     return stats
 
 
-def prequantized_4bit_weight(
-    layer: nn.Module,
-    tensor_name: str,
-    data: torch.Tensor,
-    quantized_stats: Mapping[str, Any],
-    device: torch.device,
-    *,
-    copy: bool = False,
-) -> nn.Parameter:
-    """A ``Params4bit`` for ``layer`` from packed data and the statistics saved with it, on ``device``.
-
-    Checked first by :func:`check_prequantized_4bit`. ``copy=True`` never shares memory with ``data`` or
-    the statistics.
-
-    Raises:
-        ValueError: naming ``tensor_name`` and what does not fit.
-    """
-    bnb = require_bitsandbytes()
-    stats = check_prequantized_4bit(layer, tensor_name, data, quantized_stats)
-    return bnb.nn.Params4bit.from_prequantized(
-        data=data.to(device, copy=copy),
-        quantized_stats={name: _on(value, device, copy) for name, value in stats.items()},
-        requires_grad=False,
-        device=device,
-        module=layer,
-    )
-
-
 def check_prequantized_int8(
     layer: nn.Module, tensor_name: str, data: torch.Tensor, quantized_stats: Mapping[str, Any]
 ) -> torch.Tensor:
     """Check int8 rows and their statistics against ``layer``; return the row scales (``SCB``).
 
-    Apart from :func:`prequantized_int8_weight`, so a whole state dict can be checked before any layer is
+    Apart from :func:`prequantized_weight`, so a whole state dict can be checked before any layer is
     loaded.
 
     Raises:
@@ -211,7 +183,7 @@ def check_prequantized_int8(
     return int8_statistics(tensor_name, quantized_stats, layer.out_features)
 
 
-def prequantized_int8_weight(
+def prequantized_weight(
     layer: nn.Module,
     tensor_name: str,
     data: torch.Tensor,
@@ -220,14 +192,25 @@ def prequantized_int8_weight(
     *,
     copy: bool = False,
 ) -> nn.Parameter:
-    """An ``Int8Params`` for ``layer`` from int8 rows and their scales (``SCB``), on ``device``.
+    """The weight of a quantized ``layer`` from its packed data and the statistics saved with it, on ``device``.
 
-    Checked first by :func:`check_prequantized_int8`.
+    A ``Params4bit`` for a ``Linear4bit``, an ``Int8Params`` (int8 rows and their scales, ``SCB``) for a
+    ``Linear8bitLt``; checked first by :func:`check_prequantized_4bit` or :func:`check_prequantized_int8`.
+    ``copy=True`` never shares memory with ``data`` or the statistics.
 
     Raises:
         ValueError: naming ``tensor_name`` and what does not fit.
     """
     bnb = require_bitsandbytes()
+    if isinstance(layer, bnb.nn.Linear4bit):
+        stats = check_prequantized_4bit(layer, tensor_name, data, quantized_stats)
+        return bnb.nn.Params4bit.from_prequantized(
+            data=data.to(device, copy=copy),
+            quantized_stats={name: _on(value, device, copy) for name, value in stats.items()},
+            requires_grad=False,
+            device=device,
+            module=layer,
+        )
     scb = check_prequantized_int8(layer, tensor_name, data, quantized_stats)
     weight = bnb.nn.Int8Params(data.to(device, copy=copy), requires_grad=False, has_fp16_weights=False)
     weight.CB = weight.data
@@ -311,7 +294,7 @@ def check_layer_entries(layer: nn.Module, prefix: str, state_dict: Mapping[str, 
             check_prequantized_int8(layer, weight_key, data, stats)
 
 
-def _load_4bit_weight(
+def _load_prequantized_weight(
     layer: nn.Module,
     state_dict: dict[str, Any],
     prefix: str,
@@ -321,48 +304,55 @@ def _load_4bit_weight(
     unexpected_keys: list[str],
     error_msgs: list[str],
 ) -> None:
-    """Load-state-dict pre-hook: rebuild the weight from its packed data and quantization statistics.
+    """Load-state-dict pre-hook of a quantized layer: rebuild its weight from the packed data and statistics.
 
-    Consumes the ``weight.<statistic>`` entries (torch would call them unexpected) and puts the rebuilt
-    parameter in place of ``weight`` in ``state_dict``, so torch's own loading finds it already there.
+    Consumes the statistics entries (torch would call them unexpected) and puts the rebuilt parameter
+    in place of ``weight`` in ``state_dict``, so torch's own loading finds it already there. A weight
+    that does not fit adds to ``error_msgs`` (torch raises them all together) and the layer keeps its own.
     """
     weight_key = f"{prefix}weight"
-    if weight_key not in state_dict:
-        return  # nothing for this layer (e.g. adapter weights only); any statistics are reported unexpected
-    stats = {key: state_dict.pop(key) for key in _statistics_in(state_dict, f"{weight_key}.", STATS_4BIT)}
+    if isinstance(layer, require_bitsandbytes().nn.Linear4bit):
+        if weight_key not in state_dict:
+            return  # nothing for this layer (e.g. adapter weights only); any statistics are reported unexpected
+        stats = {key: state_dict.pop(key) for key in _statistics_in(state_dict, f"{weight_key}.", STATS_4BIT)}
+        quantized = is_quantized_parameter(layer.weight)
+    else:
+        if not _set_aside_int8_keys(layer, state_dict, prefix, unexpected_keys):
+            return
+        # bitsandbytes' own pre-hook, registered first, has already checked and removed `weight_format`.
+        stats = {key: state_dict.pop(key) for key in _statistics_in(state_dict, prefix, STATS_8BIT)}
+        quantized = _int8_is_quantized(layer)
     data = state_dict[weight_key]
-    if not _rebuilds(layer, data, stats, is_quantized_parameter(layer.weight)):
+    if not _rebuilds(layer, data, stats, quantized):
         return
     copy_data = not local_metadata.get("assign_to_params_buffers", False)  # copied unless assign=True
     try:
         _check_loadable(layer, weight_key, data)
-        device = _target_device(layer, data)
-        layer.weight = prequantized_4bit_weight(layer, weight_key, data, stats, device, copy=copy_data)
+        layer.weight = prequantized_weight(
+            layer, weight_key, data, stats, _target_device(layer, data), copy=copy_data
+        )
+        if hasattr(layer, "state"):  # Linear8bitLt
+            layer.state.CB = layer.state.SCB = None  # the next forward takes both from the new weight
     except ValueError as error:
-        error_msgs.append(str(error))  # torch raises them all together; this layer keeps its weight
+        error_msgs.append(str(error))
     state_dict[weight_key] = layer.weight
 
 
-def _load_int8_weight(
-    layer: nn.Module,
-    state_dict: dict[str, Any],
-    prefix: str,
-    local_metadata: dict[str, Any],
-    strict: bool,
-    missing_keys: list[str],
-    unexpected_keys: list[str],
-    error_msgs: list[str],
-) -> None:
-    """Load-state-dict pre-hook: rebuild the int8 weight with its ``SCB``, before or after a forward.
+# Its names in 0.1.0: pickled layers refer to their hooks by name.
+_load_4bit_weight = _load_int8_weight = _load_prequantized_weight
 
-    bitsandbytes copies ``SCB`` into ``weight.SCB``, which its first forward moves to ``layer.state``, so
-    loading into a layer that has run fails there. Here the weight is rebuilt and the state cleared.
+
+def _set_aside_int8_keys(
+    layer: nn.Module, state_dict: dict[str, Any], prefix: str, unexpected_keys: list[str]
+) -> bool:
+    """Keep keys from bitsandbytes' 8-bit loading that it would misread; whether the layer has a weight to load.
+
+    bitsandbytes' loading, next, takes every unexpected key named "SCB" after len(prefix) characters for
+    its own, failing with a KeyError on other layers' keys. Those, and this layer's statistics if they
+    come without its weight (bitsandbytes would put them on the old weight), wait in _SET_ASIDE until
+    _restore_set_aside_keys reports them unexpected, as torch reports strays.
     """
     weight_key = f"{prefix}weight"
-    # bitsandbytes' loading, next, takes every unexpected key named "SCB" after len(prefix) characters for
-    # its own, failing with a KeyError on other layers' keys. Those, and this layer's statistics if they
-    # come without its weight (bitsandbytes would put them on the old weight), wait in _SET_ASIDE until
-    # _restore_set_aside_keys reports them unexpected, as torch reports strays.
     set_aside = [key for key in unexpected_keys if key[len(prefix) :] == "SCB" and not key.startswith(prefix)]
     for key in set_aside:
         unexpected_keys.remove(key)
@@ -371,26 +361,11 @@ def _load_int8_weight(
             f"{prefix}{name}" for name in STATS_8BIT if state_dict.pop(f"{prefix}{name}", None) is not None
         ]
     setattr(layer, _SET_ASIDE, set_aside)
-    if weight_key not in state_dict:
-        return
-    # bitsandbytes' own pre-hook, registered first, has already checked and removed `weight_format`.
-    stats = {key: state_dict.pop(key) for key in _statistics_in(state_dict, prefix, STATS_8BIT)}
-    data = state_dict[weight_key]
-    if not _rebuilds(layer, data, stats, _int8_is_quantized(layer)):
-        return
-    copy_data = not local_metadata.get("assign_to_params_buffers", False)
-    try:
-        _check_loadable(layer, weight_key, data)
-        device = _target_device(layer, data)
-        layer.weight = prequantized_int8_weight(layer, weight_key, data, stats, device, copy=copy_data)
-        layer.state.CB = layer.state.SCB = None  # the next forward takes both from the new weight
-    except ValueError as error:
-        error_msgs.append(str(error))
-    state_dict[weight_key] = layer.weight
+    return weight_key in state_dict
 
 
 def _restore_set_aside_keys(layer: nn.Module, incompatible_keys: Any) -> None:
-    """Load-state-dict post-hook: the unexpected keys :func:`_load_int8_weight` kept from bitsandbytes."""
+    """Load-state-dict post-hook: the unexpected keys :func:`_set_aside_int8_keys` kept from bitsandbytes."""
     incompatible_keys.unexpected_keys.extend(layer.__dict__.pop(_SET_ASIDE, ()))
 
 
@@ -440,7 +415,7 @@ def register_layer_hooks(layer: nn.Module) -> None:
     """Make a bnb layer's ``state_dict()`` load back with ``load_state_dict(strict=True)``, exactly.
 
     Instance hooks, nothing patched in bitsandbytes: for ``Linear4bit`` a load pre-hook that rebuilds
-    the weight from its statistics (:func:`prequantized_4bit_weight`), and, where bitsandbytes repacks
+    the weight from its statistics (:func:`prequantized_weight`), and, where bitsandbytes repacks
     weights for CPU inference, hooks that undo the repacking exactly before saving; for
     ``Linear8bitLt`` a load pre-hook that rebuilds the int8 weight and ``SCB``. A checkpoint that does
     not fit the layer (quant type, shape, dtype, missing statistics) makes ``load_state_dict`` raise
@@ -448,10 +423,10 @@ def register_layer_hooks(layer: nn.Module) -> None:
     """
     bnb = require_bitsandbytes()
     if isinstance(layer, bnb.nn.Linear4bit):
-        layer.register_load_state_dict_pre_hook(_load_4bit_weight)
+        layer.register_load_state_dict_pre_hook(_load_prequantized_weight)
         if getattr(layer, "support_avx512bf16_for_cpu", False):
             layer.register_forward_pre_hook(_remember_unpacked_state)
             layer.register_state_dict_pre_hook(_restore_unpacked_weight)
     elif isinstance(layer, bnb.nn.Linear8bitLt):
-        layer.register_load_state_dict_pre_hook(_load_int8_weight)
+        layer.register_load_state_dict_pre_hook(_load_prequantized_weight)
         layer.register_load_state_dict_post_hook(_restore_set_aside_keys)

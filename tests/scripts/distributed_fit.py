@@ -160,7 +160,7 @@ def main() -> None:
         "adapters": adapters(trainer, module),
         "written": list(io.written),
         "logs": list(recorder.lines),
-        "fingerprint": callback._fingerprint,
+        "fingerprint": callback.state_dict()["base_fingerprint"],
         # What DDP synchronizes gradients of: the parameters that require grad.
         "trainable": sorted(n for n, p in module.named_parameters() if p.requires_grad),
     }
