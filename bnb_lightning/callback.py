@@ -74,7 +74,7 @@ class BnbQuantization(Callback):
     Example::
 
         trainer = Trainer(
-            precision="bf16-true",
+            precision="bf16-mixed",
             callbacks=[BnbQuantization(peft_config=LoraConfig(r=16, target_modules="all-linear"))],
         )
     """

@@ -295,11 +295,11 @@ def configure_fsdp(strategy: Any, model: nn.Module, config: QuantizationConfig, 
     if strategy.kwargs.get("auto_wrap_policy") is None:
         strategy.kwargs["auto_wrap_policy"] = fsdp_auto_wrap_policy(model)
         blocks = ", ".join(sorted(block_class_names(model))) or "YourBlockClass"
-        # Measured on 2 H100s (benchmarks/RESULTS.md): 3.75x the speed, more memory than DDP there.
+        # On two GPUs the block-class policy trained faster at more memory (benchmarks/RESULTS.md).
         rank_zero_info(
             "bnb_lightning: FSDP wraps each transformer block and each trainable (LoRA) module as a unit, which "
             f"needs the least memory per GPU. FSDPStrategy(auto_wrap_policy={{{blocks}}}) trains faster but "
-            "allocates gradient memory for the frozen base; see the README, Multiple devices."
+            "allocates gradient memory for the frozen base; see benchmarks/RESULTS.md, Two GPUs."
         )
     share_quant_state_with_weight_views(model)
     mixed_precision = fsdp_mixed_precision(strategy, config.quant_storage)

@@ -39,6 +39,10 @@ def _compute_dtype(module: nn.Module, config: QuantizationConfig) -> torch.dtype
     return config.compute_dtype or (weight_dtype if weight_dtype.is_floating_point else None)
 
 
+# Output rows bitsandbytes' CPU inference layout packs together (its `block_n`).
+_CPU_ROW_BLOCK = 32
+
+
 def new_bnb_linear(module: nn.Module, config: QuantizationConfig) -> nn.Module:
     """An empty (meta) ``Linear4bit`` or ``Linear8bitLt`` shaped like ``module``, frozen."""
     bnb = require_bitsandbytes()
@@ -69,6 +73,12 @@ def new_bnb_linear(module: nn.Module, config: QuantizationConfig) -> nn.Module:
     # A new module starts in training mode. bitsandbytes picks its kernels by mode (on CPU, LLM.int8
     # dequantizes in training mode), so an eval model given training layers computes different outputs.
     layer.train(module.training)
+    if getattr(layer, "support_avx512bf16_for_cpu", False) and (
+        out_features % _CPU_ROW_BLOCK or in_features % layer.weight.blocksize
+    ):
+        # bitsandbytes' CPU inference layout packs whole blocks of rows and of quantization blocks; its
+        # eval forward fails an assertion for other shapes, which run its generic CPU kernels instead.
+        layer.support_avx512bf16_for_cpu = False
     # So that `model.load_state_dict(model.state_dict(), strict=True)` works; see layer_state.
     register_layer_hooks(layer)
     return layer

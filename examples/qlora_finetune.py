@@ -11,7 +11,7 @@ lm_head stays in full precision), adds LoRA adapters, and only the adapters trai
 With your own model, a local transformers directory (its tokenizer is used instead of bytes)::
 
     python examples/qlora_finetune.py --model path/to/model --data my_text.txt \
-        --accelerator cuda --precision bf16-true --lora-r 16 --gradient-checkpointing
+        --accelerator cuda --precision bf16-mixed --lora-r 16 --gradient-checkpointing
 
 A random model can only learn what its adapters add on top of frozen random weights, so the
 default run learns byte statistics and common words, not language; the loss still falls well
@@ -183,8 +183,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--precision",
-        default="bf16-true" if torch.cuda.is_available() else "32-true",
-        help="Trainer precision (default: bf16-true with CUDA, 32-true without)",
+        default="bf16-mixed" if torch.cuda.is_available() else "32-true",
+        help="Trainer precision (default: bf16-mixed with CUDA, 32-true without)",
     )
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--devices", default="1", help="a count, or 'auto'")

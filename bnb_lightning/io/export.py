@@ -331,6 +331,21 @@ def _check_adapter_tensors(
             )
 
 
+def _take_file_dtype(root: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Give adapters just injected the file's dtype: its values replace theirs next.
+
+    PEFT makes new adapters in the base's dtype (bfloat16 for a bfloat16 base), while adapters trained
+    under ``bf16-mixed`` or ``32-true`` are saved in float32.
+    """
+    dtypes = {value.dtype for value in tensors.values() if value.is_floating_point()}
+    if len(dtypes) != 1:
+        return
+    (dtype,) = dtypes
+    for parameter in root.parameters():
+        if parameter.requires_grad and parameter.is_floating_point() and parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
+
+
 def _describe_quantization(records: list[dict[str, Any]]) -> str:
     return "; ".join(", ".join(f"{key}={value}" for key, value in record.items()) for record in records)
 
@@ -402,6 +417,8 @@ def load_adapters(
         if undo is not None:
             inject_adapters(model, config)
         root = _require_adapter_root(model, adapter_name)
+        if undo is not None:
+            _take_file_dtype(root, tensors)
         expected = _adapter_state(root, adapter_name, save_embedding_layers=False)
         found = {key.removeprefix(PEFT_PREFIX): value for key, value in tensors.items()}
         _check_adapter_tensors(root, expected, found, weights_path)

@@ -2,8 +2,8 @@
 
 bitsandbytes runs a 4-bit training matmul (more than 1,536 rows) as its ``gemm_4bit`` op:
 dequantize the weight, then ``F.linear``. Inside a ``torch.compile``'d block that op stays opaque,
-and each call pays its Python dispatch on the host, about 0.3 ms on an H100 host; a 1B model makes
-hundreds of such calls a step and trains host-bound. Written as plain torch ops (a 16-entry table
+and each call pays its Python dispatch on the host; a 1B model makes hundreds of such calls a step
+and trains host-bound (benchmarks/RESULTS.md). Written as plain torch ops (a 16-entry table
 lookup and a per-block scale), the same dequantization becomes one generated kernel in the block's
 graph. The values are bitsandbytes' own: ``code[q] * absmax`` in float32, rounded once to the
 compute dtype. Outside compiled code the layer runs bitsandbytes' forward unchanged.
