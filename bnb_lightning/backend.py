@@ -73,10 +73,15 @@ def conv1d_class() -> type | None:
     return getattr(pytorch_utils, "Conv1D", None)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2's linear layer, its weight stored transposed)."""
+    conv1d = conv1d_class()
+    return conv1d is not None and type(module) is conv1d
+
+
 def is_plain_linear(module: nn.Module) -> bool:
     """``nn.Linear`` itself (not a subclass with its own forward) or transformers' ``Conv1D``."""
-    conv1d = conv1d_class()
-    return type(module) is nn.Linear or (conv1d is not None and type(module) is conv1d)
+    return type(module) is nn.Linear or is_conv1d(module)
 
 
 def is_bnb_linear(module: nn.Module) -> bool:
@@ -95,7 +100,7 @@ def is_quantized_parameter(parameter: torch.Tensor) -> bool:
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of an ``nn.Linear`` or a ``Conv1D`` (whose weight is transposed)."""
-    if type(module) is not nn.Linear and module.__class__.__name__ == "Conv1D":
+    if is_conv1d(module):
         in_features, out_features = module.weight.shape
         return in_features, out_features
     return module.in_features, module.out_features
@@ -103,7 +108,13 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
 
 def module_nbytes(module: nn.Module) -> int:
     """Bytes a linear layer holds: weight and bias, plus the quantization statistics of a bnb layer."""
-    total = sum(t.data.nbytes for t in (module.weight, getattr(module, "bias", None)) if t is not None)
+    weights = sum(t.data.nbytes for t in (module.weight, getattr(module, "bias", None)) if t is not None)
+    return weights + statistics_nbytes(module)
+
+
+def statistics_nbytes(module: nn.Module) -> int:
+    """Bytes of a bnb layer's quantization statistics, which live outside its parameters (0 for others)."""
+    total = 0
     quant_state = getattr(module.weight, "quant_state", None)
     if quant_state is not None:
         total += sum(

@@ -442,3 +442,8 @@ def compute_dtype_for_precision(precision: str | None) -> torch.dtype | None:
     if precision.startswith("16"):
         return torch.float16
     return None
+
+
+def parameter_dtype_for_precision(precision: str | None) -> torch.dtype | None:
+    """The dtype a ``*-true`` precision converts parameters to; ``None`` where they keep their own."""
+    return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(str(precision))

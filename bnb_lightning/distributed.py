@@ -27,8 +27,8 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
-from .backend import check_device_supported, is_bnb_linear, is_quantized_parameter
-from .config import QuantizationConfig
+from .backend import check_device_supported, is_bnb_linear, is_quantized_parameter, statistics_nbytes
+from .config import QuantizationConfig, parameter_dtype_for_precision
 from .training.blocks import block_class_names
 
 SINGLE_DEVICE, DDP, FSDP = "single device", "DDP", "FSDP"
@@ -131,14 +131,9 @@ def check_strategy(
     return kind
 
 
-def _precision_dtype(precision: str) -> torch.dtype | None:
-    """The dtype ``*-true`` precisions convert parameters to; ``None`` where they keep their own."""
-    return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(str(precision))
-
-
 def check_quant_storage(config: QuantizationConfig, precision: str, fsdp: bool) -> None:
     """Refuse a floating 4-bit ``quant_storage`` that the precision would cast (the packed bytes with it)."""
-    storage, wanted = config.quant_storage, _precision_dtype(precision)
+    storage, wanted = config.quant_storage, parameter_dtype_for_precision(precision)
     if config.bits != 4 or not storage.is_floating_point or wanted is None or storage == wanted:
         return
     if fsdp:
@@ -190,7 +185,7 @@ def fsdp_quant_storage(model: nn.Module, precision: str) -> torch.dtype:
     ``bf16-true`` / ``16-true``, otherwise the most common floating dtype of ``model``'s
     parameters (float32 for a model built in float32).
     """
-    wanted = _precision_dtype(precision)
+    wanted = parameter_dtype_for_precision(precision)
     if wanted is not None:
         return wanted
     dtypes = Counter(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
@@ -381,16 +376,7 @@ def base_memory(
             sharded += parameter.nbytes
     for module in model.modules():
         if is_bnb_linear(module) and is_quantized_parameter(module.weight):
-            quant_state = getattr(module.weight, "quant_state", None)
-            if quant_state is not None:
-                replicated += sum(
-                    v.nbytes
-                    for v in quant_state.as_dict(packed=False).values()
-                    if isinstance(v, torch.Tensor)
-                )
-            scb = getattr(module.weight, "SCB", None)
-            if isinstance(scb, torch.Tensor):
-                replicated += scb.nbytes
+            replicated += statistics_nbytes(module)
     return BaseMemory(strategy, devices, shards if strategy == FSDP else 1, sharded, replicated)
 
 

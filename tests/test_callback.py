@@ -8,48 +8,12 @@ import bitsandbytes as bnb
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import TiedMLP, tiny_llama
+from conftest import BNB_LAYERS, CausalLM, TiedMLP, batches, bnb_layer_names, fit, lora, trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from peft import LoraConfig
-from torch.utils.data import DataLoader
 
 from bnb_lightning import BnbQuantization, QuantizationConfig
 from bnb_lightning.backend import is_bnb_linear
-
-BNB_LAYERS = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
-
-
-class CausalLM(pl.LightningModule):
-    """A tiny Llama trained on a fixed batch of tokens; `build` says where the model is created."""
-
-    def __init__(self, build: str = "init", lr: float = 1e-2, **model_size):
-        super().__init__()
-        self.build, self.lr, self.losses, self.model_size = build, lr, [], model_size
-        self.model = tiny_llama(**model_size).train() if build == "init" else None
-
-    def setup(self, stage: str) -> None:
-        if self.build == "setup" and self.model is None:
-            self.model = tiny_llama(**self.model_size).train()
-
-    def configure_model(self) -> None:
-        if self.build == "configure_model" and self.model is None:
-            self.model = tiny_llama(**self.model_size).train()
-
-    def training_step(self, batch, batch_idx):
-        self.packed_devices = {p.device.type for p in self.parameters() if p.dtype == torch.uint8}
-        loss = self.model(input_ids=batch, labels=batch).loss
-        self.losses.append(loss.item())
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val_loss", self.model(input_ids=batch, labels=batch).loss)
-
-    def test_step(self, batch, batch_idx):
-        self.log("test_loss", self.model(input_ids=batch, labels=batch).loss)
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
 
 
 class SnapshotBase(pl.Callback):
@@ -69,35 +33,6 @@ def packed_keys(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> list
     """State keys of the quantized weights and their statistics (not biases, norms or embeddings)."""
     layers = [name for name, m in module.named_modules() if isinstance(m, BNB_LAYERS)]
     return [k for k in state if any(k.startswith(f"{name}.weight") or k == f"{name}.SCB" for name in layers)]
-
-
-def batches(n: int = 4, seq: int = 16):
-    # A repeated pattern, so the loss can fall within a few steps.
-    data = torch.arange(n * seq).remainder(7).view(n, seq)
-    return DataLoader(list(data), batch_size=2)
-
-
-def trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        max_steps=12,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    options.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **options)
-
-
-def lora(**kwargs) -> LoraConfig:
-    return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **kwargs)
-
-
-def bnb_layer_names(module: torch.nn.Module) -> list[str]:
-    return [name for name, m in module.named_modules() if isinstance(m, BNB_LAYERS)]
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -381,7 +316,7 @@ class LogitsProbe(CausalLM):
 
 @pytest.mark.parametrize("chunked_loss", [True, False])
 def test_chunked_loss_switch(tmp_path, chunked_loss):
-    from bnb_lightning.loss import ChunkedLossForward
+    from bnb_lightning.training.loss import ChunkedLossForward
 
     module = LogitsProbe()
     callback = BnbQuantization(peft_config=lora(), chunked_loss=chunked_loss)
@@ -421,3 +356,38 @@ def test_fuse_4bit_dequantize_switch(tmp_path, bits, fuse_4bit_dequantize):
     assert names == (
         {"FusedLinear4bit"} if fused else {"Linear4bit" if bits == 4 else "DequantizedLinear8bitLt"}
     )
+
+
+# -- exports at the end of fit ----------------------------------------------------------------------------
+
+
+def test_exports_at_the_end_of_fit(tmp_path):
+    from peft import PeftConfig
+
+    module = CausalLM()
+    callback = BnbQuantization(
+        peft_config=lora(),
+        export_adapters_to=str(tmp_path / "adapters"),
+        export_merged_to=str(tmp_path / "merged"),
+    )
+    fit(tmp_path, module, [callback], max_steps=4)
+    assert PeftConfig.from_pretrained(tmp_path / "adapters").r == 4
+    assert (tmp_path / "adapters" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "merged" / "config.json").is_file()
+    assert 0 < callback.merged_export.max_abs_diff <= callback.merged_export.tolerance
+
+
+def test_a_merge_beyond_tolerance_is_not_written(tmp_path):
+    from bnb_lightning import MergeToleranceError
+
+    callback = BnbQuantization(
+        peft_config=lora(), export_merged_to=str(tmp_path / "merged"), merge_tolerance=0.0
+    )
+    with pytest.raises(MergeToleranceError):
+        fit(tmp_path, CausalLM(), [callback], max_steps=4)
+    assert not (tmp_path / "merged").exists()
+
+
+def test_export_needs_adapters():
+    with pytest.raises(ValueError, match="need adapters to export; pass a peft_config"):
+        BnbQuantization(export_adapters_to="adapters")

@@ -1,23 +1,15 @@
-"""BnbQuantization refuses before it changes anything, serves each module it is given, and says on
-resume what is really wrong with a checkpoint."""
+"""BnbQuantization refuses before it changes anything and serves each module it is given (what it
+says on resume about a checkpoint: test_checkpoint.py)."""
 
 from __future__ import annotations
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import TiedMLP
-from lightning.pytorch.callbacks import ModelCheckpoint
+from conftest import CausalLM, TiedMLP, batches, bnb_layer_names, fit, lora, trainer
 from peft import LoraConfig, PrefixTuningConfig
-from test_callback import CausalLM, batches, bnb_layer_names, lora, trainer
 
 from bnb_lightning import BnbQuantization, QuantizationConfig
-
-
-def fit(tmp_path, module, callbacks, ckpt_path=None, **kwargs) -> pl.Trainer:
-    run = trainer(tmp_path, callbacks, **kwargs)
-    run.fit(module, batches(n=8), ckpt_path=ckpt_path)
-    return run
 
 
 def trainables(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -215,77 +207,3 @@ def test_a_failed_fit_takes_its_wrappers_off_the_module(tmp_path):
 def test_arguments_of_the_wrong_kind_are_refused_with_the_fix(kwargs, error, message):
     with pytest.raises(error, match=message):
         BnbQuantization(**{"peft_config": lora(), **kwargs})
-
-
-# -- resume: the real cause ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def checkpoint_path(tmp_path):
-    fit(
-        tmp_path / "run",
-        CausalLM(),
-        [
-            BnbQuantization(peft_config=lora()),
-            ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1),
-        ],
-        max_steps=2,
-        enable_checkpointing=True,
-    )
-    (path,) = (tmp_path / "ckpt").glob("*.ckpt")
-    return path
-
-
-def test_resume_under_another_precision_is_not_a_config_change(tmp_path, checkpoint_path):
-    # Before: refused as "another quantization config (compute_dtype: None -> 'bfloat16')".
-    module = CausalLM()
-    fit(
-        tmp_path,
-        module,
-        [BnbQuantization(peft_config=lora())],
-        checkpoint_path,
-        max_steps=4,
-        precision="bf16-mixed",
-    )
-    assert len(module.losses) == 2
-
-
-def test_resume_without_the_peft_config_names_the_adapters_not_the_base(tmp_path, checkpoint_path):
-    # Before: "the checkpoint's frozen base differs ... trained on other base weights".
-    with pytest.raises(
-        ValueError, match=r"trainable parameters are not the model's: it holds 28 tensors .*peft_config"
-    ):
-        fit(tmp_path, CausalLM(), [BnbQuantization()], checkpoint_path, max_steps=4)
-
-
-def test_resume_with_another_rank_names_the_shapes(tmp_path, checkpoint_path):
-    # Before: torch's list of size mismatches for every adapter.
-    with pytest.raises(
-        ValueError,
-        match=r"differ in shape \('.*lora_A.default.weight': \(4, 64\) in the checkpoint, \(8, 64\)",
-    ):
-        fit(
-            tmp_path,
-            CausalLM(),
-            [BnbQuantization(peft_config=LoraConfig(r=8, lora_alpha=8, target_modules="all-linear"))],
-            checkpoint_path,
-            max_steps=4,
-        )
-
-
-def test_threshold_does_not_block_an_8bit_resume(tmp_path):
-    fit(
-        tmp_path / "run",
-        CausalLM(),
-        [
-            BnbQuantization(QuantizationConfig(bits=8), peft_config=lora()),
-            ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1),
-        ],
-        max_steps=2,
-        enable_checkpointing=True,
-    )
-    (path,) = (tmp_path / "ckpt").glob("*.ckpt")
-    module = CausalLM()
-    callback = BnbQuantization(QuantizationConfig(bits=8, threshold=4.0), peft_config=lora())
-    fit(tmp_path, module, [callback], path, max_steps=4)
-    assert len(module.losses) == 2

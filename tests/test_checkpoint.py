@@ -1,4 +1,5 @@
-"""Checkpoints with BnbQuantization: adapter-only by default, exact resume, clear refusals."""
+"""Checkpoints with BnbQuantization: adapter-only by default, exact resume, clear refusals that name the
+real cause, and the base fingerprint's checksums (the checkpoint IO: test_checkpoint_io.py)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,11 @@ import pickle
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import BNB_LAYERS, CausalLM, batches, fit, lora, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from peft import LoraConfig
-from test_callback import BNB_LAYERS, CausalLM, batches, lora, trainer
 
 from bnb_lightning import BnbQuantization, QuantizationConfig
-
-
-def fit(tmp_path, module, callbacks, ckpt_path=None, **kwargs):
-    run = trainer(tmp_path, callbacks, **kwargs)
-    run.fit(module, batches(n=8), ckpt_path=ckpt_path)
-    return run
 
 
 def checkpointing(tmp_path, every: int) -> ModelCheckpoint:
@@ -200,48 +195,6 @@ def test_validate_from_an_adapter_only_checkpoint(tmp_path):
     assert restored == pytest.approx(expected, abs=1e-6) and abs(before - expected) > 1e-3
 
 
-def test_exports_at_the_end_of_fit(tmp_path):
-    from peft import PeftConfig
-
-    module = CausalLM()
-    callback = BnbQuantization(
-        peft_config=lora(),
-        export_adapters_to=str(tmp_path / "adapters"),
-        export_merged_to=str(tmp_path / "merged"),
-    )
-    fit(tmp_path, module, [callback], max_steps=4)
-    assert PeftConfig.from_pretrained(tmp_path / "adapters").r == 4
-    assert (tmp_path / "adapters" / "adapter_model.safetensors").is_file()
-    assert (tmp_path / "merged" / "config.json").is_file()
-    assert 0 < callback.merged_export.max_abs_diff <= callback.merged_export.tolerance
-
-
-def test_a_merge_beyond_tolerance_is_not_written(tmp_path):
-    from bnb_lightning import MergeToleranceError
-
-    callback = BnbQuantization(
-        peft_config=lora(), export_merged_to=str(tmp_path / "merged"), merge_tolerance=0.0
-    )
-    with pytest.raises(MergeToleranceError):
-        fit(tmp_path, CausalLM(), [callback], max_steps=4)
-    assert not (tmp_path / "merged").exists()
-
-
-def test_export_needs_adapters():
-    with pytest.raises(ValueError, match="need adapters to export; pass a peft_config"):
-        BnbQuantization(export_adapters_to="adapters")
-
-
-def test_exported_files_are_readable_like_any_other(tmp_path):
-    from bnb_lightning.files import atomic_write_bytes
-
-    target = tmp_path / "file.bin"
-    atomic_write_bytes(target, b"data")
-    plain = tmp_path / "plain.bin"
-    plain.write_bytes(b"data")
-    assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
-
-
 class LoadsStateItself(pl.strategies.SingleDeviceStrategy):
     """A strategy that, like FSDP's with a full checkpoint, loads the module state in `load_checkpoint`
     (not strictly) and hands the hooks the checkpoint without its `state_dict`."""
@@ -267,9 +220,86 @@ def test_resume_under_a_strategy_that_loads_the_state_itself(tmp_path, saved_che
     assert all(torch.equal(saved[name], got[name]) for name in saved)
 
 
+# -- resume: the real cause ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def checkpoint_path(tmp_path):
+    fit(
+        tmp_path / "run",
+        CausalLM(),
+        [
+            BnbQuantization(peft_config=lora()),
+            ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1),
+        ],
+        max_steps=2,
+        enable_checkpointing=True,
+    )
+    (path,) = (tmp_path / "ckpt").glob("*.ckpt")
+    return path
+
+
+def test_resume_under_another_precision_is_not_a_config_change(tmp_path, checkpoint_path):
+    # Before: refused as "another quantization config (compute_dtype: None -> 'bfloat16')".
+    module = CausalLM()
+    fit(
+        tmp_path,
+        module,
+        [BnbQuantization(peft_config=lora())],
+        checkpoint_path,
+        max_steps=4,
+        precision="bf16-mixed",
+    )
+    assert len(module.losses) == 2
+
+
+def test_resume_without_the_peft_config_names_the_adapters_not_the_base(tmp_path, checkpoint_path):
+    # Before: "the checkpoint's frozen base differs ... trained on other base weights".
+    with pytest.raises(
+        ValueError, match=r"trainable parameters are not the model's: it holds 28 tensors .*peft_config"
+    ):
+        fit(tmp_path, CausalLM(), [BnbQuantization()], checkpoint_path, max_steps=4)
+
+
+def test_resume_with_another_rank_names_the_shapes(tmp_path, checkpoint_path):
+    # Before: torch's list of size mismatches for every adapter.
+    with pytest.raises(
+        ValueError,
+        match=r"differ in shape \('.*lora_A.default.weight': \(4, 64\) in the checkpoint, \(8, 64\)",
+    ):
+        fit(
+            tmp_path,
+            CausalLM(),
+            [BnbQuantization(peft_config=LoraConfig(r=8, lora_alpha=8, target_modules="all-linear"))],
+            checkpoint_path,
+            max_steps=4,
+        )
+
+
+def test_threshold_does_not_block_an_8bit_resume(tmp_path):
+    fit(
+        tmp_path / "run",
+        CausalLM(),
+        [
+            BnbQuantization(QuantizationConfig(bits=8), peft_config=lora()),
+            ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1),
+        ],
+        max_steps=2,
+        enable_checkpointing=True,
+    )
+    (path,) = (tmp_path / "ckpt").glob("*.ckpt")
+    module = CausalLM()
+    callback = BnbQuantization(QuantizationConfig(bits=8, threshold=4.0), peft_config=lora())
+    fit(tmp_path, module, [callback], path, max_steps=4)
+    assert len(module.losses) == 2
+
+
+# -- the base fingerprint ----------------------------------------------------------------------------------
+
+
 def test_base_checksums_are_exact_across_chunks():
     """The fingerprint in saved checkpoints must not change with how it is computed."""
-    from bnb_lightning.checkpoint import _CHUNK_ROWS, _PERIOD, _checksums
+    from bnb_lightning.io.checkpoint import _CHUNK_ROWS, _PERIOD, _checksums
 
     data = torch.randint(
         0,
@@ -286,7 +316,7 @@ def test_base_checksums_are_exact_across_chunks():
 
 
 def test_small_tensors_summed_together_give_each_ones_checksums():
-    from bnb_lightning.checkpoint import _PERIOD, _SMALL_BATCH_BYTES, _checksums, _small_checksums
+    from bnb_lightning.io.checkpoint import _PERIOD, _SMALL_BATCH_BYTES, _checksums, _small_checksums
 
     generator = torch.Generator().manual_seed(0)
     sizes = [0, 1, 7, 4096, _PERIOD - 1, 3] + [60_000] * 9 + [64]

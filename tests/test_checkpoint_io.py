@@ -19,12 +19,12 @@ import lightning.pytorch as pl
 import numpy
 import pytest
 import torch
+from conftest import CausalLM, batches, lora, trainer
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_callback import CausalLM, batches, lora, trainer
 
 from bnb_lightning import BnbQuantization, QuantizationConfig
-from bnb_lightning.checkpoint import FileNamingCheckpointIO, quantization_record
+from bnb_lightning.io.checkpoint import FileNamingCheckpointIO, quantization_record
 
 
 def fit(tmp_path, callbacks, ckpt_path=None, max_steps=2) -> pl.Trainer:

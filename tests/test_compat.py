@@ -99,3 +99,30 @@ def test_pickled_training_layers_unpickle_as_the_same_classes(tokens):
     )
     hidden = torch.randn(2, 128)
     assert layers["int8"](hidden).shape == layers["4bit"](hidden).shape == (2, 64)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("int8", "training.int8"),
+        ("linear4bit", "training.linear4bit"),
+        ("loss", "training.loss"),
+        ("blocks", "training.blocks"),
+        ("files", "io.files"),
+        ("state_dict", "io.state_dict"),
+        ("layer_state", "io.layer_state"),
+        ("checkpoint", "io.checkpoint"),
+        ("export", "io.export"),
+        ("merge", "io.merge"),
+    ],
+)
+def test_module_paths_of_the_flat_layout_are_the_new_modules(old, new):
+    import importlib
+
+    import bnb_lightning
+
+    module = importlib.import_module(f"bnb_lightning.{new}")
+    assert importlib.import_module(f"bnb_lightning.{old}") is module
+    assert getattr(bnb_lightning, old) is module
+    with pytest.raises(AttributeError, match="has no attribute 'nowhere'"):
+        bnb_lightning.nowhere  # noqa: B018

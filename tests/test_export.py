@@ -1,4 +1,5 @@
-"""Export: adapters in PEFT's format, a merged full-precision model, atomic writes, loader errors."""
+"""Export and load adapters in PEFT's format: what an export replaces and keeps, atomic writes, loader
+errors (the merged full-precision model: test_merge.py)."""
 
 from __future__ import annotations
 
@@ -8,57 +9,33 @@ import resource
 import signal
 from pathlib import Path
 
-import bitsandbytes as bnb
 import pytest
 import torch
-from conftest import TiedMLP, tiny_gpt2, tiny_llama
+from conftest import (
+    BITS,
+    BNB_CONFIGS,
+    MANIFEST,
+    TIE,
+    CausalLM,
+    TiedMLP,
+    batches,
+    file_bytes,
+    leftovers,
+    logits,
+    lora,
+    tiny_llama,
+    trained_model,
+    trainer,
+)
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file
-from test_callback import CausalLM, batches, lora, trainer
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from bnb_lightning import BnbQuantization, QuantizationConfig, inject_adapters, quantize_model
+from bnb_lightning import BnbQuantization, QuantizationConfig, inject_adapters, prepare_model, quantize_model
 from bnb_lightning.adapters import adapter_root
-from bnb_lightning.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_adapters, load_adapters
-from bnb_lightning.merge import MergeToleranceError, dequantized_weight, export_merged, merged_model
-
-# The manifest every export writes (its name is in the README and the docstrings).
-MANIFEST = "bnb_lightning_export.json"
-BNB_CONFIGS = {
-    4: dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
-    8: dict(load_in_8bit=True),
-}
-TIE = pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
-BITS = pytest.mark.parametrize("bits", [4, 8])
-
-
-def trained_model(bits: int, tie: bool = True, dtype: torch.dtype = torch.float32, steps: int = 3):
-    """A quantized tiny Llama whose LoRA adapters took a few optimizer steps (so B is not zero)."""
-    model = tiny_llama(tie=tie, dtype=dtype).train()
-    quantize_model(model, QuantizationConfig(bits=bits), device="cpu")
-    inject_adapters(model, lora(task_type="CAUSAL_LM"))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    tokens = torch.arange(32).remainder(7).view(2, 16)
-    for _ in range(steps):
-        model(input_ids=tokens, labels=tokens).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
-    return model.eval()
-
-
-def logits(model, tokens) -> torch.Tensor:
-    with torch.no_grad():
-        return model(tokens).logits
-
-
-def snapshot(directory: Path) -> dict[str, bytes]:
-    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
-
-
-def leftovers(parent: Path) -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if p.name.endswith((".partial", ".previous", ".tmp")))
+from bnb_lightning.io.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_adapters, load_adapters
+from bnb_lightning.io.merge import MergeToleranceError, export_merged
 
 
 def recorded_exports(directory: Path) -> dict:
@@ -174,7 +151,7 @@ def test_export_adapters_needs_adapters(tmp_path):
 def test_adapters_exported_into_a_saved_base_model_keep_its_files(tmp_path, tokens):
     directory = tmp_path / "model"
     tiny_llama().save_pretrained(directory)
-    base_files = snapshot(directory)
+    base_files = file_bytes(directory)
     assert {"config.json", "generation_config.json", "model.safetensors"} <= base_files.keys()
     base = AutoModelForCausalLM.from_pretrained(
         directory, quantization_config=BitsAndBytesConfig(**BNB_CONFIGS[4]), device_map="cpu"
@@ -183,7 +160,7 @@ def test_adapters_exported_into_a_saved_base_model_keep_its_files(tmp_path, toke
 
     export_adapters(model, directory)
 
-    files = snapshot(directory)
+    files = file_bytes(directory)
     assert {name: files[name] for name in base_files} == base_files  # byte for byte
     assert sorted(files.keys() - base_files.keys()) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST]
     assert recorded_exports(directory)["adapters"]["files"] == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
@@ -192,36 +169,18 @@ def test_adapters_exported_into_a_saved_base_model_keep_its_files(tmp_path, toke
     assert leftovers(tmp_path) == []
 
 
-def test_a_merged_export_into_a_saved_base_model_is_refused(tmp_path, tokens):
-    directory = tmp_path / "model"
-    tiny_llama().save_pretrained(directory)
-    before = snapshot(directory)
-    with pytest.raises(
-        FileExistsError,
-        match=re.escape(
-            f"cannot export into {directory}: it holds config.json, which bnb_lightning did not write (there is "
-            f"no {MANIFEST}, which every bnb_lightning export writes), and this export would replace it. Nothing "
-            "in it was changed. Export into another (or an empty) directory, or remove "
-            f"{directory / 'config.json'} yourself"
-        ),
-    ):
-        export_merged(trained_model(4, steps=1), directory, tokens)
-    assert snapshot(directory) == before
-    assert leftovers(tmp_path) == []
-
-
 def test_an_export_keeps_the_users_own_files(tmp_path):
     directory = tmp_path / "adapters"
     directory.mkdir()
     (directory / "config.json").write_text('{"lr": 0.01}')
     save_file({"cache": torch.arange(4.0)}, directory / "cache.safetensors")
-    users = snapshot(directory)
+    users = file_bytes(directory)
 
     model = trained_model(4, steps=1)
     export_adapters(model, directory)
     export_adapters(model, directory)  # and again: the second export replaces only the first one's files
 
-    files = snapshot(directory)
+    files = file_bytes(directory)
     assert {name: files[name] for name in users} == users
     assert sorted(files) == sorted([*users, ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST])
 
@@ -229,7 +188,7 @@ def test_an_export_keeps_the_users_own_files(tmp_path):
 def test_a_foreign_adapter_file_is_refused_and_nothing_changes(tmp_path):
     directory = tmp_path / "adapters"
     get_peft_model(tiny_llama(), lora(task_type="CAUSAL_LM")).save_pretrained(directory)  # PEFT's own export
-    before = snapshot(directory)
+    before = file_bytes(directory)
     with pytest.raises(
         FileExistsError,
         match=re.escape(
@@ -237,7 +196,7 @@ def test_a_foreign_adapter_file_is_refused_and_nothing_changes(tmp_path):
         ),
     ):
         export_adapters(trained_model(4, steps=1), directory)
-    assert snapshot(directory) == before
+    assert file_bytes(directory) == before
     assert leftovers(tmp_path) == []
 
 
@@ -293,6 +252,23 @@ def test_load_adapters_restores_the_trained_model(tmp_path, tokens, bits):
     inject_adapters(injected, lora())
     load_adapters(injected, tmp_path / "adapters")  # into adapters that are already there
     assert torch.equal(logits(injected.eval(), tokens), expected)
+
+
+def test_load_adapters_into_a_bfloat16_base_without_adapters_takes_float32_ones(tmp_path, tokens):
+    # Adapters trained under bf16-mixed (or 32-true) on a bfloat16 base are float32; PEFT would inject
+    # new ones in bfloat16. load_adapters gives the ones it injects the file's dtype instead of refusing.
+    model = tiny_llama(dtype=torch.bfloat16)
+    prepare_model(
+        model, QuantizationConfig(bits=4), peft_config=lora(init_lora_weights=False), precision="bf16-mixed"
+    )
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    export_adapters(model, tmp_path / "adapters")
+
+    fresh = tiny_llama(dtype=torch.bfloat16)
+    quantize_model(fresh, QuantizationConfig(bits=4), device="cpu")
+    load_adapters(fresh, tmp_path / "adapters")
+    assert {p.dtype for p in fresh.parameters() if p.requires_grad} == {torch.float32}
+    assert torch.equal(logits(fresh.eval(), tokens), logits(model.eval(), tokens))
 
 
 @pytest.mark.parametrize("missing", [ADAPTER_WEIGHTS, ADAPTER_CONFIG])
@@ -427,157 +403,6 @@ def test_adapters_load_into_their_base_quantized_another_way(tmp_path, config):
     assert all(torch.equal(value, lora_weights(trained)[name]) for name, value in lora_weights(model).items())
 
 
-# -- merged model ---------------------------------------------------------------------------------------------
-
-
-@TIE
-@BITS
-def test_merged_export_reloads_with_transformers(tmp_path, tokens, bits, tie):
-    model = trained_model(bits, tie)
-    before = logits(model, tokens)
-    result = export_merged(model, tmp_path / "merged", tokens)
-
-    assert result.dtype == torch.float32 and result.path == tmp_path / "merged"
-    # The merge is exact up to how the quantized kernels round (bitsandbytes' bf16 CPU kernels, LLM.int8's
-    # int8 activations): well under 1% of the largest logit here.
-    assert 0 < result.max_abs_diff < 0.01 * before.abs().max().item()
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    assert reloaded.dtype == torch.float32
-    assert not any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in reloaded.modules())
-    assert (logits(reloaded, tokens) - before).abs().max().item() == result.max_abs_diff
-    assert (reloaded.lm_head.weight is reloaded.model.embed_tokens.weight) is tie
-    with safe_open(tmp_path / "merged" / "model.safetensors", "pt") as weights:
-        assert ("lm_head.weight" in weights.keys()) is not tie
-        assert not any("lora" in key for key in weights.keys())
-
-    # The training model is untouched: still quantized, adapters in place, same logits.
-    layer = model.model.layers[0].self_attn.q_proj
-    assert isinstance(layer.base_layer, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
-    assert layer.lora_A["default"].weight.requires_grad
-    assert torch.equal(logits(model, tokens), before)
-
-
-@BITS
-def test_merged_weights_equal_transformers_dequantize_then_peft_merge(tmp_path, bits):
-    tiny_llama(tie=False).save_pretrained(tmp_path / "base")
-    model = trained_model(bits, tie=False)
-    export_adapters(model, tmp_path / "adapters")
-    base = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "base", quantization_config=BitsAndBytesConfig(**BNB_CONFIGS[bits]), device_map="cpu"
-    )
-    reference = PeftModel.from_pretrained(base.dequantize(), tmp_path / "adapters").merge_and_unload()
-
-    merged, expected = merged_model(model).state_dict(), reference.state_dict()
-    assert merged.keys() == expected.keys()
-    assert all(torch.equal(merged[key], expected[key]) for key in merged)
-
-
-def test_dequantization_follows_the_cpu_repacking_of_4bit_weights(tokens):
-    # On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights at the first eval forward and keeps
-    # their scales in bfloat16 from then on; the dequantized weight must follow what the layer computes.
-    model = tiny_llama()
-    quantize_model(model, QuantizationConfig(bits=4), device="cpu")
-    layer = model.model.layers[0].mlp.up_proj
-    before = dequantized_weight(layer)
-    logits(model, tokens)
-    after = dequantized_weight(layer)
-    assert torch.allclose(after, before, rtol=2**-8, atol=0)
-    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.allclose(layer(x), x @ after.T, atol=5e-3)
-
-
-def test_merged_export_in_the_base_dtype(tmp_path, tokens):
-    model = trained_model(4, tie=False, dtype=torch.bfloat16)
-    result = export_merged(model, tmp_path / "merged", tokens)
-    assert result.dtype == torch.bfloat16 and result.max_abs_diff <= result.tolerance
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
-    assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
-
-    float32 = export_merged(model, tmp_path / "float32", tokens, dtype="float32")
-    assert float32.dtype == torch.float32
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "float32").dtype == torch.float32
-
-
-def test_merged_gpt2_keeps_conv1d_layers(tmp_path, tokens):
-    model = tiny_gpt2().train()
-    quantize_model(model, QuantizationConfig(bits=4), device="cpu")
-    inject_adapters(model, lora(init_lora_weights=False))
-    result = export_merged(model, tmp_path / "merged", tokens)
-    reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", output_loading_info=True)
-    assert not any(info.values()), info  # every weight in the shape GPT-2's Conv1D layers expect
-    assert (logits(reloaded, tokens) - logits(model.eval(), tokens)).abs().max().item() == result.max_abs_diff
-
-
-def test_merged_plain_module_as_safetensors(tmp_path, tokens):
-    model = TiedMLP()
-    quantize_model(model, QuantizationConfig(bits=8), device="cpu")
-    inject_adapters(model, LoraConfig(r=4, target_modules=["up", "down"], init_lora_weights=False))
-    result = export_merged(model, tmp_path / "merged", tokens)
-    reloaded = TiedMLP()
-    load_model(reloaded, tmp_path / "merged" / "model.safetensors")
-    assert reloaded.head.weight is reloaded.embed.weight
-    with torch.no_grad():
-        difference = (reloaded(tokens) - model.eval()(tokens)).abs().max().item()
-    assert difference == result.max_abs_diff
-
-
-def test_merged_export_uses_the_trained_copy_of_modules_to_save(tmp_path, tokens):
-    tiny_llama(tie=False).save_pretrained(tmp_path / "base")
-    model = tiny_llama(tie=False).train()
-    quantize_model(model, QuantizationConfig(bits=4), device="cpu")
-    inject_adapters(model, lora(modules_to_save=["lm_head"]))
-    trained_head = model.lm_head.modules_to_save["default"]
-    with torch.no_grad():
-        trained_head.weight.add_(0.1)
-    model.eval()
-
-    result = export_merged(model, tmp_path / "merged", tokens)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    assert torch.equal(reloaded.lm_head.weight, trained_head.weight)
-    assert (logits(reloaded, tokens) - logits(model, tokens)).abs().max().item() == result.max_abs_diff
-
-    export_adapters(model, tmp_path / "adapters")
-    base = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "base", quantization_config=BitsAndBytesConfig(**BNB_CONFIGS[4]), device_map="cpu"
-    )
-    reference = PeftModel.from_pretrained(base, tmp_path / "adapters")
-    assert torch.equal(logits(model, tokens), logits(reference, tokens))
-
-
-def test_merge_refuses_dora_and_tied_layers(tmp_path, tokens):
-    model = tiny_llama()
-    quantize_model(model, QuantizationConfig(bits=4), device="cpu")
-    inject_adapters(model, LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
-    with pytest.raises(NotImplementedError, match="'model.layers.0.self_attn.q_proj' is a LoRA variant"):
-        export_merged(model, tmp_path / "merged", tokens)
-
-    tied = TiedMLP()
-    quantize_model(tied, QuantizationConfig(bits=4), device="cpu")
-    inject_adapters(tied, LoraConfig(r=4, target_modules=["head"]))
-    with pytest.raises(ValueError, match="cannot merge adapters into 'head': its weight is tied"):
-        export_merged(tied, tmp_path / "merged", tokens)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_merged_export_refuses_above_the_tolerance_and_writes_nothing(tmp_path, tokens):
-    model = trained_model(4)
-    with pytest.raises(
-        MergeToleranceError, match=r"differ .* by up to .* more than tolerance=1e-07.* tolerance="
-    ) as error:
-        export_merged(model, tmp_path / "merged", tokens, tolerance=1e-7)
-    assert error.value.max_abs_diff > 1e-7
-    assert list(tmp_path.iterdir()) == []
-
-    first = export_merged(model, tmp_path / "merged", tokens)
-    previous = snapshot(tmp_path / "merged")
-    with pytest.raises(MergeToleranceError):
-        export_merged(model, tmp_path / "merged", tokens, tolerance=first.max_abs_diff / 2)
-    assert snapshot(tmp_path / "merged") == previous
-    assert leftovers(tmp_path) == []
-
-
 # -- atomic writes --------------------------------------------------------------------------------------------
 
 
@@ -608,7 +433,7 @@ def test_a_write_failing_midway_leaves_the_previous_export_intact(tmp_path, toke
         export_merged(model, directory, tokens)
         weights = "model.safetensors"
         export_again = lambda: export_merged(model, directory, tokens, dtype=torch.bfloat16)  # noqa: E731
-    previous = snapshot(directory)
+    previous = file_bytes(directory)
 
     # The config file is written first and fits under the limit; the weights file fails halfway.
     file_size_limit(len(previous[weights]) // 4)
@@ -616,7 +441,7 @@ def test_a_write_failing_midway_leaves_the_previous_export_intact(tmp_path, toke
         export_again()
     file_size_limit(resource.RLIM_INFINITY)
     assert not isinstance(error.value, MergeToleranceError)
-    assert snapshot(directory) == previous
+    assert file_bytes(directory) == previous
     assert leftovers(tmp_path) == []
 
 

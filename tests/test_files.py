@@ -7,16 +7,13 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import leftovers
 
-from bnb_lightning.files import MANIFEST, atomic_directory, export_directory, read_manifest
+from bnb_lightning.io.files import MANIFEST, atomic_directory, export_directory, read_manifest
 
 
 def files(directory: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(directory.iterdir()) if path.is_file()}
-
-
-def leftovers(parent: Path) -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if p.name.endswith((".partial", ".previous", ".tmp")))
 
 
 def write(directory: Path, contents: dict[str, str]) -> None:
@@ -144,3 +141,13 @@ def test_a_manifest_we_did_not_write_is_refused(tmp_path, content):
         with export_directory(directory, "adapters"):
             pass
     assert (directory / MANIFEST).read_text() == content
+
+
+def test_exported_files_are_readable_like_any_other(tmp_path):
+    from bnb_lightning.io.files import atomic_write_bytes
+
+    target = tmp_path / "file.bin"
+    atomic_write_bytes(target, b"data")
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(b"data")
+    assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777

@@ -143,7 +143,7 @@ def test_quantizing_from_the_cpu_matches_quantizing_on_the_device(bits):
 def test_fused_dequantization_equals_bitsandbytes_kernel(quant_type, double_quant, shape):
     import bitsandbytes.functional as BF
 
-    from bnb_lightning.linear4bit import dequantize_4bit
+    from bnb_lightning.training.linear4bit import dequantize_4bit
 
     torch.manual_seed(0)
     weight = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
@@ -158,7 +158,7 @@ def test_fused_dequantization_equals_bitsandbytes_kernel(quant_type, double_quan
 
 
 def test_compiled_blocks_with_fused_dequantization_match_bitsandbytes_op():
-    from bnb_lightning.linear4bit import remove_fused_4bit_dequantize, use_fused_4bit_dequantize
+    from bnb_lightning.training.linear4bit import remove_fused_4bit_dequantize, use_fused_4bit_dequantize
 
     model = llama_on_cpu(hidden=512, layers=2)
     quantize_model(model, QuantizationConfig(bits=4, compute_dtype=torch.bfloat16), device="cuda")

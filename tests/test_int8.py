@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import assert_weight_recomputed, tiny_llama
 
 from bnb_lightning import QuantizationConfig, quantize_model
-from bnb_lightning.int8 import dequantize_int8, remove_dequantized_int8, use_dequantized_int8
+from bnb_lightning.training.int8 import dequantize_int8, remove_dequantized_int8, use_dequantized_int8
 
 
 def int8_layers(model):

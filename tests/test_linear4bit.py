@@ -24,7 +24,7 @@ from bnb_lightning import (
     remove_fused_4bit_dequantize,
     use_fused_4bit_dequantize,
 )
-from bnb_lightning.linear4bit import dequantize_4bit
+from bnb_lightning.training.linear4bit import dequantize_4bit
 
 
 def four_bit_layers(model):

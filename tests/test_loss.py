@@ -12,7 +12,7 @@ from conftest import VOCAB, tiny_gpt2, tiny_llama, tiny_opt
 from peft import LoraConfig
 
 from bnb_lightning import QuantizationConfig, inject_adapters, quantize_model
-from bnb_lightning.loss import (
+from bnb_lightning.training.loss import (
     ChunkedLossForward,
     linear_cross_entropy,
     remove_chunked_loss,

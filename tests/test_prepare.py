@@ -1,80 +1,16 @@
-"""Training preparation and adapter injection, as plain functions."""
+"""Training preparation as plain functions: prepare_for_kbit_training, count_parameters, and
+prepare_model, the whole setup (adapter injection: test_adapters.py; restore points: test_restore.py)."""
 
 from __future__ import annotations
 
 import bitsandbytes as bnb
 import pytest
 import torch
-from conftest import TiedMLP, tiny_gpt2, tiny_llama
+from conftest import TiedMLP, model_structure, quantized_llama, tiny_llama
 from peft import LoraConfig
-from peft.tuners.lora import bnb as lora_bnb
 from torch import nn
 
-from bnb_lightning import (
-    QuantizationConfig,
-    count_parameters,
-    inject_adapters,
-    prepare_for_kbit_training,
-    quantize_model,
-)
-
-
-def quantized_llama(bits: int = 4, dtype: torch.dtype = torch.float32) -> nn.Module:
-    model = tiny_llama(dtype=dtype).train()
-    quantize_model(model, QuantizationConfig(bits=bits), device="cpu")
-    return model
-
-
-@pytest.mark.parametrize(("bits", "lora_type"), [(4, lora_bnb.Linear4bit), (8, lora_bnb.Linear8bitLt)])
-def test_adapters_use_peft_bitsandbytes_layers(bits, lora_type):
-    model = quantized_llama(bits)
-    inject_adapters(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
-    q_proj = model.model.layers[0].self_attn.q_proj
-    assert type(q_proj) is lora_type
-    # The 4/8-bit flag PEFT reads was only lent for the injection.
-    assert not hasattr(model, "is_loaded_in_4bit") and not hasattr(model, "is_loaded_in_8bit")
-    tokens = torch.arange(16).view(1, 16)
-    loss = model(input_ids=tokens, labels=tokens).loss
-    loss.backward()
-    assert torch.isfinite(loss) and q_proj.lora_A["default"].weight.grad is not None
-
-
-def test_only_adapters_train_and_parameters_outside_the_model_are_frozen():
-    class Wrapper(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = quantized_llama()
-            self.value_head = nn.Linear(64, 1)
-
-    wrapper = Wrapper()
-    root = inject_adapters(wrapper, LoraConfig(r=4, target_modules="all-linear"))
-    assert root is wrapper.model
-    trainable = [name for name, p in wrapper.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in name for name in trainable)
-    assert not wrapper.value_head.weight.requires_grad
-
-
-def test_the_users_peft_config_is_left_as_given():
-    config = LoraConfig(r=4, target_modules="all-linear")
-    inject_adapters(quantized_llama(), config)
-    assert config.target_modules == "all-linear"
-    gpt2 = tiny_gpt2().train()
-    quantize_model(gpt2, QuantizationConfig(bits=4), device="cpu")
-    inject_adapters(gpt2, config)  # the same config serves a second, different model
-    assert any("lora_A" in name for name, _ in gpt2.named_parameters())
-
-
-def test_adapters_on_a_plain_module_by_name():
-    model = TiedMLP()
-    quantize_model(model, QuantizationConfig(bits=4), device="cpu")
-    inject_adapters(model, LoraConfig(r=4, target_modules=["up", "down"]))
-    assert type(model.up) is lora_bnb.Linear4bit
-    assert model.head.weight is model.embed.weight and not model.head.weight.requires_grad
-
-
-def test_target_modules_matching_nothing_fail():
-    with pytest.raises(ValueError, match="not_a_layer"):
-        inject_adapters(quantized_llama(), LoraConfig(r=4, target_modules=["not_a_layer"]))
+from bnb_lightning import count_parameters, inject_adapters, prepare_for_kbit_training
 
 
 def test_gradient_checkpointing_on_off_and_kept():
@@ -188,112 +124,12 @@ def test_count_parameters_counts_packed_weights_by_their_unpacked_size():
     assert "trainable parameters: 1,024 of" in str(counts)
 
 
-# -- all or nothing ------------------------------------------------------------------------------------
-
-
-def _structure(model: nn.Module) -> dict:
-    return {
-        "types": {name: type(m) for name, m in model.named_modules()},
-        "parameters": {n: (p, p.dtype, p.requires_grad) for n, p in model.named_parameters()},
-        "attributes": {name: set(vars(m)) for name, m in model.named_modules()},
-    }
-
-
-def test_a_restore_point_takes_back_every_preparation_step(tokens):
-    from bnb_lightning import use_chunked_loss, use_fused_4bit_dequantize
-    from bnb_lightning.prepare import cast_to_float32
-    from bnb_lightning.restore import restore_point
-
-    model = quantized_llama(dtype=torch.bfloat16)
-    before = _structure(model)
-    with torch.no_grad():
-        logits = model(tokens).logits
-    restore = restore_point(model)
-    prepare_for_kbit_training(model, gradient_checkpointing=True)
-    inject_adapters(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
-    cast_to_float32(model)
-    use_fused_4bit_dequantize(model)
-    use_chunked_loss(model)
-    model.model.layers[0].compile()
-    assert _structure(model) != before
-
-    restore()
-    assert _structure(model) == before
-    assert not model.is_gradient_checkpointing
-    with torch.no_grad():
-        assert torch.equal(model(tokens).logits, logits)
-
-
-def test_injection_refused_by_peft_leaves_the_model_as_it_was():
-    model = quantized_llama()
-    before = _structure(model)
-    # layers_to_transform selects no layer: PEFT refuses after matching the names.
-    with pytest.raises(ValueError, match=r"PEFT cannot add the adapters of LoraConfig .*layers_to_transform"):
-        inject_adapters(model, LoraConfig(r=4, target_modules=["q_proj"], layers_to_transform=[7]))
-    assert _structure(model) == before
-
-
-@pytest.mark.parametrize(
-    ("peft_config", "message"),
-    [
-        (
-            LoraConfig(r=4, target_modules=["q_proj", "v_prj"]),
-            r"'v_prj' matches no module .*Did you mean \['v_proj'",
-        ),
-        (
-            LoraConfig(r=4, target_modules=["lm_haed"]),
-            r"'lm_haed' matches no module .*Did you mean \['lm_head'",
-        ),
-    ],
-)
-def test_a_typo_among_target_modules_is_named(peft_config, message):
-    from bnb_lightning.adapters import check_peft_config
-
-    # PEFT alone adds adapters to q_proj and ignores 'v_prj' without a word.
-    with pytest.raises(ValueError, match=message):
-        check_peft_config(tiny_llama(), peft_config)
-
-
-def test_the_peft_check_costs_no_memory_and_accepts_dora_on_quantized_layers():
-    from bnb_lightning.adapters import check_peft_config
-
-    model = quantized_llama()
-    before = _structure(model)
-    check_peft_config(model, LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
-    assert _structure(model) == before
-
-
-def test_injecting_the_same_adapters_again_keeps_them_and_other_adapters_are_refused():
-    model = quantized_llama()
-    config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
-    inject_adapters(model, config)
-    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    # PEFT alone would give the 'default' adapter new weights.
-    inject_adapters(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
-    assert all(torch.equal(p, adapters[n]) for n, p in model.named_parameters() if p.requires_grad)
-    with pytest.raises(ValueError, match=r"already has adapters from another peft_config \(r: 4 -> 8"):
-        inject_adapters(model, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
-
-
-def test_quantizing_a_model_with_adapters_leaves_the_adapters_alone():
-    model = quantized_llama()
-    inject_adapters(model, LoraConfig(r=4, target_modules="all-linear"))
-    report = quantize_model(model, QuantizationConfig(bits=4), device="cpu")
-    assert report.converted == []
-    assert {reason for reason in report.skipped.values()} == {"PEFT adapter", "tied weights"}
-    assert all(
-        type(m) is nn.Linear
-        for n, m in model.named_modules()
-        if n.endswith(("lora_A.default", "lora_B.default"))
-    )
-
-
 # -- prepare_model: the whole setup --------------------------------------------------------------------
 
 
 def test_prepare_model_reports_every_decision(tokens):
     from bnb_lightning import PreparedModel, TrainingOptions, prepare_model
-    from bnb_lightning.checkpoint import base_fingerprint
+    from bnb_lightning.io.checkpoint import base_fingerprint
 
     model = tiny_llama().train()
     options = TrainingOptions(gradient_checkpointing=True, uncheckpointed_blocks=1)
@@ -333,10 +169,10 @@ def test_prepare_model_refuses_before_quantizing():
     from bnb_lightning import prepare_model
 
     model = tiny_llama()
-    before = _structure(model)
+    before = model_structure(model)
     with pytest.raises(ValueError, match="'v_prj' matches no module"):
         prepare_model(model, peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_prj"]))
-    assert _structure(model) == before
+    assert model_structure(model) == before
     with pytest.raises(ValueError, match="gradient_checkpointing=True needs a transformers model"):
         prepare_model(TiedMLP(), options={"gradient_checkpointing": True})
 

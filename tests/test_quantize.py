@@ -1,4 +1,5 @@
-"""quantize_model: agreement with transformers, ties, skips, idempotence, dry run, report, failures."""
+"""quantize_model: agreement with transformers, ties, skips, idempotence, dry run, the report's figures,
+failures (the report's table: test_report.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import warnings
 import bitsandbytes as bnb
 import pytest
 import torch
-from conftest import TiedMLP, tiny_gpt2, tiny_llama, tiny_opt
+from conftest import TiedMLP, bnb_layer_names, quantized_llama, tiny_gpt2, tiny_llama, tiny_opt
+from peft import LoraConfig
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+from bnb_lightning.adapters import inject_adapters
 from bnb_lightning.backend import check_device_supported, is_bnb_linear, is_plain_linear
 from bnb_lightning.config import QuantizationConfig
 from bnb_lightning.quantize import QuantizationError, quantize_model
@@ -42,10 +45,6 @@ CONFIGS = {
     "fp4": QuantizationConfig(bits=4, quant_type="fp4"),
     "int8": QuantizationConfig(bits=8),
 }
-
-
-def _bnb_layer_names(model: nn.Module) -> list[str]:
-    return sorted(name for name, module in model.named_modules() if is_bnb_linear(module))
 
 
 def _plain_linear_names(model: nn.Module) -> list[str]:
@@ -135,8 +134,8 @@ def test_agrees_with_transformers_from_pretrained(architecture, scheme, tmp_path
     model = build()
     report = quantize_model(model, QuantizationConfig.from_bitsandbytes_config(bnb_config), device="cpu")
 
-    converted = _bnb_layer_names(model)
-    assert converted == _bnb_layer_names(reference)
+    converted = bnb_layer_names(model)
+    assert converted == bnb_layer_names(reference)
     assert converted, "nothing was quantized"
     assert _plain_linear_names(model) == _plain_linear_names(reference)
     assert sorted(report.converted) == converted
@@ -147,7 +146,7 @@ def test_agrees_with_transformers_from_pretrained(architecture, scheme, tmp_path
             _assert_same_quantized_bytes(layer, reference_layers[name])
 
     # Before any forward: bitsandbytes' CPU repacking (AVX512-BF16 CPUs) changes the reference's own state
-    # dict afterwards; ours is restored exactly (bnb_lightning.layer_state).
+    # dict afterwards; ours is restored exactly (bnb_lightning.io.layer_state).
     reference_state = reference.state_dict()
     with torch.no_grad():
         logits = model(tokens).logits
@@ -214,6 +213,19 @@ def test_skipped_modules_keep_their_tensors(tie):
     assert model.model.embed_tokens.weight is embedding
     assert model.model.norm.weight is norm_weight
     assert (model.lm_head.weight is model.model.embed_tokens.weight) is tie
+
+
+def test_quantizing_a_model_with_adapters_leaves_the_adapters_alone():
+    model = quantized_llama()
+    inject_adapters(model, LoraConfig(r=4, target_modules="all-linear"))
+    report = quantize_model(model, QuantizationConfig(bits=4), device="cpu")
+    assert report.converted == []
+    assert {reason for reason in report.skipped.values()} == {"PEFT adapter", "tied weights"}
+    assert all(
+        type(m) is nn.Linear
+        for n, m in model.named_modules()
+        if n.endswith(("lora_A.default", "lora_B.default"))
+    )
 
 
 # -- idempotence -------------------------------------------------------------------------------------
@@ -299,64 +311,6 @@ def test_report_bytes_of_one_layer(config, bytes_after):
     assert q_proj.bytes_after == bytes_after
 
 
-def test_report_lists_conversions_and_reasons():
-    model = tiny_llama(tie=False)
-    config = QuantizationConfig(
-        skip_modules=["model.layers.1.mlp"], target_modules=["q_proj", "v_proj", r"model\.layers\.\d+\.mlp"]
-    )
-    linear_bytes = sum(m.weight.nbytes for m in model.modules() if type(m) is nn.Linear)  # no biases
-    report = quantize_model(model, config, device="cpu")
-
-    assert report.converted == [
-        "model.layers.0.self_attn.q_proj",
-        "model.layers.0.self_attn.v_proj",
-        "model.layers.0.mlp.gate_proj",
-        "model.layers.0.mlp.up_proj",
-        "model.layers.0.mlp.down_proj",
-        "model.layers.1.self_attn.q_proj",
-        "model.layers.1.self_attn.v_proj",
-    ]
-    assert report.skipped == {
-        "model.layers.0.self_attn.k_proj": NOT_TARGETED,
-        "model.layers.0.self_attn.o_proj": NOT_TARGETED,
-        "model.layers.1.self_attn.k_proj": NOT_TARGETED,
-        "model.layers.1.self_attn.o_proj": NOT_TARGETED,
-        "model.layers.1.mlp.gate_proj": USER_SKIP,
-        "model.layers.1.mlp.up_proj": USER_SKIP,
-        "model.layers.1.mlp.down_proj": USER_SKIP,
-        "lm_head": OUTPUT_EMBEDDINGS,
-    }
-    assert _bnb_layer_names(model) == sorted(report.converted)
-    assert report.bytes_before == linear_bytes
-    assert report.bytes_after < report.bytes_before
-
-    table = str(report)
-    lines = table.splitlines()
-    assert lines[0].split() == ["module", "type", "action", "reason", "before", "after"]
-    assert len(lines) == 2 + len(report.modules) + 1
-    for module in report.modules:
-        assert any(line.startswith(module.name + " ") and module.action in line for line in lines)
-    assert any("lm_head" in line and OUTPUT_EMBEDDINGS in line for line in lines)
-    assert lines[-1] == report.summary()
-    assert lines[-1].startswith(
-        "bnb_lightning: converted 7 linear layers to 4-bit nf4 on cpu, kept 8 in full precision; "
-    )
-    assert " KiB -> " in lines[-1]
-
-    # compact(): one row per (action, reason, type), for logs of large models.
-    compact = report.compact().splitlines()
-    assert compact[0].split() == ["action", "reason", "type", "layers", "before", "after"]
-    assert compact[-1] == report.summary()
-    assert sorted(re.split(r"\s{2,}", row)[:4] for row in compact[2:-1]) == sorted(
-        [
-            ["converted", "Linear", "7", "144.00 KiB"],  # empty reason
-            ["skipped", NOT_TARGETED, "Linear", "4"],
-            ["skipped", USER_SKIP, "Linear", "3"],
-            ["skipped", OUTPUT_EMBEDDINGS, "Linear", "1"],
-        ]
-    )
-
-
 @pytest.mark.parametrize("architecture", ["llama-tied", "gpt2-conv1d"])
 def test_report_reason_for_tied_lm_head(architecture):
     report = quantize_model(ARCHITECTURES[architecture](), QuantizationConfig(bits=8), device="cpu")
@@ -390,7 +344,7 @@ def test_replace_default_skips_quantizes_the_lm_head():
 def test_target_modules_restricts_conversion():
     model = tiny_llama(tie=False)
     report = quantize_model(model, QuantizationConfig(target_modules=["q_proj"]), device="cpu")
-    assert _bnb_layer_names(model) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert bnb_layer_names(model) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
     assert report.skipped["model.layers.0.mlp.up_proj"] == NOT_TARGETED
     # The default skips still come first.
     assert report.skipped["lm_head"] == OUTPUT_EMBEDDINGS
@@ -442,7 +396,7 @@ def test_model_quantized_by_transformers_is_left_alone(tmp_path):
 
     _assert_unchanged(model, snapshot)
     assert report.converted == []
-    assert sorted(report.already_quantized) == _bnb_layer_names(model)
+    assert sorted(report.already_quantized) == bnb_layer_names(model)
 
 
 # -- failures ----------------------------------------------------------------------------------------
@@ -455,7 +409,7 @@ def test_meta_weights_raise_before_anything_changes():
     with pytest.raises(ValueError, match=r"meta device.*'model.embed_tokens.weight'.*load them first"):
         quantize_model(model, QuantizationConfig())
     assert all(dict(model.named_modules())[name] is module for name, module in snapshot.items())
-    assert _bnb_layer_names(model) == []
+    assert bnb_layer_names(model) == []
 
 
 def test_a_skipped_module_on_meta_raises_before_anything_changes():
@@ -465,7 +419,7 @@ def test_a_skipped_module_on_meta_raises_before_anything_changes():
     with pytest.raises(ValueError, match="'lm_head.weight'"):
         quantize_model(model, QuantizationConfig(), device="cpu")
     assert all(dict(model.named_modules())[name] is module for name, module in snapshot.items())
-    assert _bnb_layer_names(model) == []
+    assert bnb_layer_names(model) == []
 
 
 @pytest.mark.parametrize("config", ["nf4-double-quant", "nf4", "fp4"])
@@ -482,7 +436,7 @@ def test_failure_in_the_middle_restores_the_model(config, tokens):
 
     assert "to view Byte as Float" in str(raised.value.__cause__)
     _assert_unchanged(model, snapshot)
-    assert _bnb_layer_names(model) == []
+    assert bnb_layer_names(model) == []
     # Fixing the cause and calling again works.
     del model.model.layers[1].probe
     report = quantize_model(model, float_storage, device="cpu")

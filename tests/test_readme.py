@@ -26,6 +26,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import yaml
+from conftest import tiny_llama
 from peft.tuners.lora import LoraLayer
 from torch.utils.data import DataLoader
 
@@ -61,22 +62,9 @@ def test_substitutions_apply_to_the_readme():
 @pytest.fixture(scope="module")
 def readme(tmp_path_factory):
     """Runs every Python block of the README in order; returns the namespace after each."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     work = tmp_path_factory.mktemp("readme")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
     model_dir = work / "tiny-llama"
-    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tiny_llama().save_pretrained(model_dir)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 256, (16, 32), generator=generator)
     namespace: dict = {"__name__": "readme", "loader": DataLoader(tokens, batch_size=4)}

@@ -754,3 +754,22 @@ def test_replaced_layers_follow_the_model_train_eval_mode(training):
     replace_with_bnb_linear(model, quantization_config=QuantizationConfig(bits=8))
     assert isinstance(model.model.layers[0].mlp.up_proj, bnb.nn.Linear8bitLt)
     assert model.model.layers[0].mlp.up_proj.training is training
+
+
+@pytest.mark.parametrize(("in_features", "out_features"), [(64, 48), (32, 64), (128, 336)])
+def test_4bit_layers_of_any_shape_run_an_eval_forward_on_the_cpu(in_features, out_features):
+    # On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for inference in blocks of 32 rows
+    # and of its quantization blocksize, and asserts on other shapes; those layers keep its generic kernels.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(in_features, out_features), torch.nn.ReLU(), torch.nn.Linear(out_features, 8)
+    )
+    quantize_model(model, QuantizationConfig(bits=4), device="cpu")
+    layer = model[0]
+    assert isinstance(layer, bnb.nn.Linear4bit)
+    x = torch.randn(2, in_features)
+    weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    expected = torch.nn.functional.linear(x, weight, layer.bias)
+    with torch.no_grad():
+        out = layer.eval()(x)
+    torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..adapters import adapter_root, adapter_target
-from ..backend import is_bnb_linear, is_quantized_parameter, require_bitsandbytes
+from ..backend import conv1d_class, is_bnb_linear, is_conv1d, is_quantized_parameter, require_bitsandbytes
 from ..config import parse_dtype
 from .files import atomic_path, export_directory
 
@@ -149,7 +149,7 @@ def _merged_layer(name: str, layer: nn.Module, dtype: torch.dtype, as_conv1d: bo
     from peft.tuners.lora import LoraLayer
 
     base = layer.get_base_layer() if isinstance(layer, LoraLayer) else layer
-    conv1d = type(base).__name__ == "Conv1D"
+    conv1d = is_conv1d(base)
     if is_bnb_linear(base):
         weight = dequantized_weight(base)
     elif isinstance(base, nn.Linear) or conv1d:
@@ -171,9 +171,7 @@ def _merged_layer(name: str, layer: nn.Module, dtype: torch.dtype, as_conv1d: bo
                 bias = extra if bias is None else bias + extra
     out_features, in_features = weight.shape
     if as_conv1d or conv1d:
-        merged = (
-            type(base)(out_features, in_features) if conv1d else _conv1d_class()(out_features, in_features)
-        )
+        merged = (type(base) if conv1d else conv1d_class())(out_features, in_features)
         merged.weight = nn.Parameter(weight.T.contiguous().to(dtype), requires_grad=False)
         merged.bias = nn.Parameter(
             (bias if bias is not None else torch.zeros(out_features, device=weight.device)).to(dtype),
@@ -187,19 +185,13 @@ def _merged_layer(name: str, layer: nn.Module, dtype: torch.dtype, as_conv1d: bo
     return merged
 
 
-def _conv1d_class() -> type:
-    from transformers.pytorch_utils import Conv1D
-
-    return Conv1D
-
-
 def _conv1d_names(root: nn.Module) -> set[str]:
     """Layers the transformers class builds as ``Conv1D`` (GPT-2): quantization made them bnb Linears."""
     if not hasattr(root, "config") or not hasattr(root, "save_pretrained"):
         return set()
     with torch.device("meta"):
         skeleton = type(root)(copy.deepcopy(root.config))  # building a model may write to its config
-    return {name for name, module in skeleton.named_modules() if type(module).__name__ == "Conv1D"}
+    return {name for name, module in skeleton.named_modules() if is_conv1d(module)}
 
 
 def _shared_parameter_ids(root: nn.Module) -> set[int]:
