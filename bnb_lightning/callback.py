@@ -73,10 +73,8 @@ class BnbQuantization(Callback):
 
     Example::
 
-        trainer = Trainer(
-            precision="bf16-mixed",
-            callbacks=[BnbQuantization(peft_config=LoraConfig(r=16, target_modules="all-linear"))],
-        )
+        lora = LoraConfig(r=16, target_modules="all-linear")
+        trainer = Trainer(precision="bf16-mixed", callbacks=[BnbQuantization(peft_config=lora)])
     """
 
     def __init__(
@@ -256,27 +254,38 @@ class BnbQuantization(Callback):
 def _call_after(module: pl.LightningModule, hook: str, then: Callable[..., Any], once: bool) -> None:
     """Wrap ``module``'s ``hook`` on this instance (not its class) to call ``then`` with its arguments after it.
 
-    ``once``: the wrapper removes itself when it runs; otherwise `teardown` removes it.
+    ``once``: the wrapper removes itself when it runs; otherwise `teardown` removes it. A hook the user
+    set on the instance is wrapped too, and put back when the wrapper goes.
     """
-    if getattr(vars(module).get(hook), _WRAPPER_MARK, False):
+    if hasattr(vars(module).get(hook), _WRAPPER_MARK):
         return
     original = getattr(module, hook)
 
     def wrapper(*args: Any) -> None:
         if once:
-            del vars(module)[hook]
+            _unwrap(module, hook)
         original(*args)
         then(*args)
 
-    setattr(wrapper, _WRAPPER_MARK, True)
+    setattr(wrapper, _WRAPPER_MARK, vars(module).get(hook))
     setattr(module, hook, wrapper)
 
 
+def _unwrap(module: pl.LightningModule, hook: str) -> None:
+    """Take this callback's wrapper of ``hook`` off the instance, giving back what was there before."""
+    wrapper = vars(module).get(hook)
+    if not hasattr(wrapper, _WRAPPER_MARK):
+        return
+    own = getattr(wrapper, _WRAPPER_MARK)
+    if own is None:
+        del vars(module)[hook]
+    else:
+        vars(module)[hook] = own
+
+
 def _remove_wrappers(module: pl.LightningModule) -> None:
-    """Take this callback's wrappers of the module's hooks off the instance again."""
     for hook in ("on_load_checkpoint", "configure_model"):
-        if getattr(vars(module).get(hook), _WRAPPER_MARK, False):
-            del vars(module)[hook]
+        _unwrap(module, hook)
 
 
 def _copy_into(module: nn.Module, values: dict[str, torch.Tensor]) -> None:

@@ -207,3 +207,35 @@ def test_a_failed_fit_takes_its_wrappers_off_the_module(tmp_path):
 def test_arguments_of_the_wrong_kind_are_refused_with_the_fix(kwargs, error, message):
     with pytest.raises(error, match=message):
         BnbQuantization(**{"peft_config": lora(), **kwargs})
+
+
+def test_hooks_the_user_set_on_the_instance_run_and_stay(tmp_path):
+    # The callback wraps `configure_model` (to quantize right after it) and `on_load_checkpoint` (to
+    # complete adapter-only checkpoints) on the instance; a user's own instance hooks run and come back.
+    from conftest import tiny_llama
+
+    module = CausalLM(build="configure_model")
+    calls = []
+
+    def configure_model():
+        calls.append("configure_model")
+        if module.model is None:
+            module.model = tiny_llama().train()
+
+    def on_load_checkpoint(checkpoint):
+        calls.append("on_load_checkpoint")
+
+    module.configure_model, module.on_load_checkpoint = configure_model, on_load_checkpoint
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    callback = BnbQuantization(peft_config=lora())
+    trainer(tmp_path, [callback, checkpoints], max_steps=2, enable_checkpointing=True).fit(module, batches())
+    assert bnb_layer_names(module.model) and calls == ["configure_model"]
+    assert vars(module)["configure_model"] is configure_model
+    assert vars(module)["on_load_checkpoint"] is on_load_checkpoint
+
+    trainer(tmp_path, [callback, checkpoints], max_steps=4, enable_checkpointing=True).fit(
+        module, batches(), ckpt_path=tmp_path / "last.ckpt"
+    )
+    assert calls == ["configure_model", "configure_model", "on_load_checkpoint"]
+    assert vars(module)["configure_model"] is configure_model
+    assert vars(module)["on_load_checkpoint"] is on_load_checkpoint
