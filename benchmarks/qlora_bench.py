@@ -49,6 +49,8 @@ RECIPES: dict[str, str] = {
     "torch's `AdamW`",
     "bnb_uncheckpointed": "`bnb` with `uncheckpointed_blocks=--uncheckpointed-blocks` (default: the last "
     "quarter of the blocks keep their activations instead of recomputing them)",
+    "bnb_offload": "`bnb` with its forward under torch's `save_on_cpu(pin_memory=True)`: what the backward "
+    "pass needs from outside the checkpointed blocks (mainly each block's input) waits in CPU memory",
     "hf_prepare": "`from_pretrained(quantization_config=BitsAndBytesConfig(...))`, PEFT's "
     "`prepare_model_for_kbit_training` (float32 upcast) and `get_peft_model`; a plain torch loop under "
     "bf16 autocast, as transformers' `Trainer(bf16=True)` runs it",
@@ -100,7 +102,7 @@ SHAPES: dict[str, dict[str, Any]] = {
     ),
 }
 
-SMOKE = dict(shape="tiny", seq=32, batch=2, warmup=1, steps=2, repeats=1)
+SMOKE = dict(shape="tiny", seq=[32], batch=2, warmup=1, steps=2, repeats=1)
 GIB = 1024**3
 
 
@@ -124,6 +126,7 @@ class Measurement:
     step_s: list[float] = field(default_factory=list)
     final_loss: float | None = None
     wall_s: float | None = None  # the whole measurement, load to teardown
+    seq: int | None = None  # tokens per sequence in its batches
 
     def profile_name(self) -> str:
         return f"{self.recipe}-{self.bits or 'bf16'}bit-r{self.repeat}"
@@ -338,14 +341,21 @@ def load_bf16(setup: Setup, device: torch.device | None = None, **kwargs: Any) -
 
 class CausalLMModule(pl.LightningModule):
     def __init__(
-        self, model: torch.nn.Module, optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW
+        self,
+        model: torch.nn.Module,
+        optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
+        offload: bool = False,
     ) -> None:
         super().__init__()
         # from_pretrained returns eval mode, which Lightning keeps; transformers checkpoints only in training.
         self.model = model.train()
         self.optimizer = optimizer
+        self.offload = offload
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        if self.offload:
+            with torch.autograd.graph.save_on_cpu(pin_memory=True):
+                return self.model(input_ids=batch, labels=batch).loss
         return self.model(input_ids=batch, labels=batch).loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -378,13 +388,14 @@ def run_bnb(
     bits: int,
     result: Measurement,
     optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
+    offload: bool = False,
     **options: Any,
 ) -> None:
     from bnb_lightning import BnbQuantization, QuantizationConfig
 
     start = time.perf_counter()
     # Loaded on the CPU: the callback quantizes layer by layer onto the GPU in `setup`.
-    module = CausalLMModule(load_bf16(setup), optimizer)
+    module = CausalLMModule(load_bf16(setup), optimizer, offload=offload)
     quantization = BnbQuantization(
         QuantizationConfig(bits=bits),
         peft_config=lora_config(setup.lora_r),
@@ -528,6 +539,7 @@ RUNNERS: dict[str, Callable[[Setup, Any, Measurement], None]] = {
     "bnb_bnb_dequantize": run_bnb_bnb_dequantize,
     "bnb_paged_adamw": run_bnb_paged_adamw,
     "bnb_uncheckpointed": run_bnb_uncheckpointed,
+    "bnb_offload": partial(run_bnb, offload=True),
     "hf_prepare": run_hf_prepare,
     "hf_noupcast": run_hf_noupcast,
     "hf_compile": run_hf_compile,
@@ -656,7 +668,7 @@ def ratio(values: list[float], baseline: list[float]) -> str:
 def markdown(results: list[Measurement], env: dict[str, Any], model: dict[str, Any], args) -> str:
     lines = [
         f"# QLoRA benchmark: {args.shape} ({model['parameters'] / 1e9:.2f} B parameters), "
-        f"seq {args.seq}, batch {args.batch}, {args.warmup} warm-up + {args.steps} timed steps, "
+        f"seq {', '.join(map(str, args.seq))}, batch {args.batch}, {args.warmup} warm-up + {args.steps} timed steps, "
         f"{args.repeats} repeats",
         "",
         f"- device: {env['device']}",
@@ -665,11 +677,12 @@ def markdown(results: list[Measurement], env: dict[str, Any], model: dict[str, A
         f"- command: `{env['command']}`",
         "- load s: weights on disk to a quantized (or bf16) model ready to train; memory in GiB, "
         "median (min–max) over repeats",
+        *([f"- GPU memory capped at {args.memory_cap:g} GB"] if args.memory_cap else []),
         "",
     ]
     baselines = [b for b in BASELINES if b in args.recipes]
-    for bits in args.bits:
-        lines += [f"## {bits}-bit", ""]
+    for seq, bits in [(seq, bits) for seq in args.seq for bits in args.bits]:
+        lines += [f"## seq {seq}, {bits}-bit", ""]
         header = [
             "recipe",
             "status",
@@ -682,7 +695,7 @@ def markdown(results: list[Measurement], env: dict[str, Any], model: dict[str, A
         header += [f"tok/s ÷ {b}" for b in baselines] + [f"peak ÷ {b}" for b in baselines]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         groups = {
-            recipe: [r for r in results if r.recipe == recipe and r.bits in (bits, None)]
+            recipe: [r for r in results if r.recipe == recipe and r.bits in (bits, None) and r.seq == seq]
             for recipe in args.recipes
         }
         for recipe, rows in groups.items():
@@ -726,7 +739,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     parser.add_argument("--bits", type=int, nargs="+", choices=(4, 8), default=[4, 8])
     parser.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
-    parser.add_argument("--seq", type=int, default=2048, help="tokens per sequence")
+    parser.add_argument(
+        "--seq",
+        type=int,
+        nargs="+",
+        default=[2048],
+        help="tokens per sequence; several: a ladder, shortest first",
+    )
     parser.add_argument("--batch", type=int, default=2, help="sequences per batch")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
@@ -738,6 +757,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="for bnb_uncheckpointed: blocks that keep their activations (default: a quarter of them)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--memory-cap",
+        type=float,
+        metavar="GB",
+        help="cap the process's GPU memory at GB (1e9 bytes), e.g. 24 for a 24 GB card",
+    )
     parser.add_argument(
         "--out", default="benchmarks/results/qlora_bench.jsonl", help="JSON lines, one per measurement"
     )
@@ -765,6 +790,10 @@ def main(argv: Sequence[str] | None = None) -> list[Measurement]:
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda:0")
     if cuda(device):
         torch.cuda.set_device(device)
+        if args.memory_cap:
+            # As on a smaller card: allocations past the cap fail with torch's out-of-memory error.
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap * 1e9 / total), device)
     env = environment(device, argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -773,41 +802,52 @@ def main(argv: Sequence[str] | None = None) -> list[Measurement]:
         model = save_random_model(args.shape, model_dir, args.seed, device)
         warm_up_process(device)
         extra = PROFILE_STEPS if args.profile else 0
-        batches = random_batches(
-            model["vocab_size"], args.warmup + args.steps + extra, args.batch, args.seq, device, args.seed
-        )
         kept = args.uncheckpointed_blocks
         if kept is None:
             kept = max(1, SHAPES[args.shape]["num_hidden_layers"] // 4)
-        setup = Setup(
-            model_dir, device, batches, args.warmup, args.steps, args.lora_r, kept, profile_dir=args.profile
-        )
         meta = {
             "shape": args.shape,
-            "seq": args.seq,
             "batch": args.batch,
             "warmup": args.warmup,
             "steps": args.steps,
             "uncheckpointed_blocks": kept,
+            "memory_cap_gb": args.memory_cap,
         }
-        jsonl.write(json.dumps({"type": "environment", **env, **meta, "model": model}) + "\n")
-        for repeat in range(args.repeats):
-            # Interleaved: every configuration once, then all again, so drift hits all alike.
-            configurations = [
-                (recipe, bits) for bits in args.bits for recipe in args.recipes if recipe != "bf16_lora"
-            ]
-            if "bf16_lora" in args.recipes:
-                configurations.append(("bf16_lora", None))
-            for recipe, bits in configurations:
-                result = measure(recipe, bits, repeat, setup)
-                results.append(result)
-                jsonl.write(json.dumps({"type": "measurement", **meta, **asdict(result)}) + "\n")
-                jsonl.flush()
-                print(
-                    f"[{repeat}] {recipe} {bits or 'bf16'}: {result.status} {result.reason} "
-                    f"tok/s={result.tokens_per_s} load_s={result.load_s}",
-                    flush=True,
-                )
+        jsonl.write(
+            json.dumps({"type": "environment", **env, **meta, "seq": args.seq, "model": model}) + "\n"
+        )
+        for seq in args.seq:
+            batches = random_batches(
+                model["vocab_size"], args.warmup + args.steps + extra, args.batch, seq, device, args.seed
+            )
+            setup = Setup(
+                model_dir,
+                device,
+                batches,
+                args.warmup,
+                args.steps,
+                args.lora_r,
+                kept,
+                profile_dir=args.profile,
+            )
+            for repeat in range(args.repeats):
+                # Interleaved: every configuration once, then all again, so drift hits all alike.
+                configurations = [
+                    (recipe, bits) for bits in args.bits for recipe in args.recipes if recipe != "bf16_lora"
+                ]
+                if "bf16_lora" in args.recipes:
+                    configurations.append(("bf16_lora", None))
+                for recipe, bits in configurations:
+                    result = measure(recipe, bits, repeat, setup)
+                    result.seq = seq
+                    results.append(result)
+                    jsonl.write(json.dumps({"type": "measurement", **meta, **asdict(result)}) + "\n")
+                    jsonl.flush()
+                    print(
+                        f"[{repeat}] seq {seq} {recipe} {bits or 'bf16'}: {result.status} {result.reason} "
+                        f"tok/s={result.tokens_per_s} peak={result.train_peak_bytes}",
+                        flush=True,
+                    )
     table = markdown(results, env, model, args)
     print(table)
     Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
