@@ -49,8 +49,9 @@ RECIPES: dict[str, str] = {
     "torch's `AdamW`",
     "bnb_uncheckpointed": "`bnb` with `uncheckpointed_blocks=--uncheckpointed-blocks` (default: the last "
     "quarter of the blocks keep their activations instead of recomputing them)",
-    "bnb_offload": "`bnb` with its forward under torch's `save_on_cpu(pin_memory=True)`: what the backward "
-    "pass needs from outside the checkpointed blocks (mainly each block's input) waits in CPU memory",
+    "bnb_offload": '`bnb` with `activation_memory="offload"` (instead of `gradient_checkpointing=True`): what '
+    "the backward pass needs from outside the checkpointed blocks (mainly each block's input) waits in CPU "
+    "memory",
     "hf_prepare": "`from_pretrained(quantization_config=BitsAndBytesConfig(...))`, PEFT's "
     "`prepare_model_for_kbit_training` (float32 upcast) and `get_peft_model`; a plain torch loop under "
     "bf16 autocast, as transformers' `Trainer(bf16=True)` runs it",
@@ -344,18 +345,13 @@ class CausalLMModule(pl.LightningModule):
         self,
         model: torch.nn.Module,
         optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
-        offload: bool = False,
     ) -> None:
         super().__init__()
         # from_pretrained returns eval mode, which Lightning keeps; transformers checkpoints only in training.
         self.model = model.train()
         self.optimizer = optimizer
-        self.offload = offload
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        if self.offload:
-            with torch.autograd.graph.save_on_cpu(pin_memory=True):
-                return self.model(input_ids=batch, labels=batch).loss
         return self.model(input_ids=batch, labels=batch).loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -388,19 +384,17 @@ def run_bnb(
     bits: int,
     result: Measurement,
     optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
-    offload: bool = False,
     **options: Any,
 ) -> None:
     from bnb_lightning import BnbQuantization, QuantizationConfig
 
     start = time.perf_counter()
     # Loaded on the CPU: the callback quantizes layer by layer onto the GPU in `setup`.
-    module = CausalLMModule(load_bf16(setup), optimizer, offload=offload)
+    module = CausalLMModule(load_bf16(setup), optimizer)
+    if "activation_memory" not in options:
+        options["gradient_checkpointing"] = True
     quantization = BnbQuantization(
-        QuantizationConfig(bits=bits),
-        peft_config=lora_config(setup.lora_r),
-        gradient_checkpointing=True,
-        **options,
+        QuantizationConfig(bits=bits), peft_config=lora_config(setup.lora_r), **options
     )
     hooks = BenchmarkHooks(setup, result, start)
     trainer = pl.Trainer(
@@ -539,7 +533,7 @@ RUNNERS: dict[str, Callable[[Setup, Any, Measurement], None]] = {
     "bnb_bnb_dequantize": run_bnb_bnb_dequantize,
     "bnb_paged_adamw": run_bnb_paged_adamw,
     "bnb_uncheckpointed": run_bnb_uncheckpointed,
-    "bnb_offload": partial(run_bnb, offload=True),
+    "bnb_offload": partial(run_bnb, activation_memory="offload"),
     "hf_prepare": run_hf_prepare,
     "hf_noupcast": run_hf_noupcast,
     "hf_compile": run_hf_compile,

@@ -94,6 +94,7 @@ class BnbQuantization(Callback):
         chunked_loss: bool | None = None,
         dequantize_int8: bool | None = None,
         fuse_4bit_dequantize: bool | None = None,
+        activation_memory: str | None = None,
     ) -> None:
         self.config = as_quantization_config(config)
         self.peft_config = require_peft_config(peft_config) if peft_config is not None else None
@@ -106,6 +107,7 @@ class BnbQuantization(Callback):
             chunked_loss=chunked_loss,
             dequantize_int8=dequantize_int8,
             fuse_4bit_dequantize=fuse_4bit_dequantize,
+            activation_memory=activation_memory,
         )
         self.save_base_weights = check_flag("save_base_weights", save_base_weights)
         self.check_base_on_resume = check_flag("check_base_on_resume", check_base_on_resume)
@@ -144,6 +146,7 @@ class BnbQuantization(Callback):
             self.config,
             adapter_only=not self.save_base_weights,
             exports=bool(self.export_adapters_to or self.export_merged_to),
+            offload=self.options.activation_memory == "offload",
         )
         if any(is_plain_linear(m) or is_bnb_linear(m) for m in pl_module.modules()):
             self._prepare(trainer, pl_module, kind)
@@ -212,12 +215,8 @@ class BnbQuantization(Callback):
         _call_after(pl_module, "on_load_checkpoint", restore, once=False)
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, kind: str) -> None:
-        """Quantize and prepare ``pl_module`` with :func:`~bnb_lightning.prepare_model` for this Trainer.
-
-        ``prepare_model`` validates, then mutates; on failure it leaves everything as it was (or, after
-        quantization, the model just quantized). The callback counts the module as prepared only once
-        it returned, so a failed setup is prepared again by the next ``fit``.
-        """
+        """:func:`~bnb_lightning.prepare_model` for this Trainer. Only once it returned does the module
+        count as prepared: after a failure (which it takes back), the next ``fit`` prepares it again."""
         config, options = self.config, self.options
         if options.compile_blocks is None and kind != SINGLE_DEVICE:
             # A 1B-shape DDP run on one GPU once failed checkpoint recomputation; not measured faster there.

@@ -340,6 +340,12 @@ class TrainingOptions:
             (see :func:`bnb_lightning.use_dequantized_int8`) instead of LLM.int8's matmul.
         fuse_4bit_dequantize: in compiled blocks, 4-bit layers dequantize in plain torch ops fused
             into the block's graph (see :func:`bnb_lightning.use_fused_4bit_dequantize`).
+        activation_memory: where each block's activations live between the forward and the backward
+            pass. ``"recompute"``: checkpointing, each block's input kept on the device; ``"offload"``:
+            checkpointing with what the step saves outside the blocks (their inputs, mainly) in
+            CPU memory, for long sequences (see :func:`bnb_lightning.use_activation_offload`);
+            ``"keep"``: no checkpointing. ``None`` (default): ``gradient_checkpointing`` decides. Set
+            one or the other.
 
     Example::
 
@@ -353,6 +359,7 @@ class TrainingOptions:
     chunked_loss: bool = True
     dequantize_int8: bool = True
     fuse_4bit_dequantize: bool = True
+    activation_memory: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("gradient_checkpointing", "compile_blocks"):
@@ -361,11 +368,43 @@ class TrainingOptions:
         for name in ("upcast_to_float32", "chunked_loss", "dequantize_int8", "fuse_4bit_dequantize"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
-        check_block_count(self.uncheckpointed_blocks, checkpointing=self.gradient_checkpointing is not False)
+        if self.activation_memory is not None:
+            _check_activation_memory(self)
+        check_block_count(self.uncheckpointed_blocks, checkpointing=self.checkpointing is not False)
+
+    @property
+    def checkpointing(self) -> bool | None:
+        """Whether blocks are checkpointed: ``gradient_checkpointing``, or what ``activation_memory`` implies."""
+        if self.activation_memory is None:
+            return self.gradient_checkpointing
+        return self.activation_memory != "keep"
 
     def replace(self, **changes: Any) -> TrainingOptions:
         """A copy with some fields changed, validated again."""
         return dataclasses.replace(self, **changes)
+
+
+_ACTIVATION_MODES = ("keep", "recompute", "offload")
+
+
+def _check_activation_memory(options: TrainingOptions) -> None:
+    mode = options.activation_memory
+    if mode not in _ACTIVATION_MODES:
+        raise ValueError(
+            f"activation_memory={mode!r} is not supported; expected one of {', '.join(map(repr, _ACTIVATION_MODES))} "
+            "or None (gradient_checkpointing decides)."
+        )
+    if options.gradient_checkpointing is not None:
+        raise ValueError(
+            f"activation_memory={mode!r} and gradient_checkpointing={options.gradient_checkpointing!r} both say "
+            f"whether blocks are checkpointed; set one of them ('keep' is gradient_checkpointing=False, "
+            "'recompute' is True)."
+        )
+    if mode == "offload" and options.uncheckpointed_blocks:
+        raise ValueError(
+            f"uncheckpointed_blocks={options.uncheckpointed_blocks} keeps those blocks' activations, which "
+            "activation_memory='offload' would then all move to CPU memory; pass uncheckpointed_blocks=0 with it."
+        )
 
 
 def as_training_options(options: Any, **switches: Any) -> TrainingOptions:

@@ -79,7 +79,12 @@ def _is_a(strategy: Any, class_name: str) -> bool:
 
 
 def check_strategy(
-    strategy: Any, config: QuantizationConfig, precision: str, adapter_only: bool, exports: bool = False
+    strategy: Any,
+    config: QuantizationConfig,
+    precision: str,
+    adapter_only: bool,
+    exports: bool = False,
+    offload: bool = False,
 ) -> str:
     """The strategy's kind (``SINGLE_DEVICE``, ``DDP``, ``FSDP``), once it is known to work with ``config``.
 
@@ -104,6 +109,12 @@ def check_strategy(
             "export_adapters_to / export_merged_to are not supported under FSDP yet: rank zero holds only its "
             "shard of the adapters when fit ends. Export from the adapter-only checkpoint after training, on "
             "one device, or train with strategy='ddp'."
+        )
+    if offload:
+        raise RuntimeError(
+            "activation_memory='offload' is not supported under FSDP yet (its sharded parameters are gathered and "
+            "freed around each block, which the offload has not been checked with). Use 'recompute' with FSDP, or "
+            "strategy='ddp'."
         )
     if config.bits == 8:
         raise ValueError(
@@ -158,7 +169,9 @@ _REFUSED_PRECISION_PLUGINS = {
 }
 
 
-def check_trainer(trainer: Any, config: QuantizationConfig, adapter_only: bool, exports: bool) -> str:
+def check_trainer(
+    trainer: Any, config: QuantizationConfig, adapter_only: bool, exports: bool, offload: bool = False
+) -> str:
     """The strategy's kind, once the Trainer's precision plugin, strategy and device work with ``config``.
 
     Everything here is checked before anything changes, the strategy's needs too (FSDP's mixed
@@ -170,7 +183,9 @@ def check_trainer(trainer: Any, config: QuantizationConfig, adapter_only: bool, 
             f"BnbQuantization cannot work with the {plugin} precision plugin: {_REFUSED_PRECISION_PLUGINS[plugin]}."
         )
     precision = str(trainer.precision)
-    kind = check_strategy(trainer.strategy, config, precision, adapter_only=adapter_only, exports=exports)
+    kind = check_strategy(
+        trainer.strategy, config, precision, adapter_only=adapter_only, exports=exports, offload=offload
+    )
     check_device_supported(trainer.strategy.root_device)
     check_quant_storage(config, precision, fsdp=kind == FSDP)
     if kind == FSDP:

@@ -42,6 +42,7 @@ from .training.blocks import (
 from .training.int8 import use_dequantized_int8
 from .training.linear4bit import use_fused_4bit_dequantize
 from .training.loss import use_chunked_loss
+from .training.offload import use_activation_offload
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,7 @@ class PreparedModel:
     fused_4bit_layers: int = 0
     chunked_loss: list[str] = dataclasses.field(default_factory=list)
     compiled_blocks: int = 0
+    offloaded_models: int = 0
 
     def messages(self) -> list[str]:
         """One line for each decision, as the callback logs them after the quantization report."""
@@ -174,6 +176,10 @@ class PreparedModel:
             lines.append(
                 "bnb_lightning: gradient checkpointing is on (non-reentrant)"
                 + (f", except the last {kept} blocks." if kept else ".")
+            )
+        if self.offloaded_models:
+            lines.append(
+                "bnb_lightning: block inputs wait in CPU memory for the backward pass (activation offload)."
             )
         lines.append(f"bnb_lightning: {count_parameters(self.model)}")
         return lines
@@ -256,9 +262,14 @@ def prepare_model(
         config = config.replace(compute_dtype=precision_dtype)
 
     check_uncheckpointed_blocks(
-        model, options.uncheckpointed_blocks, will_checkpoint(model, options.gradient_checkpointing)
+        model, options.uncheckpointed_blocks, will_checkpoint(model, options.checkpointing)
     )
-    check_gradient_checkpointing(model, options.gradient_checkpointing)
+    asked = (
+        f"activation_memory={options.activation_memory!r}"
+        if options.activation_memory
+        else "gradient_checkpointing=True"
+    )
+    check_gradient_checkpointing(model, options.checkpointing, asked)
     if peft_config is not None:
         check_peft_config(model, peft_config)
 
@@ -268,7 +279,7 @@ def prepare_model(
     try:
         prepared.checkpointing = prepare_for_kbit_training(
             model,
-            gradient_checkpointing=options.gradient_checkpointing,
+            gradient_checkpointing=options.checkpointing,
             upcast_to_float32=options.upcast_to_float32,
             uncheckpointed_blocks=options.uncheckpointed_blocks,
         )
@@ -286,6 +297,8 @@ def prepare_model(
             prepared.fused_4bit_layers = use_fused_4bit_dequantize(model)
         if options.chunked_loss:
             prepared.chunked_loss = use_chunked_loss(model)
+        if options.activation_memory == "offload":
+            prepared.offloaded_models = len(use_activation_offload(model))
         if options.compile_blocks is None:
             # Measured faster on one GPU (benchmarks/RESULTS.md); on the CPU compiling costs more than it
             # brings for short runs; 8-bit was measured compiled with the dequantized matmul only.

@@ -8,6 +8,7 @@ from .blocks import compile_blocks
 from .int8 import remove_dequantized_int8, use_dequantized_int8
 from .linear4bit import remove_fused_4bit_dequantize, use_fused_4bit_dequantize
 from .loss import linear_cross_entropy, remove_chunked_loss, use_chunked_loss
+from .offload import remove_activation_offload, use_activation_offload
 
 __all__ = [
     "compile_blocks",
@@ -18,4 +19,6 @@ __all__ = [
     "linear_cross_entropy",
     "use_chunked_loss",
     "remove_chunked_loss",
+    "use_activation_offload",
+    "remove_activation_offload",
 ]

@@ -101,13 +101,15 @@ def check_uncheckpointed_blocks(model: nn.Module, count: int, checkpointing: boo
         )
 
 
-def check_gradient_checkpointing(model: nn.Module, gradient_checkpointing: bool | None) -> None:
-    """Refuse ``gradient_checkpointing=True`` for a model that has no checkpointing to turn on."""
+def check_gradient_checkpointing(
+    model: nn.Module, gradient_checkpointing: bool | None, option: str = "gradient_checkpointing=True"
+) -> None:
+    """Refuse checkpointing (asked for by ``option``) for a model that has no checkpointing to turn on."""
     if gradient_checkpointing and not transformers_models(model):
         raise ValueError(
-            f"gradient_checkpointing=True needs a transformers model inside {type(model).__name__} to turn it on; "
-            "for other models, wrap your blocks in torch.utils.checkpoint.checkpoint(..., use_reentrant=False) "
-            "and leave gradient_checkpointing=None."
+            f"{option} needs a transformers model inside {type(model).__name__} to turn checkpointing on; for "
+            "other models, wrap your blocks in torch.utils.checkpoint.checkpoint(..., use_reentrant=False) and "
+            "leave gradient_checkpointing and activation_memory at None."
         )
 
 
