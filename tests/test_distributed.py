@@ -131,6 +131,17 @@ def test_ddp_trains_compiled_checkpointed_blocks_on_two_cpu_processes(tmp_path):
     assert_equal_adapters(ranks, "resumed_adapters")
 
 
+def test_ddp_trains_with_offloaded_activations_on_two_cpu_processes(tmp_path):
+    ranks = fit_on_ranks(tmp_path, "--strategy", "ddp", "--bits", "4", "--offload")
+
+    assert any("activation offload" in line for line in ranks[0]["logs"])
+    for rank in ranks:
+        assert rank["losses"][-1] < rank["losses"][0] - 0.5, rank["losses"]
+        assert len(rank["resumed_losses"]) == RESUME_STEPS
+    assert_equal_adapters(ranks, "adapters")
+    assert_equal_adapters(ranks, "resumed_adapters")
+
+
 def test_ddp_refuses_ranks_with_different_base_weights(tmp_path):
     result = run_script(tmp_path, "--strategy", "ddp", "--seed-per-rank")
     assert result.returncode != 0

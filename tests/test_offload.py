@@ -128,3 +128,33 @@ def test_offload_is_refused_under_fsdp():
 
     with pytest.raises(RuntimeError, match="activation_memory='offload' is not supported under FSDP yet"):
         check_strategy(FSDPStrategy(), QuantizationConfig(), "bf16-true", adapter_only=True, offload=True)
+
+
+def test_a_run_resumed_with_offload_continues_exactly_as_one_straight_run(tmp_path):
+    import lightning.pytorch as pl
+
+    straight = CausalLM()
+    fit(
+        tmp_path / "straight",
+        straight,
+        [BnbQuantization(peft_config=lora(), activation_memory="recompute")],
+        max_steps=8,
+    )
+
+    first, resumed = CausalLM(), CausalLM()
+    saving = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4)
+    offload = {"peft_config": lora(), "activation_memory": "offload"}
+    fit(
+        tmp_path / "first",
+        first,
+        [BnbQuantization(**offload), saving],
+        max_steps=4,
+        enable_checkpointing=True,
+    )
+    (path,) = (tmp_path / "ckpt").glob("*.ckpt")
+    fit(tmp_path / "resumed", resumed, [BnbQuantization(**offload)], ckpt_path=path, max_steps=8)
+
+    assert first.losses + resumed.losses == straight.losses
+    expected = {n: p for n, p in straight.named_parameters() if p.requires_grad}
+    got = {n: p for n, p in resumed.named_parameters() if p.requires_grad}
+    assert expected.keys() == got.keys() and all(torch.equal(expected[n], got[n]) for n in expected)

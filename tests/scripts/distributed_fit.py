@@ -97,7 +97,8 @@ def make_trainer(
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
         # Compiled blocks with gradient checkpointing, as on one GPU; off by default under DDP.
         compile_blocks=args.compile or None,
-        gradient_checkpointing=True if args.compile else None,
+        gradient_checkpointing=True if args.compile and not args.offload else None,
+        activation_memory="offload" if args.offload else None,
         # Under FSDP exports are refused (rank zero holds only a shard of the adapters).
         export_adapters_to=None if args.strategy == "fsdp" else str(out / "adapters"),
     )
@@ -129,6 +130,7 @@ def main() -> None:
     parser.add_argument("--resume-steps", type=int, default=4)
     parser.add_argument("--seed-per-rank", action="store_true", help="a different base on each rank")
     parser.add_argument("--compile", action="store_true", help="compile the blocks, checkpointed")
+    parser.add_argument("--offload", action="store_true", help="activation_memory='offload'")
     args = parser.parse_args()
     # Two processes on a small machine: intra-op threads only slow the tiny ops down.
     torch.set_num_threads(1)
