@@ -119,22 +119,18 @@ def test_ddp_fit_on_two_cpu_processes(tmp_path, bits):
     assert len(ranks[0]["resumed_written"]) == 1 and ranks[1]["resumed_written"] == []
 
 
-def test_ddp_trains_compiled_checkpointed_blocks_on_two_cpu_processes(tmp_path):
-    # Off by default under DDP (not measured on GPUs), but it must work when asked for.
-    ranks = fit_on_ranks(tmp_path, "--strategy", "ddp", "--bits", "4", "--compile")
+@pytest.mark.parametrize(
+    ("flag", "logged"),
+    [
+        # Off by default under DDP (not measured on GPUs), but it must work when asked for.
+        ("--compile", "compiled 2 transformer blocks"),
+        ("--offload", "activation offload"),
+    ],
+)
+def test_ddp_trains_compiled_or_offloaded_blocks_on_two_cpu_processes(tmp_path, flag, logged):
+    ranks = fit_on_ranks(tmp_path, "--strategy", "ddp", "--bits", "4", flag)
 
-    assert any("compiled 2 transformer blocks" in line for line in ranks[0]["logs"])
-    for rank in ranks:
-        assert rank["losses"][-1] < rank["losses"][0] - 0.5, rank["losses"]
-        assert len(rank["resumed_losses"]) == RESUME_STEPS
-    assert_equal_adapters(ranks, "adapters")
-    assert_equal_adapters(ranks, "resumed_adapters")
-
-
-def test_ddp_trains_with_offloaded_activations_on_two_cpu_processes(tmp_path):
-    ranks = fit_on_ranks(tmp_path, "--strategy", "ddp", "--bits", "4", "--offload")
-
-    assert any("activation offload" in line for line in ranks[0]["logs"])
+    assert any(logged in line for line in ranks[0]["logs"])
     for rank in ranks:
         assert rank["losses"][-1] < rank["losses"][0] - 0.5, rank["losses"]
         assert len(rank["resumed_losses"]) == RESUME_STEPS
