@@ -311,7 +311,8 @@ def _load_prequantized_weight(
     that does not fit adds to ``error_msgs`` (torch raises them all together) and the layer keeps its own.
     """
     weight_key = f"{prefix}weight"
-    if isinstance(layer, require_bitsandbytes().nn.Linear4bit):
+    is_4bit = isinstance(layer, require_bitsandbytes().nn.Linear4bit)
+    if is_4bit:
         if weight_key not in state_dict:
             return  # nothing for this layer (e.g. adapter weights only); any statistics are reported unexpected
         stats = {key: state_dict.pop(key) for key in _statistics_in(state_dict, f"{weight_key}.", STATS_4BIT)}
@@ -331,7 +332,7 @@ def _load_prequantized_weight(
         layer.weight = prequantized_weight(
             layer, weight_key, data, stats, _target_device(layer, data), copy=copy_data
         )
-        if hasattr(layer, "state"):  # Linear8bitLt
+        if not is_4bit:
             layer.state.CB = layer.state.SCB = None  # the next forward takes both from the new weight
     except ValueError as error:
         error_msgs.append(str(error))
