@@ -15,8 +15,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from peft import LoraConfig
-from qlora_finetune import TextDataModule, tiny_llama
+from qlora_finetune import TextDataModule, add_training_arguments, lora_config, tiny_llama
 
 from bnb_lightning import QuantizationConfig, TrainingOptions, prepare_model
 
@@ -28,12 +27,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--precision", default="32-true", help="Fabric precision: 32-true, bf16-mixed, bf16-true"
     )
     parser.add_argument("--accelerator", default="cpu")
-    parser.add_argument("--max-steps", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--lora-r", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
+    add_training_arguments(parser, max_steps=30)
     return parser.parse_args(argv)
 
 
@@ -48,9 +42,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         QuantizationConfig(bits=args.bits),
         TrainingOptions(),
         device=fabric.device,
-        peft_config=LoraConfig(
-            r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules="all-linear"
-        ),
+        peft_config=lora_config(args.lora_r),
         precision=str(args.precision),
     )
     print(prepared.report.compact(), *prepared.messages(), sep="\n")

@@ -14,8 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from peft import LoraConfig
-from qlora_finetune import TextDataModule, tiny_llama
+from qlora_finetune import TextDataModule, add_training_arguments, lora_config, tiny_llama
 
 from bnb_lightning import QuantizationConfig, TrainingOptions, prepare_model
 
@@ -24,12 +23,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="QLoRA fine-tuning in a plain loop with prepare_model.")
     parser.add_argument("--bits", type=int, choices=(4, 8), default=4)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--max-steps", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--lora-r", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
+    add_training_arguments(parser, max_steps=30)
     return parser.parse_args(argv)
 
 
@@ -43,9 +37,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         QuantizationConfig(bits=args.bits),
         TrainingOptions(),
         device=args.device,
-        peft_config=LoraConfig(
-            r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules="all-linear"
-        ),
+        peft_config=lora_config(args.lora_r),
     )
     print(prepared.report.compact(), *prepared.messages(), sep="\n")
     # Only the adapters require grad now; they are float32.

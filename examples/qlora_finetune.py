@@ -168,6 +168,21 @@ class LossHistory(pl.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
+def add_training_arguments(parser: argparse.ArgumentParser, max_steps: int) -> None:
+    """The loop's arguments every example shares, so that they train alike."""
+    parser.add_argument("--max-steps", type=int, default=max_steps)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def lora_config(r: int) -> LoraConfig:
+    """LoRA of rank ``r`` (alpha 2r, no dropout) on every linear layer, as every example trains it."""
+    return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="QLoRA fine-tuning with PyTorch Lightning and BnbQuantization."
@@ -188,15 +203,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--devices", default="1", help="a count, or 'auto'")
-    parser.add_argument("--max-steps", type=int, default=150)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--lora-r", type=int, default=16)
+    add_training_arguments(parser, max_steps=150)
     parser.add_argument(
         "--gradient-checkpointing", action="store_true", default=None, help="trade compute for memory"
     )
-    parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
 
@@ -211,9 +221,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = (
     pl.seed_everything(args.seed, verbose=False)
     quantization = BnbQuantization(
         config=QuantizationConfig(bits=args.bits, quant_type=args.quant_type),
-        peft_config=LoraConfig(
-            r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules="all-linear"
-        ),
+        peft_config=lora_config(args.lora_r),
         gradient_checkpointing=args.gradient_checkpointing,
     )
     module = CausalLM(model_path=args.model, lr=args.lr)

@@ -295,3 +295,28 @@ def fit(tmp_path, module, callbacks, ckpt_path=None, **kwargs) -> pl.Trainer:
     run = trainer(tmp_path, callbacks, **kwargs)
     run.fit(module, batches(n=8), ckpt_path=ckpt_path)
     return run
+
+
+def lora_step(model: nn.Module, tokens: torch.Tensor, fused: bool, compiled: bool = True) -> tuple:
+    """One training step of a quantized ``model`` with checkpointed blocks and random-init LoRA (every
+    adapter gets a gradient), its blocks compiled with ``aot_eager`` if ``compiled``: the loss, the
+    adapter gradients and how many graphs were compiled."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from bnb_lightning import prepare_for_kbit_training, use_fused_4bit_dequantize
+    from bnb_lightning.training.blocks import transformer_blocks
+
+    prepare_for_kbit_training(model, gradient_checkpointing=True)
+    torch.manual_seed(0)
+    inject_adapters(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    if fused:
+        use_fused_4bit_dequantize(model)
+    counter = CompileCounterWithBackend("aot_eager")
+    if compiled:
+        for block in transformer_blocks(model):
+            block.compile(backend=counter)
+    model.train()
+    loss = model(tokens, labels=tokens).loss
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, counter.frame_count

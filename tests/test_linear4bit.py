@@ -11,15 +11,19 @@ import pytest
 import torch
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 from bitsandbytes.backends.utils import _get_4bit_code
-from conftest import assert_same_loss_and_grads, assert_weight_recomputed, tiny_gpt2, tiny_llama, tiny_opt
-from peft import LoraConfig
+from conftest import (
+    assert_same_loss_and_grads,
+    assert_weight_recomputed,
+    lora_step,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_opt,
+)
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._inductor.utils import run_and_get_code
 
 from bnb_lightning import (
     QuantizationConfig,
-    inject_adapters,
-    prepare_for_kbit_training,
     quantize_model,
     remove_fused_4bit_dequantize,
     use_fused_4bit_dequantize,
@@ -130,19 +134,8 @@ def test_compiled_lora_blocks_train_like_bitsandbytes_with_one_graph(make, quant
     def loss_and_grads(fused: bool):
         model = make()
         quantize_model(model, config)
-        prepare_for_kbit_training(model, gradient_checkpointing=True)
-        inject_adapters(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
-        if fused:
-            use_fused_4bit_dequantize(model)
-        counter = CompileCounterWithBackend("aot_eager")
-        for block in blocks(model):
-            block.compile(backend=counter)
-        model.train()
         tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-        loss = model(tokens, labels=tokens).loss
-        loss.backward()
-        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-        return loss.detach(), grads, counter.frame_count
+        return lora_step(model, tokens, fused=fused)
 
     torch._dynamo.reset()
     expected_loss, expected_grads, _ = loss_and_grads(fused=False)
@@ -151,11 +144,6 @@ def test_compiled_lora_blocks_train_like_bitsandbytes_with_one_graph(make, quant
     # One graph serves every block: the compiler guards on the layer class, the same in each block.
     assert graphs == 1
     assert_same_loss_and_grads((expected_loss, expected_grads), (loss, grads))
-
-
-def blocks(model):
-    names = set(model._no_split_modules)
-    return [module for module in model.modules() if type(module).__name__ in names]
 
 
 def test_state_dict_copies_pickles_and_removal(tmp_path):

@@ -9,24 +9,19 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from accelerate import init_empty_weights
-from conftest import VOCAB, TiedMLP, assert_same_loss_and_grads, tiny_gpt2, tiny_llama
-from peft import LoraConfig
+from conftest import VOCAB, TiedMLP, assert_same_loss_and_grads, lora_step, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file
 from torch import nn
-from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
 from bnb_lightning import (
     QuantizationConfig,
     get_keys_to_not_convert,
-    inject_adapters,
-    prepare_for_kbit_training,
     quantize_model,
     replace_8bit_linear,
     replace_with_bnb_linear,
     set_module_8bit_tensor_to_device,
     set_module_quantized_tensor_to_device,
-    use_fused_4bit_dequantize,
 )
 from bnb_lightning.replace import _refuse_empty_forward, load_quantized_state_dict
 
@@ -327,19 +322,7 @@ def test_compiled_blocks_train_after_loading_an_empty_model(loaded_with):
             load_quantized_state_dict(model, source.state_dict(), "cpu")
         else:
             model.load_state_dict(source.state_dict(), strict=True, assign=True)
-        prepare_for_kbit_training(model, gradient_checkpointing=True)
-        torch.manual_seed(0)
-        inject_adapters(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
-        counter = CompileCounterWithBackend("aot_eager")
-        if compiled:
-            use_fused_4bit_dequantize(model)
-            for block in model.model.layers:
-                block.compile(backend=counter)
-        model.train()
-        loss = model(TOKENS, labels=TOKENS).loss
-        loss.backward()
-        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-        return loss.detach(), grads, counter.frame_count
+        return lora_step(model, TOKENS, fused=compiled, compiled=compiled)
 
     torch._dynamo.reset()
     expected_loss, expected_grads, _ = loss_and_grads(compiled=False)
