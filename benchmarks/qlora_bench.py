@@ -772,6 +772,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="tiny model on CPU, 1 warm-up + 2 steps, 1 repeat: checks the code paths",
     )
     args = parser.parse_args(argv)
+    if args.memory_cap is not None and args.memory_cap <= 0:
+        parser.error(
+            f"--memory-cap {args.memory_cap:g}: give the GPU memory to allow in GB, e.g. --memory-cap 24"
+        )
     if args.smoke:
         for name, value in SMOKE.items():
             setattr(args, name, value)
