@@ -158,3 +158,36 @@ def test_a_run_resumed_with_offload_continues_exactly_as_one_straight_run(tmp_pa
     expected = {n: p for n, p in straight.named_parameters() if p.requires_grad}
     got = {n: p for n, p in resumed.named_parameters() if p.requires_grad}
     assert expected.keys() == got.keys() and all(torch.equal(expected[n], got[n]) for n in expected)
+
+
+def test_saved_tensors_go_through_the_offload_while_training_only(tokens):
+    model = tiny_llama().train()
+    prepare_model(
+        model, QuantizationConfig(bits=4), TrainingOptions(activation_memory="offload"), peft_config=lora()
+    )
+    seen = []
+    model.model.layers[0].register_forward_pre_hook(
+        lambda module, args: seen.append(
+            torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+        )
+    )
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    with torch.no_grad():
+        model(input_ids=tokens)
+    model.eval()(input_ids=tokens)
+    # Checkpointing runs the block's forward again in the backward pass, under its own hooks.
+    assert seen[0] is True and seen[-2:] == [False, False]
+
+
+def test_the_offload_keeps_a_copy_and_gives_it_back_for_the_backward_pass():
+    from bnb_lightning.training.offload import _Offload, _Saved
+
+    x = torch.randn(4, 8, requires_grad=True)
+    offload = _Offload()
+    with offload:
+        y = (x * x).sum()
+    saved = offload.last()
+    assert isinstance(saved, _Saved) and saved.device is None
+    assert torch.equal(saved.host, x) and saved.host.data_ptr() != x.data_ptr()
+    y.backward()
+    assert torch.equal(x.grad, 2 * x)
