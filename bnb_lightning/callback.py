@@ -44,6 +44,7 @@ from .io.export import export_adapters
 from .io.merge import MergedExport, export_merged
 from .prepare import cast_for_training, prepare_model
 from .report import QuantizationReport
+from .training.plan import ActivationPlan, ActivationPlanner, asks_offload
 
 # Marks the hooks this callback wraps on a LightningModule instance, so only those are removed again.
 _WRAPPER_MARK = "_bnb_lightning_wrapper"
@@ -94,7 +95,7 @@ class BnbQuantization(Callback):
         chunked_loss: bool | None = None,
         dequantize_int8: bool | None = None,
         fuse_4bit_dequantize: bool | None = None,
-        activation_memory: str | None = None,
+        activation_memory: str | int | list[str] | None = None,
     ) -> None:
         self.config = as_quantization_config(config)
         self.peft_config = require_peft_config(peft_config) if peft_config is not None else None
@@ -127,6 +128,12 @@ class BnbQuantization(Callback):
         self._restored_trainables: dict[str, torch.Tensor] = {}
         self.merged_export: MergedExport | None = None
         self.report: QuantizationReport | None = None
+        self.activations: ActivationPlanner | None = None
+
+    @property
+    def activation_plan(self) -> ActivationPlan | None:
+        """The activation mode of each transformer block in force (``None`` before the first training batch)."""
+        return None if self.activations is None else self.activations.plan
 
     def _prepared_for(self, pl_module: pl.LightningModule) -> bool:
         return self._prepared is not None and self._prepared() is pl_module
@@ -146,7 +153,7 @@ class BnbQuantization(Callback):
             self.config,
             adapter_only=not self.save_base_weights,
             exports=bool(self.export_adapters_to or self.export_merged_to),
-            offload=self.options.activation_memory == "offload",
+            offload=asks_offload(self.options.activation_memory),
         )
         if any(is_plain_linear(m) or is_bnb_linear(m) for m in pl_module.modules()):
             self._prepare(trainer, pl_module, kind)
@@ -243,6 +250,11 @@ class BnbQuantization(Callback):
         if warning is not None:
             rank_zero_warn(warning)
         self.report = prepared.report
+        self.activations = prepared.activations
+        if self.activations is not None:
+            self.activations.on_plan = rank_zero_info
+            # Sharded parameters are gathered and freed around each block, which the offload was not checked with.
+            self.activations.allow_offload = kind != FSDP
         self._base = BaseRecord(
             prepared.config, prepared.fingerprint, frozenset(prepared.frozen_keys), adapter_only
         )

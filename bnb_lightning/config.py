@@ -323,11 +323,11 @@ class TrainingOptions:
     """How a quantized model trains: the switches of its preparation, validated once, immutable.
 
     Args:
-        gradient_checkpointing: ``True``/``False`` turns checkpointing of the transformers model on
-            or off (always non-reentrant); ``None`` keeps the model's own setting.
-        uncheckpointed_blocks: with checkpointing on, the last this many transformer blocks keep
-            their activations instead of recomputing their forward in the backward pass: faster, at
-            the memory of their activations. 0 (default) checkpoints every block.
+        gradient_checkpointing: ``True``/``False`` checkpoints every transformer block or none
+            (always non-reentrant), instead of ``activation_memory``'s planner; ``None`` (default):
+            ``activation_memory`` decides.
+        uncheckpointed_blocks: overrides the planner: the last this many transformer blocks keep
+            their activations, the others are recomputed. 0 (default): the planner decides.
         upcast_to_float32: cast full-precision half parameters (norms, embeddings, adapters) to
             float32, like PEFT's ``prepare_model_for_kbit_training``. Off by default: it costs speed
             and memory.
@@ -340,12 +340,16 @@ class TrainingOptions:
             (see :func:`bnb_lightning.use_dequantized_int8`) instead of LLM.int8's matmul.
         fuse_4bit_dequantize: in compiled blocks, 4-bit layers dequantize in plain torch ops fused
             into the block's graph (see :func:`bnb_lightning.use_fused_4bit_dequantize`).
-        activation_memory: where each block's activations live between the forward and the backward
-            pass. ``"recompute"``: checkpointing, each block's input kept on the device; ``"offload"``:
-            checkpointing with what the step saves outside the blocks (their inputs, mainly) in
-            CPU memory, for long sequences (see :func:`bnb_lightning.use_activation_offload`);
-            ``"keep"``: no checkpointing. ``None`` (default): ``gradient_checkpointing`` decides. Set
-            one or the other.
+        activation_memory: where each transformer block's activations live between the forward and
+            the backward pass, chosen per block by a planner (see :func:`bnb_lightning.plan_activations`).
+            ``"auto"`` (default): fit the memory this process may use on the device, measured on the
+            first training batch (and again on any longer one): keep as many blocks' activations as
+            fit (fastest), recompute the others from their inputs, offload inputs to CPU memory and
+            tile MLPs over the sequence when recomputing alone does not fit. A size (``"24GB"``,
+            ``"20GiB"``, or bytes): the same, for that budget. Or explicit: ``"keep"`` (no
+            checkpointing), ``"recompute"`` (checkpoint every block), ``"offload"`` (checkpoint every
+            block, its input in CPU memory), or a list with one of these per block.
+            ``gradient_checkpointing=True/False`` is the same as ``"recompute"``/``"keep"``.
 
     Example::
 
@@ -359,7 +363,7 @@ class TrainingOptions:
     chunked_loss: bool = True
     dequantize_int8: bool = True
     fuse_4bit_dequantize: bool = True
-    activation_memory: str | None = None
+    activation_memory: str | int | tuple[str, ...] = "auto"
 
     def __post_init__(self) -> None:
         for name in ("gradient_checkpointing", "compile_blocks"):
@@ -368,42 +372,85 @@ class TrainingOptions:
         for name in ("upcast_to_float32", "chunked_loss", "dequantize_int8", "fuse_4bit_dequantize"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
-        if self.activation_memory is not None:
-            _check_activation_memory(self)
+        object.__setattr__(self, "activation_memory", check_activation_memory(self.activation_memory))
+        _check_activation_options(self)
         check_block_count(self.uncheckpointed_blocks, checkpointing=self.checkpointing is not False)
 
     @property
     def checkpointing(self) -> bool | None:
-        """Whether blocks are checkpointed: ``gradient_checkpointing``, or what ``activation_memory`` implies."""
-        if self.activation_memory is None:
+        """Whether blocks may be checkpointed: ``gradient_checkpointing``, or what ``activation_memory`` implies."""
+        if self.gradient_checkpointing is not None:
             return self.gradient_checkpointing
-        return self.activation_memory != "keep"
+        modes = self.activation_memory
+        if isinstance(modes, str) and modes in ACTIVATION_MODES:
+            modes = (modes,)
+        return not (isinstance(modes, tuple) and all(mode == "keep" for mode in modes))
 
     def replace(self, **changes: Any) -> TrainingOptions:
         """A copy with some fields changed, validated again."""
         return dataclasses.replace(self, **changes)
 
 
-_ACTIVATION_MODES = ("keep", "recompute", "offload")
+ACTIVATION_MODES = ("keep", "recompute", "offload")
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kmgt]i?b|b)\s*$", re.IGNORECASE)
 
 
-def _check_activation_memory(options: TrainingOptions) -> None:
-    mode = options.activation_memory
-    if mode not in _ACTIVATION_MODES:
+def format_bytes(size: int | None) -> str:
+    return "an unknown amount" if size is None else f"{size / 2**30:.1f} GiB"
+
+
+def check_activation_memory(value: Any) -> str | int | tuple[str, ...]:
+    """``value`` as the planner takes it: ``"auto"``, a mode, a budget in bytes, or a tuple of modes."""
+    expected = (
+        "expected 'auto', a memory budget such as '24GB', '20GiB' or a number of bytes, one of 'keep', "
+        "'recompute', 'offload' for every block, or a list with one of those per block"
+    )
+    if isinstance(value, str):
+        if value in ("auto", *ACTIVATION_MODES):
+            return value
+        match = _SIZE.match(value)
+        if match is None:
+            raise ValueError(f"activation_memory={value!r} is not understood; {expected}.")
+        value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if isinstance(value, (list, tuple)):
+        unknown = [mode for mode in value if mode not in ACTIVATION_MODES]
+        if unknown or not value:
+            raise ValueError(f"activation_memory={list(value)!r} has unknown modes {unknown!r}; {expected}.")
+        return tuple(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"activation_memory={value!r} is not understood; {expected}.")
+    if value < 2**20:
         raise ValueError(
-            f"activation_memory={mode!r} is not supported; expected one of {', '.join(map(repr, _ACTIVATION_MODES))} "
-            "or None (gradient_checkpointing decides)."
+            f"activation_memory={value!r} is a budget of {value} bytes, less than 1 MiB: too small for any model. "
+            "Give the budget for the whole process on the device, e.g. '24GB'."
         )
-    if options.gradient_checkpointing is not None:
+    return value
+
+
+def _check_activation_options(options: TrainingOptions) -> None:
+    memory = options.activation_memory
+    if options.gradient_checkpointing is not None and memory != "auto":
         raise ValueError(
-            f"activation_memory={mode!r} and gradient_checkpointing={options.gradient_checkpointing!r} both say "
-            f"whether blocks are checkpointed; set one of them ('keep' is gradient_checkpointing=False, "
-            "'recompute' is True)."
+            f"activation_memory={memory!r} and gradient_checkpointing={options.gradient_checkpointing!r} both say "
+            "whether blocks are checkpointed; set one of them (gradient_checkpointing=False is "
+            "activation_memory='keep', True is 'recompute')."
         )
-    if mode == "offload" and options.uncheckpointed_blocks:
+    if options.uncheckpointed_blocks and memory not in ("auto", "recompute"):
         raise ValueError(
-            f"uncheckpointed_blocks={options.uncheckpointed_blocks} keeps those blocks' activations, which "
-            "activation_memory='offload' would then all move to CPU memory; pass uncheckpointed_blocks=0 with it."
+            f"uncheckpointed_blocks={options.uncheckpointed_blocks} keeps the last blocks' activations and "
+            f"recomputes the others, which activation_memory={memory!r} says otherwise; pass one or the other "
+            "(a list of modes, one per block, says both)."
         )
 
 

@@ -42,7 +42,7 @@ from .training.blocks import (
 from .training.int8 import use_dequantized_int8
 from .training.linear4bit import use_fused_4bit_dequantize
 from .training.loss import use_chunked_loss
-from .training.offload import use_activation_offload
+from .training.plan import ActivationPlanner, plan_activations, setting_for
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ class PreparedModel:
     fused_4bit_layers: int = 0
     chunked_loss: list[str] = dataclasses.field(default_factory=list)
     compiled_blocks: int = 0
-    offloaded_models: int = 0
+    activations: ActivationPlanner | None = None
 
     def messages(self) -> list[str]:
         """One line for each decision, as the callback logs them after the quantization report."""
@@ -171,16 +171,10 @@ class PreparedModel:
             lines.append(
                 f"bnb_lightning: compiled {self.compiled_blocks} transformer blocks with torch.compile."
             )
-        if self.checkpointing:
-            kept = self.options.uncheckpointed_blocks
-            lines.append(
-                "bnb_lightning: gradient checkpointing is on (non-reentrant)"
-                + (f", except the last {kept} blocks." if kept else ".")
-            )
-        if self.offloaded_models:
-            lines.append(
-                "bnb_lightning: block inputs wait in CPU memory for the backward pass (activation offload)."
-            )
+        if self.activations is not None:
+            lines.append(self.activations.describe())
+        elif self.checkpointing:
+            lines.append("bnb_lightning: gradient checkpointing is on (non-reentrant).")
         lines.append(f"bnb_lightning: {count_parameters(self.model)}")
         return lines
 
@@ -231,7 +225,9 @@ def prepare_model(
        float32, except under ``precision="bf16-true"``; the frozen base's keys and fingerprint (before
        any forward: bitsandbytes' CPU kernels rewrite 4-bit statistics on the first one), passed to
        ``check_base``; the training fast paths (dequantized int8 and fused 4-bit layer classes); the
-       chunked loss (its check runs a short forward, so before compiling); compiled blocks last.
+       chunked loss (its check runs a short forward, so before compiling); the activation planner
+       (:func:`~bnb_lightning.plan_activations`: a mode per block, planned on the first training batch);
+       compiled blocks last.
 
     Args:
         model: the model, with its weights in memory (a LightningModule, a transformers model, any module).
@@ -261,15 +257,19 @@ def prepare_model(
     if config.bits == 4 and config.compute_dtype is None and precision_dtype is not None:
         config = config.replace(compute_dtype=precision_dtype)
 
-    check_uncheckpointed_blocks(
-        model, options.uncheckpointed_blocks, will_checkpoint(model, options.checkpointing)
-    )
+    # With blocks to plan, the planner sets each one's checkpointing; without, only an explicit choice applies.
+    blocks = checkpointable_blocks(model)
+    budget = options.activation_memory == "auto" or isinstance(options.activation_memory, int)
+    explicit = options.gradient_checkpointing is not None or options.uncheckpointed_blocks or not budget
+    checkpointing = options.checkpointing if blocks or explicit else None
+    check_uncheckpointed_blocks(model, options.uncheckpointed_blocks, will_checkpoint(model, checkpointing))
     asked = (
-        f"activation_memory={options.activation_memory!r}"
-        if options.activation_memory
-        else "gradient_checkpointing=True"
+        f"gradient_checkpointing={options.gradient_checkpointing}"
+        if options.gradient_checkpointing is not None
+        else f"activation_memory={options.activation_memory!r}"
     )
-    check_gradient_checkpointing(model, options.checkpointing, asked)
+    check_gradient_checkpointing(model, checkpointing and not blocks, asked)
+    setting = setting_for(options, len(blocks)) if blocks else None
     if peft_config is not None:
         check_peft_config(model, peft_config)
 
@@ -279,9 +279,8 @@ def prepare_model(
     try:
         prepared.checkpointing = prepare_for_kbit_training(
             model,
-            gradient_checkpointing=options.checkpointing,
+            gradient_checkpointing=checkpointing if transformers_models(model) else None,
             upcast_to_float32=options.upcast_to_float32,
-            uncheckpointed_blocks=options.uncheckpointed_blocks,
         )
         if peft_config is not None:
             inject_checked_adapters(model, peft_config)  # checked above, on the same module names
@@ -297,8 +296,9 @@ def prepare_model(
             prepared.fused_4bit_layers = use_fused_4bit_dequantize(model)
         if options.chunked_loss:
             prepared.chunked_loss = use_chunked_loss(model)
-        if options.activation_memory == "offload":
-            prepared.offloaded_models = len(use_activation_offload(model))
+        if setting is not None:
+            prepared.activations = plan_activations(model, setting, prepared.report.device)
+            prepared.checkpointing = prepared.activations.checkpointing
         if options.compile_blocks is None:
             # Measured faster on one GPU (benchmarks/RESULTS.md); on the CPU compiling costs more than it
             # brings for short runs; 8-bit was measured compiled with the dequantized matmul only.

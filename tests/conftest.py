@@ -320,3 +320,16 @@ def lora_step(model: nn.Module, tokens: torch.Tensor, fused: bool, compiled: boo
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     return loss.detach(), grads, counter.frame_count
+
+
+def markdown_rows(path: Path, header: str) -> list[tuple[str, str]]:
+    """(first cell without backticks, the rest) per row of the two-column Markdown table under ``header``."""
+    lines = path.read_text().splitlines()
+    start = lines.index(header) + 2  # past the header and its |---| line
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("| "):
+            break
+        name, description = line.removeprefix("| ").removesuffix(" |").split(" | ", 1)
+        rows.append((name.strip("`"), description))
+    return rows

@@ -104,3 +104,29 @@ def test_training_options_in_yaml_nested_or_flat(cli, tmp_path):
         assert run.model.model.is_gradient_checkpointing
     assert built[0] == built[1]
     assert (built[0].chunked_loss, built[0].gradient_checkpointing) == (False, True)
+
+
+@pytest.mark.parametrize("memory", ["24GB", ["recompute", "keep"], "offload"])
+def test_activation_memory_in_yaml_nested_or_flat(cli, tmp_path, memory):
+    built = []
+    for form in ("nested", "flat"):
+        config = yaml.safe_load(CONFIG.read_text())
+        callback_args = _callback_args(config)
+        if form == "nested":
+            callback_args["options"] = {"activation_memory": memory}
+        else:
+            callback_args.pop("options")
+            callback_args["activation_memory"] = memory
+        path = tmp_path / f"{form}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        run = cli.main(
+            ["fit", "--config", str(path), "--trainer.max_steps=1", f"--trainer.default_root_dir={tmp_path}"]
+        )
+        (callback,) = [c for c in run.trainer.callbacks if isinstance(c, BnbQuantization)]
+        built.append(callback.options.activation_memory)
+        expected = tuple(memory) if isinstance(memory, list) else (memory,) * 2
+        if memory == "24GB":
+            assert callback.activation_plan.budget == 24 * 10**9
+        else:
+            assert callback.activation_plan.modes == expected
+    assert built[0] == built[1]

@@ -124,7 +124,7 @@ def test_ddp_fit_on_two_cpu_processes(tmp_path, bits):
     [
         # Off by default under DDP (not measured on GPUs), but it must work when asked for.
         ("--compile", "compiled 2 transformer blocks"),
-        ("--offload", "activation offload"),
+        ("--offload", "activations: 2 blocks offloaded"),
     ],
 )
 def test_ddp_trains_compiled_or_offloaded_blocks_on_two_cpu_processes(tmp_path, flag, logged):

@@ -1,4 +1,4 @@
-"""Activation offload (bnb_lightning.training.offload) and TrainingOptions.activation_memory, on CPU."""
+"""Activation offload (bnb_lightning.training.offload, run by the planner's "offload" mode), on CPU."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from conftest import CausalLM, TiedMLP, fit, lora, tiny_llama
 from peft import LoraConfig
 
 from bnb_lightning import BnbQuantization, QuantizationConfig, TrainingOptions, prepare_model
-from bnb_lightning.training.offload import _HANDLES, remove_activation_offload, use_activation_offload
+from bnb_lightning.training.plan import activation_planner, remove_activation_offload, use_activation_offload
 
 
 def step(mode: str, bits: int, tokens: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
@@ -36,17 +36,17 @@ def test_keep_recompute_and_offload_give_bitwise_the_same_loss_and_gradients(tok
         assert all(torch.equal(grads[name], keep_grads[name]) for name in grads), mode
 
 
-@pytest.mark.parametrize(
-    ("mode", "checkpointing", "offloaded"), [("keep", False, 0), ("recompute", True, 0), ("offload", True, 1)]
-)
-def test_each_mode_sets_checkpointing_and_the_offload(mode, checkpointing, offloaded):
+@pytest.mark.parametrize(("mode", "checkpointing"), [("keep", False), ("recompute", True), ("offload", True)])
+def test_each_mode_sets_checkpointing_and_the_offload(mode, checkpointing):
     model = tiny_llama().train()
     prepared = prepare_model(
         model, QuantizationConfig(bits=4), {"activation_memory": mode}, peft_config=lora()
     )
-    assert prepared.checkpointing is checkpointing and model.is_gradient_checkpointing is checkpointing
-    assert prepared.offloaded_models == offloaded and (_HANDLES in vars(model)) == bool(offloaded)
-    assert any("activation offload" in line for line in prepared.messages()) == bool(offloaded)
+    assert prepared.checkpointing is checkpointing
+    assert [block.gradient_checkpointing for block in model.model.layers] == [checkpointing] * 2
+    assert prepared.activations.plan.modes == (mode, mode)
+    word = {"keep": "kept", "recompute": "recomputed", "offload": "offloaded"}[mode]
+    assert f"activations: 2 blocks {word}." in " ".join(prepared.messages())
 
 
 def test_offload_hooks_only_training_forwards_with_gradients_and_comes_off(tokens):
@@ -54,9 +54,11 @@ def test_offload_hooks_only_training_forwards_with_gradients_and_comes_off(token
     prepare_model(
         model, QuantizationConfig(bits=4), TrainingOptions(activation_memory="offload"), peft_config=lora()
     )
-    hooks = dict(model._forward_pre_hooks), dict(model._forward_hooks)
-    assert use_activation_offload(model) == [model]  # a second call adds nothing
-    assert (dict(model._forward_pre_hooks), dict(model._forward_hooks)) == hooks
+    planner = activation_planner(model)
+    hooks = [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()]
+    assert use_activation_offload(model) == [model]  # a second call replaces the first
+    assert activation_planner(model) is not planner
+    assert [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()] == hooks
 
     model.eval()
     with torch.no_grad():
@@ -72,33 +74,9 @@ def test_offload_hooks_only_training_forwards_with_gradients_and_comes_off(token
     assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
 
     remove_activation_offload(model)
-    assert _HANDLES not in vars(model) and not model._forward_pre_hooks and not model._forward_hooks
-
-
-@pytest.mark.parametrize(
-    ("options", "error", "match"),
-    [
-        (
-            {"activation_memory": "24GB"},
-            ValueError,
-            "activation_memory='24GB' is not supported; expected one of",
-        ),
-        (
-            {"activation_memory": "offload", "gradient_checkpointing": True},
-            ValueError,
-            "both say whether blocks are checkpointed; set one of them",
-        ),
-        (
-            {"activation_memory": "offload", "uncheckpointed_blocks": 2},
-            ValueError,
-            "pass uncheckpointed_blocks=0 with it",
-        ),
-        ({"activation_memory": "keep", "uncheckpointed_blocks": 2}, ValueError, "only applies with gradient"),
-    ],
-)
-def test_bad_activation_memory_is_refused_with_the_fix(options, error, match):
-    with pytest.raises(error, match=match):
-        TrainingOptions(**options)
+    assert activation_planner(model) is None
+    # Its three hooks are gone: the first block's, the final norm's and the model's.
+    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) == sum(hooks) - 3
 
 
 def test_offload_of_a_model_without_blocks_to_checkpoint_is_refused_before_anything_changes():
@@ -165,18 +143,27 @@ def test_saved_tensors_go_through_the_offload_while_training_only(tokens):
     prepare_model(
         model, QuantizationConfig(bits=4), TrainingOptions(activation_memory="offload"), peft_config=lora()
     )
-    seen = []
-    model.model.layers[0].register_forward_pre_hook(
-        lambda module, args: seen.append(
-            torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
-        )
-    )
-    model(input_ids=tokens, labels=tokens).loss.backward()
+    offload = activation_planner(model).offload
+    inputs = []
+    for block in model.model.layers:
+        block.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    loss = model(input_ids=tokens, labels=tokens).loss
+    # The last tensor saved is one of the step's, in CPU memory, a copy (after the blocks: the final norm's).
+    saved = offload.last()
+    assert saved is not None and saved.host.data_ptr() not in {t.data_ptr() for t in inputs}
+    copies = []
+    while saved is not None:
+        copies.append(saved.host)
+        saved = saved.previous() if saved.previous is not None else None
+    # Each block's input went out as a copy.
+    for block_input in inputs[:2]:
+        assert any(c.shape == block_input.shape and torch.equal(c, block_input) for c in copies)
+    loss.backward()
+    last = offload.last()
     with torch.no_grad():
         model(input_ids=tokens)
     model.eval()(input_ids=tokens)
-    # Checkpointing runs the block's forward again in the backward pass, under its own hooks.
-    assert seen[0] is True and seen[-2:] == [False, False]
+    assert offload.last() is last  # nothing saved outside training forwards with gradients
 
 
 def test_the_offload_keeps_a_copy_and_gives_it_back_for_the_backward_pass():

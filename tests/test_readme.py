@@ -171,6 +171,6 @@ def test_cli_snippets_build_the_callback_nested_and_flat(cli, tmp_path):
     assert nested.config == reference.config and nested.options == reference.options
     lora = ("r", "lora_alpha", "lora_dropout", "target_modules")
     assert [getattr(nested.peft_config, f) for f in lora] == [getattr(reference.peft_config, f) for f in lora]
-    assert (nested.options.chunked_loss, nested.options.gradient_checkpointing) == (True, None)
+    assert (nested.options.chunked_loss, nested.options.activation_memory) == (True, "auto")
     assert flat.config.bits == 4 and flat.peft_config is None
-    assert (flat.options.chunked_loss, flat.options.gradient_checkpointing) == (True, True)
+    assert (flat.options.chunked_loss, flat.options.activation_memory) == (True, 24 * 10**9)

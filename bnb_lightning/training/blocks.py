@@ -5,9 +5,42 @@ Checkpointing, compiling, FSDP wrapping and adapter injection all start from the
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
+import torch
 from torch import nn
 
 from ..config import check_block_count
+
+
+class ActivationBlock(nn.Module):
+    """Base class for the blocks of a plain ``nn.Module`` stack, so the activation planner can manage them.
+
+    transformers' decoder layers are blocks already; a model of your own gets the same per-block
+    keep / recompute / offload choice (:func:`bnb_lightning.plan_activations`) when its block class
+    derives from this one instead of ``nn.Module``. Pass the hidden states as the first positional
+    argument; like transformers' ``GradientCheckpointingLayer``, a checkpointed block's ``forward``
+    runs through its ``_gradient_checkpointing_func``.
+    """
+
+    gradient_checkpointing = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "forward" not in vars(cls):
+            return
+        forward = cls.forward
+
+        @functools.wraps(forward)
+        def planned_forward(self: ActivationBlock, *args: Any, **kwargs: Any) -> Any:
+            # Only the outermost wrapper (of a subclass's subclass) checkpoints.
+            outermost = type(self).forward is planned_forward
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and outermost:
+                return self._gradient_checkpointing_func(functools.partial(forward, self, **kwargs), *args)
+            return forward(self, *args, **kwargs)
+
+        cls.forward = planned_forward
 
 
 def transformers_models(model: nn.Module) -> list[nn.Module]:
@@ -38,15 +71,17 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def checkpointable_blocks(model: nn.Module) -> list[nn.Module]:
-    """The blocks of the transformers models in ``model`` that checkpoint themselves, in model order.
+    """The blocks in ``model`` that checkpoint themselves, in model order.
 
     These are transformers' ``GradientCheckpointingLayer`` instances (decoder layers since
-    transformers 4.53); older versions checkpoint from the model's own loop and list none.
+    transformers 4.53; older versions checkpoint from the model's own loop and list none) and
+    :class:`ActivationBlock` instances.
     """
     return [
         module
         for module in model.modules()
-        if any(cls.__name__ == "GradientCheckpointingLayer" for cls in type(module).__mro__)
+        if isinstance(module, ActivationBlock)
+        or any(cls.__name__ == "GradientCheckpointingLayer" for cls in type(module).__mro__)
     ]
 
 

@@ -1,27 +1,21 @@
-"""Activation offload: what the backward pass needs from outside the checkpointed blocks waits in CPU memory.
+"""Activation offload: saved tensors wait in pinned CPU memory between the forward and the backward pass.
 
 With every transformer block checkpointed, a training step keeps each block's input until that
 block's backward pass (sequence x hidden size per block: 8 KiB a token for each of the 32 blocks of a
-Llama-3-8B shape). At long sequences those inputs, not the quantized weights, fill the device.
-Offloaded, every tensor the step saves outside the checkpointed regions (the block inputs, mainly)
-goes to pinned CPU memory as the forward pass makes it and comes back when the backward pass needs
-it; inside a block, checkpointing still recomputes the rest on the device. Unlike torch's
-``save_on_cpu``, the copies run on a side stream, overlapping the compute, and each tensor brought
-back starts bringing back the one saved before it, which the backward pass needs next.
+Llama-3-8B shape). At long sequences those inputs, not the quantized weights, fill the device. The
+activation planner (``training/plan.py``) runs an offloaded block's checkpoint inside these hooks:
+its input goes to pinned CPU memory as the forward pass makes it and comes back when the backward
+pass needs it; inside the block, checkpointing still recomputes the rest on the device. Unlike
+torch's ``save_on_cpu``, the copies run on a side stream, overlapping the compute, and each tensor
+brought back starts bringing back the one saved before it, which the backward pass needs next.
 """
 
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
-from torch import nn
-
-from .blocks import transformers_models
-
-# Attributes of a model with offload on: its hook handles, and the contexts of forward calls in progress.
-_HANDLES = "_bnb_lightning_offload_handles"
-_CONTEXTS = "_bnb_lightning_offload_contexts"
 
 
 class _Saved:
@@ -41,7 +35,26 @@ class _Offload(torch.autograd.graph.saved_tensors_hooks):
     def __init__(self) -> None:
         self.streams: dict[torch.device, torch.cuda.Stream] = {}
         self.last: weakref.ref[_Saved] | None = None
+        self.pin = True
         super().__init__(self._pack, self._unpack)
+
+    def _host_buffer(self, tensor: torch.Tensor) -> torch.Tensor:
+        def empty(pin: bool) -> torch.Tensor:
+            return torch.empty(tensor.size(), dtype=tensor.dtype, layout=tensor.layout, pin_memory=pin)
+
+        if not (tensor.is_cuda and self.pin):
+            return empty(False)
+        try:
+            return empty(True)
+        except RuntimeError as error:  # no pinned memory left (or none allowed, as in some containers)
+            self.pin = False
+            warnings.warn(
+                f"bnb_lightning: offloaded activations go to pageable CPU memory, slower to copy, as pinned memory "
+                f"could not be had ({str(error).splitlines()[0]}). Free host memory, raise the container's "
+                "locked-memory limit, or use activation_memory='recompute'.",
+                stacklevel=2,
+            )
+            return empty(False)
 
     def _stream(self, device: torch.device) -> torch.cuda.Stream:
         if device not in self.streams:
@@ -49,7 +62,7 @@ class _Offload(torch.autograd.graph.saved_tensors_hooks):
         return self.streams[device]
 
     def _pack(self, tensor: torch.Tensor) -> _Saved:
-        host = torch.empty(tensor.size(), dtype=tensor.dtype, layout=tensor.layout, pin_memory=tensor.is_cuda)
+        host = self._host_buffer(tensor)
         if not tensor.is_cuda:
             host.copy_(tensor)  # on the CPU, a second buffer: the same round trip, without streams
             saved = _Saved(None, host, None)
@@ -84,45 +97,10 @@ class _Offload(torch.autograd.graph.saved_tensors_hooks):
         return tensor
 
 
-def _enter(module: nn.Module, args: tuple) -> None:
-    context = None
-    if module.training and torch.is_grad_enabled():
-        context = _Offload()
-        context.__enter__()
-    module.__dict__.setdefault(_CONTEXTS, []).append(context)
+def __getattr__(name: str):
+    # Where these lived before the planner: the functions are the planner's now.
+    if name in ("use_activation_offload", "remove_activation_offload"):
+        from . import plan
 
-
-def _exit(module: nn.Module, args: tuple, output: object) -> None:
-    contexts = module.__dict__.get(_CONTEXTS)
-    context = contexts.pop() if contexts else None
-    if context is not None:
-        context.__exit__(None, None, None)
-
-
-def use_activation_offload(model: nn.Module) -> list[nn.Module]:
-    """Offload what each transformers model inside ``model`` saves for its backward pass while it trains.
-
-    Only training forwards with gradients are affected; evaluation and generation are not. Meant for
-    models whose blocks are checkpointed (``TrainingOptions(activation_memory="offload")`` turns both on):
-    without checkpointing every activation would cross to the CPU. Returns the models changed. Undo
-    with :func:`remove_activation_offload`.
-    """
-    changed = []
-    for hf_model in transformers_models(model):
-        if _HANDLES not in vars(hf_model):
-            # Called even when the forward raises, so the saved-tensor hooks never outlive the call.
-            handles = [
-                hf_model.register_forward_pre_hook(_enter),
-                hf_model.register_forward_hook(_exit, always_call=True),
-            ]
-            setattr(hf_model, _HANDLES, handles)
-        changed.append(hf_model)
-    return changed
-
-
-def remove_activation_offload(model: nn.Module) -> None:
-    """Undo :func:`use_activation_offload`: activations stay on the device again."""
-    for module in model.modules():
-        for handle in vars(module).pop(_HANDLES, ()):
-            handle.remove()
-        vars(module).pop(_CONTEXTS, None)
+        return getattr(plan, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

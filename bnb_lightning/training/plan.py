@@ -1,0 +1,604 @@
+"""Activation memory: one policy per transformer block, chosen to fit a memory budget.
+
+Between a block's forward and its backward pass, its activations can stay on the device (``keep``:
+fastest, most memory), be dropped and recomputed from the block's input (``recompute``: a third more
+matmul work for that block), or be recomputed from an input that waits in pinned CPU memory
+(``offload``: for long sequences). Which mix fits depends on the batch shape, which only the first
+training batch tells: the planner measures what one block saves for its backward pass on that batch
+(a real forward of the first block, its result thrown away) and picks the fastest mix under the
+budget: keep as many blocks as fit, recompute the rest, offload blocks when recomputing alone does not
+fit, and, past that, run each block's MLP over sequence tiles. A longer batch later is measured and
+planned again before it runs; a shorter one fits the plan it has.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import ACTIVATION_MODES, format_bytes
+from .blocks import checkpointable_blocks, transformers_models
+from .offload import _Offload
+from .tiled_mlp import Tiled, block_mlp, remove_tiled_mlp, set_mlp_tile_tokens, use_tiled_mlp
+
+logger = logging.getLogger("bnb_lightning")
+
+# The planner of a model, as an attribute of the module it was installed on.
+_PLANNER = "_bnb_lightning_activation_planner"
+# Names transformers gives the norm after the last block; what the step saves from there on is offloaded too.
+_FINAL_NORMS = ("norm", "final_layernorm", "ln_f", "final_layer_norm")
+_MODE_WORDS = {"keep": "kept", "recompute": "recomputed", "offload": "offloaded"}
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    """What one block saves for its backward pass at one batch shape, measured on a real forward.
+
+    ``saved``: every tensor it saves when its activations are kept (parameters excluded);
+    ``input``: its input, which a recomputed block keeps instead; ``mlp``: the share of ``saved``
+    made inside its MLP (what sequence tiles shrink); ``largest``: the largest saved tensor (its
+    gradient exists in the block's backward pass too).
+    """
+
+    tokens: int
+    saved: int
+    input: int
+    mlp: int
+    largest: int
+
+
+@dataclass(frozen=True)
+class ActivationPlan:
+    """The mode of each block, and, when the planner chose it, what it was chosen for.
+
+    ``modes`` has one of ``"keep"``, ``"recompute"``, ``"offload"`` per block in model order.
+    ``tokens`` is the largest batch (in tokens) the plan was made for; ``budget`` the device bytes it
+    fits in and ``predicted_peak`` the peak it expects; ``mlp_tile_tokens``, if set, the sequence
+    tile each block's MLP runs over.
+    """
+
+    modes: tuple[str, ...]
+    tokens: int | None = None
+    budget: int | None = None
+    predicted_peak: int | None = None
+    cost: BlockCost | None = None
+    mlp_tile_tokens: int | None = None
+    static: int | None = None
+    fits: bool = True
+
+    def count(self, mode: str) -> int:
+        return sum(1 for m in self.modes if m == mode)
+
+    def summary(self) -> str:
+        """One line, e.g. ``activations: 20 blocks kept, 12 recomputed; predicted peak 61.2 GiB ...``."""
+        if not self.modes:
+            return "bnb_lightning: activations: no blocks."
+        parts = [f"{self.count(mode)} {_MODE_WORDS[mode]}" for mode in ACTIVATION_MODES if self.count(mode)]
+        first = parts[0].split(" ", 1)
+        parts[0] = f"{first[0]} block{'' if first[0] == '1' else 's'} {first[1]}"
+        text = "bnb_lightning: activations: " + ", ".join(parts)
+        if self.mlp_tile_tokens:
+            text += f"; MLPs over tiles of {self.mlp_tile_tokens:,} tokens"
+        if self.predicted_peak is not None and self.budget is not None:
+            text += (
+                f"; predicted peak {format_bytes(self.predicted_peak)} of a {format_bytes(self.budget)} budget "
+                f"at {self.tokens:,} tokens a batch"
+            )
+        return text + "."
+
+
+def _hidden_states(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    for value in (*args, kwargs.get("hidden_states")):
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 2:
+            return value
+    return None
+
+
+# Past this many tokens a sequence, a block is measured with its MLP over tiles of this size and the
+# MLP alone on one tile, scaled up: measuring the untiled MLP would itself need its whole working set.
+PROBE_TILE_TOKENS = 4096
+
+
+def measure_block(block: nn.Module, args: tuple, kwargs: dict) -> BlockCost:
+    """What ``block`` saves for its backward pass when it runs on ``args``/``kwargs`` with its activations kept.
+
+    Calls the block once (compiled if it is), uncheckpointed and with gradients, counting the distinct
+    storages autograd saves (parameters excluded); the call's result is thrown away. The MLP's share
+    is measured apart, on a stand-in for its input (the hidden states after a norm): a compiled block
+    runs its MLP inside its graph. A tiled MLP (``use_tiled_mlp``) is measured on one tile of
+    :data:`PROBE_TILE_TOKENS` and scaled to the sequence, as the block around it runs tiled: an MLP
+    acts on each token alone.
+    """
+    hidden = _hidden_states(args, kwargs)
+    if hidden is None:
+        raise TypeError(
+            f"{type(block).__name__} got no hidden-states tensor to measure a block's activations on."
+        )
+    parameters = {t.data_ptr() for t in (*block.parameters(), *block.buffers())}
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        # Kept until the call's graph goes, so no storage counted is freed and its address reused
+        # by another; the call then holds what a kept block holds, no more than its recompute will.
+        if tensor.data_ptr() not in parameters:
+            try:
+                storage = tensor.untyped_storage()
+                key, size = storage.data_ptr(), storage.nbytes()
+            except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage of their own
+                key, size = id(tensor), tensor.numel() * tensor.element_size()
+            seen.setdefault(key, size)
+        return tensor
+
+    def unpack(_: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("bnb_lightning measured a block's activations; its forward has no backward pass.")
+
+    mlp = block_mlp(block)
+    length = hidden.shape[-2]
+    tiled = isinstance(mlp, Tiled) and length > PROBE_TILE_TOKENS
+    sample = min(length, PROBE_TILE_TOKENS) if tiled else length
+    flag, tile = (
+        getattr(block, "gradient_checkpointing", False),
+        vars(mlp).get("tile_tokens") if mlp else None,
+    )
+    try:
+        block.gradient_checkpointing = False
+        if mlp is not None:
+            mlp.tile_tokens = PROBE_TILE_TOKENS if tiled else None
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            block(*args, **kwargs)
+            saved, largest = sum(seen.values()), max(seen.values(), default=0)
+            seen.clear()
+            if mlp is not None:
+                mlp.tile_tokens = None
+                mlp(torch.zeros_like(hidden[..., :sample, :]).requires_grad_())
+    finally:
+        block.gradient_checkpointing = flag
+        if mlp is not None:
+            if tile is None:
+                vars(mlp).pop("tile_tokens", None)
+            else:
+                mlp.tile_tokens = tile
+    scale = length / sample
+    mlp_saved = int(sum(seen.values()) * scale)
+    mlp_largest = int(max(seen.values(), default=0) * scale)
+    return BlockCost(
+        tokens=hidden.numel() // hidden.shape[-1],
+        saved=saved + mlp_saved if tiled else saved,
+        input=hidden.numel() * hidden.element_size(),
+        mlp=mlp_saved if tiled else min(saved, mlp_saved),
+        largest=max(largest, mlp_largest) if tiled else largest,
+    )
+
+
+def device_budget(device: torch.device) -> int:
+    """The bytes this process may use on ``device``: its memory cap (``set_per_process_memory_fraction``),
+    at most what is free plus what the process holds. For the CPU: the memory available plus what the
+    process holds."""
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+        total = torch.cuda.get_device_properties(device).total_memory
+        fraction = torch.cuda.get_per_process_memory_fraction(device)
+        free, _ = torch.cuda.mem_get_info(device)
+        return min(int(total * fraction), free + torch.cuda.memory_reserved(device))
+    return host_available() + _process_rss()
+
+
+def host_available() -> int:
+    """Memory the host can still give (Linux's MemAvailable), or a large number where it is not known."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 50
+
+
+def _process_rss() -> int:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def _storage_bytes(tensors) -> int:
+    sizes: dict[int, int] = {}
+    for tensor in tensors:
+        try:
+            storage = tensor.untyped_storage()
+            sizes.setdefault(storage.data_ptr(), storage.nbytes())
+        except (RuntimeError, NotImplementedError):
+            sizes.setdefault(id(tensor), tensor.numel() * tensor.element_size())
+    return sum(sizes.values())
+
+
+def margin_for(budget: int) -> int:
+    """What a plan leaves free of its budget: 5% and 256 MiB, for the allocator's fragmentation and estimates."""
+    return budget // 20 + (256 << 20)
+
+
+def choose_plan(
+    blocks: int,
+    cost: BlockCost,
+    static: int,
+    budget: int,
+    allow_offload: bool = True,
+    can_tile: bool = False,
+    host_bytes: int | None = None,
+    vocab: int = 0,
+) -> ActivationPlan:
+    """The fastest modes for ``blocks`` blocks of ``cost`` each that fit ``budget`` above ``static`` bytes.
+
+    Peak = static + what each block holds until its backward pass (keep: all it saves; recompute:
+    its input; offload: nothing) + the largest transient: one block recomputed and its gradients
+    (the largest saved tensor's three times: an MLP's backward holds that many at once), or the loss
+    after the last block. With blocks recomputed, the budget also leaves the allocator room for two
+    of the largest tensors, which it cannot always fit in the gaps between others. Keep the last
+    blocks, recompute the middle ones, offload the first ones (whose inputs wait longest, so their
+    copies have the most time). If even offloading every block does not fit, MLPs run over sequence
+    tiles. The plan still predicts its peak when nothing fits; the caller warns.
+    """
+    host_bytes = host_available() if host_bytes is None else host_bytes
+    limit = budget - margin_for(budget)
+    # After the last block: the final norm in float32 and the loss's hidden gradient, and a float32 logits
+    # chunk (the chunked loss keeps one near 2**26 values) with its softmax and gradient.
+    loss = 3 * cost.input + 3 * 4 * min(cost.tokens * vocab, 1 << 26)
+
+    def peak(keep: int, recompute: int, offload: int, saved: int, largest: int) -> int:
+        transient = 2 * cost.input + 3 * largest + (saved if keep < blocks else 0)
+        held = keep * saved + recompute * cost.input + (2 * cost.input if offload else 0)
+        return static + held + max(transient, loss)
+
+    def fits(keep: int, recompute: int, offload: int, saved: int, largest: int) -> bool:
+        fragmentation = 2 * largest if keep < blocks else 0
+        return peak(keep, recompute, offload, saved, largest) + fragmentation <= limit
+
+    def plan(keep: int, offload: int, tile: int | None, saved: int, largest: int) -> ActivationPlan:
+        recompute = blocks - keep - offload
+        modes = ("offload",) * offload + ("recompute",) * recompute + ("keep",) * keep
+        predicted = peak(keep, recompute, offload, saved, largest)
+        fitting = fits(keep, recompute, offload, saved, largest)
+        return ActivationPlan(modes, cost.tokens, budget, predicted, cost, tile, static, fitting)
+
+    for keep in range(blocks, -1, -1):  # as many kept blocks as fit, the others recomputed
+        if fits(keep, blocks - keep, 0, cost.saved, cost.largest):
+            return plan(keep, 0, None, cost.saved, cost.largest)
+    if not allow_offload:
+        return plan(0, 0, None, cost.saved, cost.largest)
+    # Offload the fewest blocks that fit (the host must hold their inputs), then tile the MLPs if needed.
+    most_offloaded = max(0, min(blocks, int(0.8 * host_bytes) // max(1, cost.input)))
+    variants: list[tuple[int | None, int, int]] = [(None, cost.saved, cost.largest)]
+    if can_tile and cost.mlp and cost.tokens > 1:
+        count = max(2, math.ceil(cost.mlp / max(1, cost.input)))
+        saved = cost.saved - cost.mlp + math.ceil(cost.mlp / count)
+        # Left the largest: a float32 copy of the hidden states (a norm's), or a tile's MLP tensor.
+        variants.append((math.ceil(cost.tokens / count), saved, max(2 * cost.input, cost.largest // count)))
+    for tile, saved, largest in variants:
+        for offload in range(1, most_offloaded + 1):
+            if fits(0, blocks - offload, offload, saved, largest):
+                return plan(0, offload, tile, saved, largest)
+    return plan(0, most_offloaded, *variants[-1])
+
+
+# What transformers' own checkpointing of a block calls.
+_recompute = functools.partial(checkpoint, use_reentrant=False)
+
+
+class ActivationPlanner:
+    """Sets each block's mode from a plan, and, with a budget, plans on the first (and any longer) batch.
+
+    Made by :func:`plan_activations`; ``plan`` is the plan in force (``None`` before the first
+    training batch under a budget); ``on_plan`` is called with each new plan (logs it by default).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: Sequence[nn.Module],
+        setting: str | int | tuple[str, ...],
+        device: torch.device,
+    ) -> None:
+        self.model, self.blocks, self.setting, self.device = model, list(blocks), setting, device
+        self.allow_offload = True
+        self.plan: ActivationPlan | None = None
+        self.plans = 0  # plans made from a measured batch
+        self.on_plan: Callable[[str], None] = logger.info
+        self.offload = _Offload()
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._outside: list[_Offload | None] = []
+        self._measuring = False
+        heads = [hf_model.get_output_embeddings() for hf_model in transformers_models(model)]
+        self.vocab = max((head.weight.shape[0] for head in heads if head is not None), default=0)
+        self._can_tile = any(block_mlp(block) is not None for block in self.blocks) and bool(
+            transformers_models(model)
+        )
+
+    @property
+    def budget(self) -> int | None:
+        """The device bytes plans must fit in (``None`` for explicit modes)."""
+        if isinstance(self.setting, tuple):
+            return None
+        return device_budget(self.device) if self.setting == "auto" else self.setting
+
+    @property
+    def checkpointing(self) -> bool:
+        """Whether any block is (or, before the first plan, may be) checkpointed."""
+        return self.plan is None or any(mode != "keep" for mode in self.plan.modes)
+
+    def describe(self) -> str:
+        """The setup summary's line: the plan, or what the planner will plan for."""
+        if self.plan is not None:
+            return self.plan.summary()
+        return (
+            f"bnb_lightning: activations planned on the first training batch, for a budget of "
+            f"{format_bytes(self.budget)} ({'this device' if self.setting == 'auto' else 'as asked'})."
+        )
+
+    def install(self) -> None:
+        first = self.blocks[0]
+        self._handles.append(first.register_forward_pre_hook(self._before_first_block, with_kwargs=True))
+        if self._can_tile:
+            # Tiled classes from the start, off until a plan needs them: a long first batch is measured
+            # with its MLPs over tiles, and later plans only change the tile size.
+            use_tiled_mlp(self.model, PROBE_TILE_TOKENS)
+            set_mlp_tile_tokens(self.model, None)
+        for hf_model in transformers_models(self.model):
+            norms = [
+                module for name, module in hf_model.named_modules() if name.rsplit(".", 1)[-1] in _FINAL_NORMS
+            ]
+            if norms:
+                self._handles.append(norms[-1].register_forward_pre_hook(self._offload_from_here))
+                self._handles.append(hf_model.register_forward_hook(self._end_offload, always_call=True))
+        if isinstance(self.setting, tuple):
+            self.apply(ActivationPlan(self.setting), announce=False)  # the setup summary says it
+        else:
+            # Until the first training batch is measured: every block recomputed, as checkpointing does.
+            self.apply(ActivationPlan(("recompute",) * len(self.blocks)), announce=False)
+            self.plan = None
+        setattr(self.model, _PLANNER, self)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for block in self.blocks:
+            block.gradient_checkpointing = True
+            block._gradient_checkpointing_func = _recompute
+        remove_tiled_mlp(self.model)
+        vars(self.model).pop(_PLANNER, None)
+
+    def apply(self, plan: ActivationPlan, announce: bool = True) -> None:
+        """Give each block its mode (and MLP tile) from ``plan``."""
+        if len(plan.modes) != len(self.blocks):
+            raise ValueError(
+                f"an activation plan needs one mode per block: {len(self.blocks)} modes, got {len(plan.modes)}."
+            )
+        offloaded = functools.partial(_offloaded_checkpoint, self.offload)
+        for block, mode in zip(self.blocks, plan.modes, strict=True):
+            block.gradient_checkpointing = mode != "keep"
+            block._gradient_checkpointing_func = offloaded if mode == "offload" else _recompute
+        if self._can_tile:
+            set_mlp_tile_tokens(self.model, plan.mlp_tile_tokens)
+        self.plan = plan
+        if announce:
+            self.plans += 1
+            self.on_plan(plan.summary())
+
+    def static_bytes(self) -> int:
+        """What the device holds outside the activations: now, and the gradients and optimizer state to come."""
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        grads_to_come = sum(p.numel() * p.element_size() for p in trainable if p.grad is None)
+        # Adam-like state (two tensors a parameter) is made by the first optimizer step, after this forward.
+        state_to_come = 2 * sum(p.numel() * p.element_size() for p in trainable) if self.plans == 0 else 0
+        if self.device.type == "cuda":
+            now = torch.cuda.memory_allocated(self.device)
+        else:
+            now = _storage_bytes([*self.model.parameters(), *self.model.buffers()])
+        return now + grads_to_come + state_to_come
+
+    # Hooks of a compiled block run inside its compiled call: measuring and planning stay eager.
+    @torch.compiler.disable
+    def _before_first_block(self, block: nn.Module, args: tuple, kwargs: dict) -> None:
+        if (
+            self._measuring
+            or not (block.training and torch.is_grad_enabled())
+            or isinstance(self.setting, tuple)
+        ):
+            return
+        hidden = _hidden_states(args, kwargs)
+        if hidden is None:
+            return
+        tokens = hidden.numel() // hidden.shape[-1]
+        if self.plan is not None and self.plan.tokens is not None and tokens <= self.plan.tokens:
+            return
+        self._measuring = True
+        try:
+            cost = measure_block(block, args, kwargs)
+        finally:
+            self._measuring = False
+        budget = self.budget
+        plan = choose_plan(
+            len(self.blocks),
+            cost,
+            self.static_bytes(),
+            budget,
+            self.allow_offload,
+            self._can_tile,
+            vocab=self.vocab,
+        )
+        self.apply(plan)
+        if plan.count("keep") < len(self.blocks):
+            _avoid_fragmentation(self.device, self.on_plan)
+        if not plan.fits:
+            logger.warning(
+                "bnb_lightning: a batch of %s tokens is predicted to need %s of the %s activation budget even with "
+                "%s; it may run out of memory. Train on shorter sequences or smaller batches, or give a larger "
+                "budget (activation_memory=...).",
+                f"{tokens:,}",
+                format_bytes(plan.predicted_peak),
+                format_bytes(budget),
+                "every block offloaded"
+                if self.allow_offload
+                else "every block recomputed (offload is off here)",
+            )
+
+    @torch.compiler.disable
+    def _offload_from_here(self, module: nn.Module, args: tuple) -> None:
+        # After the last block: what the final norm and the loss save waits in CPU memory too.
+        if (
+            self.plan is not None
+            and self.plan.count("offload")
+            and module.training
+            and torch.is_grad_enabled()
+        ):
+            self.offload.__enter__()
+            self._outside.append(self.offload)
+
+    def _end_offload(self, module: nn.Module, args: tuple, output: object) -> None:
+        while self._outside:
+            self._outside.pop().__exit__(None, None, None)
+
+
+def _avoid_fragmentation(device: torch.device, say: Callable[[str], None]) -> None:
+    """Let CUDA's caching allocator grow segments in place, unless the user configured it.
+
+    Recomputed and offloaded blocks allocate and free tensors of a block's size over and over; in
+    fixed segments the gaps between them add up to gigabytes the next large tensor cannot use (4.4 GiB
+    at 65,536 tokens on an 8B shape). Expandable segments (what Unsloth sets on import) avoid it.
+    """
+    configured = any(os.environ.get(name) for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"))
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or getattr(
+        torch.cuda.memory, "_set_allocator_settings", None
+    )
+    if device.type != "cuda" or configured or setter is None or getattr(_avoid_fragmentation, "done", False):
+        return
+    setter("expandable_segments:True")
+    _avoid_fragmentation.done = True
+    say(
+        "bnb_lightning: CUDA's allocator now uses expandable segments, so recomputed activations do not "
+        "fragment memory (set PYTORCH_ALLOC_CONF yourself to choose otherwise)."
+    )
+
+
+@torch.compiler.disable(recursive=False)
+def _offloaded_checkpoint(offload: _Offload, function: Callable, *args: Any) -> Any:
+    """A checkpointed block whose saved input waits in CPU memory: ``checkpoint`` saves it as the hooks see it."""
+    with offload:
+        return checkpoint(function, *args, use_reentrant=False)
+
+
+def resolve_setting(activation_memory: Any, blocks: int) -> str | int | tuple[str, ...]:
+    """``"auto"``, a budget in bytes, or one mode per block, from ``activation_memory``."""
+    from ..config import check_activation_memory
+
+    activation_memory = check_activation_memory(activation_memory)
+    if isinstance(activation_memory, str) and activation_memory in ACTIVATION_MODES:
+        return (activation_memory,) * blocks
+    if isinstance(activation_memory, tuple) and len(activation_memory) != blocks:
+        raise ValueError(
+            f"activation_memory lists {len(activation_memory)} modes, but the model has {blocks} blocks; give one "
+            f"mode per block ('keep', 'recompute' or 'offload'), a single mode for all, or a budget such as '24GB'."
+        )
+    return activation_memory
+
+
+def asks_offload(activation_memory: Any) -> bool:
+    """Whether ``activation_memory`` asks for offloaded blocks explicitly (a budget may also lead to some)."""
+    modes = (activation_memory,) if isinstance(activation_memory, str) else activation_memory
+    return isinstance(modes, tuple) and "offload" in modes
+
+
+def setting_for(options: Any, blocks: int) -> str | int | tuple[str, ...]:
+    """The planner's setting from :class:`~bnb_lightning.TrainingOptions`: its explicit switches first."""
+    kept = options.uncheckpointed_blocks
+    if kept:
+        return ("recompute",) * (blocks - kept) + ("keep",) * kept
+    if options.gradient_checkpointing is not None:
+        return ("recompute" if options.gradient_checkpointing else "keep",) * blocks
+    return resolve_setting(options.activation_memory, blocks)
+
+
+def plan_activations(
+    model: nn.Module,
+    activation_memory: str | int | Sequence[str] = "auto",
+    device: torch.device | str | None = None,
+) -> ActivationPlanner | None:
+    """Give each transformer block of ``model`` an activation mode, now or by a budget on the first batch.
+
+    ``activation_memory``: ``"auto"`` (what ``device`` lets this process use), a budget (``"24GB"``,
+    ``"20GiB"`` or bytes) for the whole process on the device, one mode for every block
+    (``"keep"``, ``"recompute"``, ``"offload"``) or a list of one mode per block. Blocks are
+    transformers' decoder layers (``GradientCheckpointingLayer``) and :class:`ActivationBlock`
+    subclasses. Returns the planner (``None`` when ``model`` has no block); undo with
+    :func:`remove_activation_plan`.
+    """
+    blocks = checkpointable_blocks(model)
+    if not blocks:
+        return None
+    setting = resolve_setting(activation_memory, len(blocks))
+    weights = _storage_bytes([*model.parameters(), *model.buffers()])
+    if isinstance(setting, int) and setting <= weights:
+        raise ValueError(
+            f"activation_memory={setting} bytes ({format_bytes(setting)}) is less than the model itself "
+            f"({format_bytes(weights)} of weights): it is the budget of the whole process on the device, model "
+            "included. Give a larger one (e.g. '24GB') or 'auto' (what the device has)."
+        )
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    remove_activation_plan(model)
+    planner = ActivationPlanner(model, blocks, setting, torch.device(device))
+    planner.install()
+    return planner
+
+
+def use_activation_offload(model: nn.Module) -> list[nn.Module]:
+    """Offload every block of ``model``: :func:`plan_activations` with ``"offload"``; returns the models changed.
+
+    Each block is checkpointed and its input waits in pinned CPU memory for the backward pass, as does
+    what the step saves after the last block (the final norm, the loss). Only training forwards with
+    gradients are affected. Undo with :func:`remove_activation_offload`.
+    """
+    return transformers_models(model) if plan_activations(model, "offload") is not None else []
+
+
+def remove_activation_offload(model: nn.Module) -> None:
+    """Undo :func:`use_activation_offload` (and any :func:`plan_activations`)."""
+    remove_activation_plan(model)
+
+
+def activation_planner(model: nn.Module) -> ActivationPlanner | None:
+    """The planner :func:`plan_activations` installed in ``model``, if any."""
+    return next((vars(m)[_PLANNER] for m in model.modules() if _PLANNER in vars(m)), None)
+
+
+def remove_activation_plan(model: nn.Module) -> None:
+    """Undo :func:`plan_activations`: every block is recomputed (checkpointed) again, with no offload."""
+    planner = activation_planner(model)
+    if planner is not None:
+        planner.remove()
+
+
+__all__ = [
+    "ActivationPlan",
+    "ActivationPlanner",
+    "BlockCost",
+    "activation_planner",
+    "choose_plan",
+    "measure_block",
+    "plan_activations",
+    "remove_activation_offload",
+    "remove_activation_plan",
+    "setting_for",
+    "use_activation_offload",
+]
