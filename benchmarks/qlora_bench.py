@@ -38,8 +38,8 @@ from torch.autograd import DeviceType
 # Recipe name -> what it is, one line of Markdown. The single list: benchmarks/README.md's table
 # gives the same lines (tests/test_benchmark.py checks it), and RUNNERS has one runner per name.
 RECIPES: dict[str, str] = {
-    "bnb": "`BnbQuantization(QuantizationConfig(bits=...), LoRA, gradient_checkpointing=True)`, its other "
-    'options at their defaults, under `Trainer(precision="bf16-true")`',
+    "bnb": "`BnbQuantization(QuantizationConfig(bits=...), LoRA)`, every option at its default (the activation "
+    'planner fits the device, or `--memory-cap`), under `Trainer(precision="bf16-true")`',
     "bnb_full_loss": "`bnb` with `chunked_loss=False`: the model's own full-vocabulary loss",
     "bnb_compile": "`bnb` with `compile_blocks=True` (already the default on one CUDA device)",
     "bnb_llm_int8": "`bnb` with `dequantize_int8=False`: bitsandbytes' LLM.int8 matmul (8-bit only)",
@@ -49,9 +49,10 @@ RECIPES: dict[str, str] = {
     "torch's `AdamW`",
     "bnb_uncheckpointed": "`bnb` with `uncheckpointed_blocks=--uncheckpointed-blocks` (default: the last "
     "quarter of the blocks keep their activations instead of recomputing them)",
-    "bnb_offload": '`bnb` with `activation_memory="offload"` (instead of `gradient_checkpointing=True`): what '
-    "the backward pass needs from outside the checkpointed blocks (mainly each block's input) waits in CPU "
-    "memory",
+    "bnb_recompute": '`bnb` with `activation_memory="recompute"`: every block checkpointed (the default before '
+    "the planner)",
+    "bnb_offload": '`bnb` with `activation_memory="offload"`: every block checkpointed, its input waiting in '
+    "CPU memory for the backward pass",
     "hf_prepare": "`from_pretrained(quantization_config=BitsAndBytesConfig(...))`, PEFT's "
     "`prepare_model_for_kbit_training` (float32 upcast) and `get_peft_model`; a plain torch loop under "
     "bf16 autocast, as transformers' `Trainer(bf16=True)` runs it",
@@ -128,6 +129,8 @@ class Measurement:
     final_loss: float | None = None
     wall_s: float | None = None  # the whole measurement, load to teardown
     seq: int | None = None  # tokens per sequence in its batches
+    plan: str | None = None  # the activation plan bnb_lightning chose
+    predicted_peak_bytes: int | None = None  # and the peak it predicted
 
     def profile_name(self) -> str:
         return f"{self.recipe}-{self.bits or 'bf16'}bit-r{self.repeat}"
@@ -391,8 +394,6 @@ def run_bnb(
     start = time.perf_counter()
     # Loaded on the CPU: the callback quantizes layer by layer onto the GPU in `setup`.
     module = CausalLMModule(load_bf16(setup), optimizer)
-    if "activation_memory" not in options:
-        options["gradient_checkpointing"] = True
     quantization = BnbQuantization(
         QuantizationConfig(bits=bits), peft_config=lora_config(setup.lora_r), **options
     )
@@ -411,6 +412,10 @@ def run_bnb(
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(setup.batches, batch_size=None))
     result.quantize_s = quantization.report.seconds
     result.train_peak_bytes = memory(setup.device)[0]
+    plan = quantization.activation_plan
+    if plan is not None:
+        result.plan = plan.summary().removeprefix("bnb_lightning: ")
+        result.predicted_peak_bytes = plan.predicted_peak
     hooks.clock.record(result, setup.batches[0].numel())
 
 
@@ -533,6 +538,7 @@ RUNNERS: dict[str, Callable[[Setup, Any, Measurement], None]] = {
     "bnb_bnb_dequantize": run_bnb_bnb_dequantize,
     "bnb_paged_adamw": run_bnb_paged_adamw,
     "bnb_uncheckpointed": run_bnb_uncheckpointed,
+    "bnb_recompute": partial(run_bnb, activation_memory="recompute"),
     "bnb_offload": partial(run_bnb, activation_memory="offload"),
     "hf_prepare": run_hf_prepare,
     "hf_noupcast": run_hf_noupcast,

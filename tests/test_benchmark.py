@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import markdown_rows
 
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "qlora_bench.py"
 README = SCRIPT.parent / "README.md"
@@ -72,15 +73,7 @@ def test_profile_covers_extra_steps_and_keeps_timing_apart(bench, tmp_path):
 
 def readme_recipes() -> list[tuple[str, str]]:
     """(name, description) per row of the recipe table in benchmarks/README.md."""
-    lines = README.read_text().splitlines()
-    start = lines.index("| recipe | what it is |") + 2  # past the header and its |---| line
-    rows = []
-    for line in lines[start:]:
-        if not line.startswith("| "):
-            break
-        name, description = line.removeprefix("| ").removesuffix(" |").split(" | ", 1)
-        rows.append((name.strip("`"), description))
-    return rows
+    return markdown_rows(README, "| recipe | what it is |")
 
 
 def test_readme_lists_the_recipes_of_the_code(bench):
