@@ -11,7 +11,7 @@ lm_head stays in full precision), adds LoRA adapters, and only the adapters trai
 With your own model, a local transformers directory (its tokenizer is used instead of bytes)::
 
     python examples/qlora_finetune.py --model path/to/model --data my_text.txt \
-        --accelerator cuda --precision bf16-mixed --lora-r 16 --gradient-checkpointing
+        --accelerator cuda --precision bf16-mixed --lora-r 16 --activation-memory 24GB
 
 A random model can only learn what its adapters add on top of frozen random weights, so the
 default run learns byte statistics and common words, not language; the loss still falls well
@@ -205,7 +205,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--devices", default="1", help="a count, or 'auto'")
     add_training_arguments(parser, max_steps=150)
     parser.add_argument(
-        "--gradient-checkpointing", action="store_true", default=None, help="trade compute for memory"
+        "--activation-memory",
+        default="auto",
+        help="the device memory activations are planned into: auto (the device's), a budget such as 24GB, "
+        "or keep, recompute or offload for every block (default: auto)",
     )
     return parser.parse_args(argv)
 
@@ -222,7 +225,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = (
     quantization = BnbQuantization(
         config=QuantizationConfig(bits=args.bits, quant_type=args.quant_type),
         peft_config=lora_config(args.lora_r),
-        gradient_checkpointing=args.gradient_checkpointing,
+        activation_memory=args.activation_memory,
     )
     module = CausalLM(model_path=args.model, lr=args.lr)
     data = TextDataModule(
