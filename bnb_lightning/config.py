@@ -407,7 +407,9 @@ _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kmgt]i?b|b)\s*$", re
 
 
 def format_bytes(size: int | None) -> str:
-    return "an unknown amount" if size is None else f"{size / 2**30:.1f} GiB"
+    if size is None:
+        return "an unknown amount"
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
 
 
 def check_activation_memory(value: Any) -> str | int | tuple[str, ...]:
