@@ -349,7 +349,9 @@ class TrainingOptions:
             ``"20GiB"``, or bytes): the same, for that budget. Or explicit: ``"keep"`` (no
             checkpointing), ``"recompute"`` (checkpoint every block), ``"offload"`` (checkpoint every
             block, its input in CPU memory), or a list with one of these per block.
-            ``gradient_checkpointing=True/False`` is the same as ``"recompute"``/``"keep"``.
+            ``gradient_checkpointing=True/False`` is the same as ``"recompute"``/``"keep"``. A plan that
+            recomputes or offloads turns on CUDA's expandable segments (less fragmentation), unless
+            ``PYTORCH_ALLOC_CONF`` is set.
 
     Example::
 
