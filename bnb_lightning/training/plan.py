@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import ACTIVATION_MODES, format_bytes
+from ..config import ACTIVATION_MODES, check_activation_memory, format_bytes
 from .blocks import checkpointable_blocks, transformers_models
 from .offload import _Offload
 from .tiled_mlp import Tiled, block_mlp, remove_tiled_mlp, set_mlp_tile_tokens, use_tiled_mlp
@@ -82,9 +82,11 @@ class ActivationPlan:
         """One line, e.g. ``activations: 20 blocks kept, 12 recomputed; predicted peak 61.2 GiB ...``."""
         if not self.modes:
             return "bnb_lightning: activations: no blocks."
-        parts = [f"{self.count(mode)} {_MODE_WORDS[mode]}" for mode in ACTIVATION_MODES if self.count(mode)]
-        first = parts[0].split(" ", 1)
-        parts[0] = f"{first[0]} block{'' if first[0] == '1' else 's'} {first[1]}"
+        counts = [(self.count(mode), _MODE_WORDS[mode]) for mode in ACTIVATION_MODES if self.count(mode)]
+        parts = [f"{count} {word}" for count, word in counts]
+        parts[0] = (
+            f"{counts[0][0]} block{'' if counts[0][0] == 1 else 's'} {counts[0][1]}"  # "1 block kept, 3 ..."
+        )
         text = "bnb_lightning: activations: " + ", ".join(parts)
         if self.mlp_tile_tokens:
             text += f"; MLPs over tiles of {self.mlp_tile_tokens:,} tokens"
@@ -94,6 +96,15 @@ class ActivationPlan:
                 f"at {self.tokens:,} tokens a batch"
             )
         return text + "."
+
+
+def _storage(tensor: torch.Tensor) -> tuple[int, int]:
+    """A key of the memory behind ``tensor`` (shared by its views) and that memory's bytes."""
+    try:
+        storage = tensor.untyped_storage()
+        return storage.data_ptr(), storage.nbytes()
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage of their own
+        return id(tensor), tensor.numel() * tensor.element_size()
 
 
 def _hidden_states(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -130,11 +141,7 @@ def measure_block(block: nn.Module, args: tuple, kwargs: dict) -> BlockCost:
         # Kept until the call's graph goes, so no storage counted is freed and its address reused
         # by another; the call then holds what a kept block holds, no more than its recompute will.
         if tensor.data_ptr() not in parameters:
-            try:
-                storage = tensor.untyped_storage()
-                key, size = storage.data_ptr(), storage.nbytes()
-            except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage of their own
-                key, size = id(tensor), tensor.numel() * tensor.element_size()
+            key, size = _storage(tensor)
             seen.setdefault(key, size)
         return tensor
 
@@ -213,14 +220,8 @@ def _process_rss() -> int:
 
 
 def _storage_bytes(tensors) -> int:
-    sizes: dict[int, int] = {}
-    for tensor in tensors:
-        try:
-            storage = tensor.untyped_storage()
-            sizes.setdefault(storage.data_ptr(), storage.nbytes())
-        except (RuntimeError, NotImplementedError):
-            sizes.setdefault(id(tensor), tensor.numel() * tensor.element_size())
-    return sum(sizes.values())
+    """The bytes of the distinct storages behind ``tensors`` (views and ties counted once)."""
+    return sum(dict(_storage(tensor) for tensor in tensors).values())
 
 
 def margin_for(budget: int) -> int:
@@ -318,11 +319,10 @@ class ActivationPlanner:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._outside: list[_Offload | None] = []
         self._measuring = False
-        heads = [hf_model.get_output_embeddings() for hf_model in transformers_models(model)]
+        self._hf_models = transformers_models(model)
+        heads = [hf_model.get_output_embeddings() for hf_model in self._hf_models]
         self.vocab = max((head.weight.shape[0] for head in heads if head is not None), default=0)
-        self._can_tile = any(block_mlp(block) is not None for block in self.blocks) and bool(
-            transformers_models(model)
-        )
+        self._can_tile = bool(self._hf_models) and any(block_mlp(block) is not None for block in self.blocks)
 
     @property
     def budget(self) -> int | None:
@@ -353,7 +353,7 @@ class ActivationPlanner:
             # with its MLPs over tiles, and later plans only change the tile size.
             use_tiled_mlp(self.model, PROBE_TILE_TOKENS)
             set_mlp_tile_tokens(self.model, None)
-        for hf_model in transformers_models(self.model):
+        for hf_model in self._hf_models:
             norms = [
                 module for name, module in hf_model.named_modules() if name.rsplit(".", 1)[-1] in _FINAL_NORMS
             ]
@@ -500,8 +500,6 @@ def _offloaded_checkpoint(offload: _Offload, function: Callable, *args: Any) -> 
 
 def resolve_setting(activation_memory: Any, blocks: int) -> str | int | tuple[str, ...]:
     """``"auto"``, a budget in bytes, or one mode per block, from ``activation_memory``."""
-    from ..config import check_activation_memory
-
     activation_memory = check_activation_memory(activation_memory)
     if isinstance(activation_memory, str) and activation_memory in ACTIVATION_MODES:
         return (activation_memory,) * blocks
