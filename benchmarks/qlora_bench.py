@@ -24,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -34,6 +35,11 @@ import lightning.pytorch as pl
 import torch
 from peft import LoraConfig
 from torch.autograd import DeviceType
+
+# Its neighbours import as top-level modules, also when this file is loaded by path (as peers.py and the tests do).
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))
+import memory_trace  # noqa: E402
 
 # Recipe name -> what it is, one line of Markdown. The single list: benchmarks/README.md's table
 # gives the same lines (tests/test_benchmark.py checks it), and RUNNERS has one runner per name.
@@ -409,7 +415,9 @@ def run_bnb(
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(setup.batches, batch_size=None))
+    label = f"{result.recipe}-{setup.batches[0].shape[-1]}x{setup.batches[0].shape[0]}-r{result.repeat}"
+    with memory_trace.recording(setup.device, label):
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(setup.batches, batch_size=None))
     result.quantize_s = quantization.report.seconds
     result.train_peak_bytes = memory(setup.device)[0]
     plan = quantization.activation_plan
@@ -567,6 +575,7 @@ def measure(recipe: str, bits: int | None, repeat: int, setup: Setup) -> Measure
         result.status, result.reason = "skipped", str(skip)
     except Exception as error:
         result.status, result.reason = "failed", f"{type(error).__name__}: {first_line(error)}"
+        traceback.print_exc()  # the whole story, in the run's log; the result keeps its first line
     if result.status != "measured":
         result.load_s = result.quantize_s = result.tokens_per_s = None
         result.step_s = []

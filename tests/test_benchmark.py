@@ -82,3 +82,32 @@ def test_readme_lists_the_recipes_of_the_code(bench):
 
 def test_every_recipe_has_a_runner(bench):
     assert list(bench.RUNNERS) == list(bench.RECIPES)
+
+
+def test_the_memory_trace_sums_what_is_alive_at_the_peak_by_the_code_that_allocated_it(bench):
+    """The allocator history is replayed to its highest point; what was freed before it does not count."""
+    trace = bench.memory_trace
+
+    def frames(*sites: tuple[str, int, str]) -> list[dict]:
+        return [
+            {"filename": f"/site-packages/torch/{name}", "line": 1, "name": "inner"} for name in ("a.py",)
+        ] + [{"filename": filename, "line": line, "name": name} for filename, line, name in sites]
+
+    block = frames(("/repo/modeling_llama.py", 10, "forward"))
+    loss = frames(("/repo/loss.py", 5, "loss_forward"))
+    events = [
+        {"action": "alloc", "addr": 1, "size": 3 << 30, "frames": block},
+        {"action": "alloc", "addr": 2, "size": 1 << 30, "frames": loss},
+        {"action": "free_completed", "addr": 2, "size": 1 << 30, "frames": loss},
+        {"action": "alloc", "addr": 3, "size": 2 << 30, "frames": block},  # the peak: 5 GiB alive
+        {"action": "free_completed", "addr": 1, "size": 3 << 30, "frames": block},
+        {"action": "alloc", "addr": 4, "size": 1 << 30, "frames": loss},
+    ]
+    text = trace.peak_breakdown({"device_traces": [events]})
+    lines = text.splitlines()
+    assert lines[0].startswith("alive at the peak") and "5.00 GiB in 2 blocks" in lines[0]
+    assert "5.000 GiB" in lines[1] and "modeling_llama.py:10 forward" in lines[1] and len(lines) == 2
+    # An out-of-memory error ends the replay there, with the request that failed.
+    oom = [*events[:4], {"action": "oom", "addr": 0, "size": 4 << 30, "frames": []}, *events[4:]]
+    text = trace.peak_breakdown({"device_traces": [oom]})
+    assert "out-of-memory error" in text and "the failed request: 4.00 GiB" in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -106,6 +107,14 @@ def test_a_tight_budget_offloads_the_first_blocks_and_then_tiles_the_mlp():
     plan = choose_plan(8, c, static=GIB, budget=budget_for(GIB + transient), can_tile=True)
     assert plan.count("offload") and plan.mlp_tile_tokens == 1000 // 8 and plan.fits
     assert plan.predicted_peak <= plan.budget - margin_for(plan.budget)
+    # Measured, the largest tensor outside a tiled MLP replaces the assumed float32 copy of the input.
+    measured = choose_plan(
+        8, dataclasses.replace(c, largest_outside_mlp=c.input), static=GIB, budget=plan.budget, can_tile=True
+    )
+    assert measured.mlp_tile_tokens == plan.mlp_tile_tokens
+    assert (
+        measured.count("offload") <= plan.count("offload") and measured.predicted_peak < plan.predicted_peak
+    )
     # Without offload (FSDP) every block is recomputed, over the budget (the planner warns).
     plan = choose_plan(8, c, static=GIB, budget=budget_for(GIB + transient), allow_offload=False)
     assert plan.modes == ("recompute",) * 8 and not plan.fits
@@ -166,6 +175,10 @@ def test_a_long_batch_is_measured_with_its_mlp_over_tiles_and_scaled_alike(token
 
     model, _ = prepared_llama("auto")
     assert all(isinstance(block.mlp, Tiled) and block.mlp.tile_tokens is None for block in model.model.layers)
+    # The final norm runs over tiles of the probe's size, in every plan (its backward is float32).
+    assert (
+        isinstance(model.model.norm, Tiled) and model.model.norm.tile_tokens == plan_module.PROBE_TILE_TOKENS
+    )
     block = model.model.layers[0]
     captured = {}
     block.register_forward_pre_hook(
@@ -176,8 +189,11 @@ def test_a_long_batch_is_measured_with_its_mlp_over_tiles_and_scaled_alike(token
     sampled = measure_block(block, captured["args"], captured["kwargs"])
     assert block.mlp.tile_tokens is None  # as it was
     remove_tiled_mlp(model)
+    assert not isinstance(model.model.norm, Tiled)
     whole = measure_block(block, captured["args"], captured["kwargs"])
     assert (sampled.tokens, sampled.input, sampled.largest) == (whole.tokens, whole.input, whole.largest)
+    # Over tiles, the largest saved tensor outside the MLP is known too: smaller than the MLP's intermediate.
+    assert whole.largest_outside_mlp == 0 and 0 < sampled.largest_outside_mlp < whole.largest
     # A little more, never less: the MLP's input counts in the tiled block and in the MLP measured
     # apart, and what an MLP saves once a call (bitsandbytes' CPU path may save a dequantized weight)
     # is scaled up with the tokens.

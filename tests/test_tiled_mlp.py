@@ -31,6 +31,7 @@ from bnb_lightning.training.tiled_mlp import (
     block_mlp,
     remove_tiled_mlp,
     set_mlp_tile_tokens,
+    tile_module,
     use_tiled_mlp,
 )
 
@@ -161,6 +162,28 @@ def test_a_tiled_training_step_gives_the_loss_and_adapter_gradients_of_the_until
         handle.remove()
     actual = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     assert_same_step(expected, actual)
+
+
+@BITS
+def test_the_final_norm_over_tiles_gives_the_untiled_loss_and_gradients_and_saves_only_its_input(bits):
+    """A norm acts on each token alone, with a frozen weight: over tiles, every number is the same."""
+    batch = tokens()
+    expected = training_step(adapted_llama(bits, True), batch)
+
+    model = adapted_llama(bits, True)
+    norm = model.model.norm
+    x = torch.randn(BATCH, SEQUENCE, HIDDEN, requires_grad=True)
+    untiled = saved_activations(model, lambda: norm(x))
+    assert tile_module(norm, TILE) and isinstance(norm, Tiled) and norm.tile_tokens == TILE
+    actual = training_step(model, batch)
+    assert torch.equal(actual[0], expected[0])
+    assert all(torch.equal(actual[1][name], grad) for name, grad in expected[1].items())
+    saved = saved_activations(model, lambda: norm(x))
+    # In one piece it saves tensors of its own (its normalized input, ...); over tiles, only views of its input.
+    assert any(t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr() for t in untiled)
+    assert saved and all(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in saved)
+    remove_tiled_mlp(model)
+    assert type(norm).__name__ == "LlamaRMSNorm"
 
 
 @pytest.mark.parametrize("input_grad", [True, False], ids=["input-needs-grad", "input-frozen"])

@@ -13,6 +13,7 @@ planned again before it runs; a shorter one fits the plan it has.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -27,8 +28,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ACTIVATION_MODES, check_activation_memory, format_bytes
 from .blocks import checkpointable_blocks, transformers_models
+from .host_embedding import HostEmbedding, movable_embedding
 from .offload import _Offload
-from .tiled_mlp import Tiled, block_mlp, remove_tiled_mlp, set_mlp_tile_tokens, use_tiled_mlp
+from .tiled_mlp import Tiled, block_mlp, remove_tiled_mlp, set_mlp_tile_tokens, tile_module, use_tiled_mlp
 
 logger = logging.getLogger("bnb_lightning")
 
@@ -46,7 +48,8 @@ class BlockCost:
     ``saved``: every tensor it saves when its activations are kept (parameters excluded);
     ``input``: its input, which a recomputed block keeps instead; ``mlp``: the share of ``saved``
     made inside its MLP (what sequence tiles shrink); ``largest``: the largest saved tensor (its
-    gradient exists in the block's backward pass too).
+    gradient exists in the block's backward pass too); ``largest_outside_mlp``: the largest one made
+    outside the MLP, when the block was measured with its MLP over tiles (``0``: not measured).
     """
 
     tokens: int
@@ -54,6 +57,7 @@ class BlockCost:
     input: int
     mlp: int
     largest: int
+    largest_outside_mlp: int = 0
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ class ActivationPlan:
     mlp_tile_tokens: int | None = None
     static: int | None = None
     fits: bool = True
+    host_embeddings: bool = False
 
     def count(self, mode: str) -> int:
         return sum(1 for m in self.modes if m == mode)
@@ -90,6 +95,8 @@ class ActivationPlan:
         text = "bnb_lightning: activations: " + ", ".join(parts)
         if self.mlp_tile_tokens:
             text += f"; MLPs over tiles of {self.mlp_tile_tokens:,} tokens"
+        if self.host_embeddings:
+            text += "; input embeddings in CPU memory"
         if self.predicted_peak is not None and self.budget is not None:
             text += (
                 f"; predicted peak {format_bytes(self.predicted_peak)} of a {format_bytes(self.budget)} budget "
@@ -183,6 +190,8 @@ def measure_block(block: nn.Module, args: tuple, kwargs: dict) -> BlockCost:
         input=hidden.numel() * hidden.element_size(),
         mlp=mlp_saved if tiled else min(saved, mlp_saved),
         largest=max(largest, mlp_largest) if tiled else largest,
+        # Over tiles, the MLP's intermediates are inside the tiles' checkpoints, not among the saved.
+        largest_outside_mlp=largest if tiled else 0,
     )
 
 
@@ -252,8 +261,9 @@ def choose_plan(
     """
     host_bytes = host_available() if host_bytes is None else host_bytes
     limit = budget - margin_for(budget)
-    # After the last block: the final norm in float32 and the loss's hidden gradient, and a float32 logits
-    # chunk (the chunked loss keeps one near 2**26 values) with its softmax and gradient.
+    # After the last block: the final norm's input (its float32 work is over tiles), the loss's hidden
+    # gradient and the one coming back, and a float32 logits chunk (the chunked loss keeps one near 2**26
+    # values) with its softmax and gradient.
     loss = 3 * cost.input + 3 * 4 * min(cost.tokens * vocab, 1 << 26)
 
     def peak(keep: int, recompute: int, offload: int, saved: int, largest: int) -> int:
@@ -283,8 +293,11 @@ def choose_plan(
     if can_tile and cost.mlp and cost.tokens > 1:
         count = max(2, math.ceil(cost.mlp / max(1, cost.input)))
         saved = cost.saved - cost.mlp + math.ceil(cost.mlp / count)
-        # Left the largest: a float32 copy of the hidden states (a norm's), or a tile's MLP tensor.
-        variants.append((math.ceil(cost.tokens / count), saved, max(2 * cost.input, cost.largest // count)))
+        # Left the largest: the largest tensor outside the MLP as measured (a compiled block's are the
+        # size of its input; an eager norm's float32 copy is twice that, assumed when not measured), or
+        # a tile's MLP tensor.
+        outside = cost.largest_outside_mlp or 2 * cost.input
+        variants.append((math.ceil(cost.tokens / count), saved, max(outside, cost.largest // count)))
     for tile, saved, largest in variants:
         for offload in range(1, most_offloaded + 1):
             if fits(0, blocks - offload, offload, saved, largest):
@@ -319,6 +332,7 @@ class ActivationPlanner:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._outside: list[_Offload | None] = []
         self._measuring = False
+        self._host_embedding: HostEmbedding | None = None
         self._hf_models = transformers_models(model)
         heads = [hf_model.get_output_embeddings() for hf_model in self._hf_models]
         self.vocab = max((head.weight.shape[0] for head in heads if head is not None), default=0)
@@ -358,6 +372,9 @@ class ActivationPlanner:
                 module for name, module in hf_model.named_modules() if name.rsplit(".", 1)[-1] in _FINAL_NORMS
             ]
             if norms:
+                # Over tiles: in one piece, its float32 backward pass would hold several copies of the
+                # hidden states in float32, more than a recomputed block does at long contexts.
+                tile_module(norms[-1], PROBE_TILE_TOKENS)
                 self._handles.append(norms[-1].register_forward_pre_hook(self._offload_from_here))
                 self._handles.append(hf_model.register_forward_hook(self._end_offload, always_call=True))
         if isinstance(self.setting, tuple):
@@ -376,6 +393,9 @@ class ActivationPlanner:
             block.gradient_checkpointing = True
             block._gradient_checkpointing_func = _recompute
         remove_tiled_mlp(self.model)
+        if self._host_embedding is not None:
+            self._host_embedding.remove()
+            self._host_embedding = None
         vars(self.model).pop(_PLANNER, None)
 
     def apply(self, plan: ActivationPlan, announce: bool = True) -> None:
@@ -428,15 +448,11 @@ class ActivationPlanner:
         finally:
             self._measuring = False
         budget = self.budget
-        plan = choose_plan(
-            len(self.blocks),
-            cost,
-            self.static_bytes(),
-            budget,
-            self.allow_offload,
-            self._can_tile,
-            vocab=self.vocab,
-        )
+        plan = self._choose(cost, budget)
+        if plan.count("offload") and self._host_embedding is None:
+            self._host_embedding = self._embeddings_to_host()
+            if self._host_embedding is not None:
+                plan = self._choose(cost, budget)  # with the room the embeddings left
         self.apply(plan)
         if plan.count("keep") < len(self.blocks):
             _avoid_fragmentation(self.device, self.on_plan)
@@ -452,6 +468,27 @@ class ActivationPlanner:
                 if self.allow_offload
                 else "every block recomputed (offload is off here)",
             )
+
+    def _choose(self, cost: BlockCost, budget: int) -> ActivationPlan:
+        plan = choose_plan(
+            len(self.blocks),
+            cost,
+            self.static_bytes(),
+            budget,
+            self.allow_offload,
+            self._can_tile,
+            vocab=self.vocab,
+        )
+        return dataclasses.replace(plan, host_embeddings=self._host_embedding is not None)
+
+    def _embeddings_to_host(self) -> HostEmbedding | None:
+        """When blocks are offloaded anyway, the frozen input embeddings go to CPU memory too (as Unsloth's do)."""
+        reference = next((p for p in self.blocks[0].parameters() if p.device.type != "cpu"), None)
+        for hf_model in self._hf_models:
+            embedding = movable_embedding(self.model, hf_model.get_input_embeddings())
+            if embedding is not None and reference is not None:
+                return HostEmbedding(embedding, reference)
+        return None
 
     @torch.compiler.disable
     def _offload_from_here(self, module: nn.Module, args: tuple) -> None:

@@ -1,0 +1,63 @@
+"""Input embeddings in CPU memory: tokens are looked up on the host and only their rows go to the device.
+
+A QLoRA step never changes the input embeddings, yet they stay in full precision on the device: 1 GiB
+for a 128k vocabulary at hidden size 4,096, room for about 8,000 more tokens of context at 24 GB. A
+lookup reads one row per token, so on the host it costs a copy of the batch's hidden states to the
+device (a few milliseconds a step at long contexts, where a step takes seconds). The activation
+planner moves them when a plan offloads blocks (``training/plan.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def movable_embedding(model: nn.Module, embedding: nn.Module | None) -> nn.Embedding | None:
+    """``embedding`` if it can live in CPU memory: a plain ``nn.Embedding`` on a CUDA device, frozen, and
+    not shared with another module (a tied output layer still needs the weight on the device)."""
+    if type(embedding) is not nn.Embedding or embedding.max_norm is not None:
+        return None  # subclasses may scale on the device (Gemma); max_norm rewrites the weight
+    weight = embedding.weight
+    if weight.requires_grad or not weight.is_cuda:
+        return None
+    users = sum(1 for _, parameter in model.named_parameters(remove_duplicate=False) if parameter is weight)
+    return embedding if users == 1 else None
+
+
+class HostEmbedding:
+    """Keeps ``embedding``'s weight in (pinned, where possible) CPU memory; its outputs go where
+    ``reference`` (a parameter of the first block) lives. Undo with :meth:`remove`."""
+
+    def __init__(self, embedding: nn.Embedding, reference: torch.Tensor) -> None:
+        self.embedding, self.reference = embedding, reference
+        weight = embedding.weight
+        self.nbytes = weight.numel() * weight.element_size()
+        host = weight.detach().cpu()
+        try:
+            host = host.pin_memory()
+        except RuntimeError:  # no pinned memory to be had: pageable memory only slows the copy
+            pass
+        # The same Parameter object, so an optimizer or a state dict holding it still does.
+        weight.data = host
+        self._handles = [
+            embedding.register_forward_pre_hook(self._ids_to_host),
+            embedding.register_forward_hook(self._rows_to_device),
+        ]
+
+    def _ids_to_host(self, module: nn.Module, args: tuple) -> tuple:
+        ids, *rest = args
+        return (ids.to(module.weight.device), *rest)
+
+    def _rows_to_device(self, module: nn.Module, args: tuple, output: torch.Tensor) -> Any:
+        return output.to(self.reference.device, non_blocking=output.is_pinned())
+
+    def remove(self) -> None:
+        """Put the weight back beside the first block and look tokens up there again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        weight = self.embedding.weight
+        weight.data = weight.data.to(self.reference.device)
