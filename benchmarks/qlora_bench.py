@@ -108,6 +108,16 @@ SHAPES: dict[str, dict[str, Any]] = {
         vocab_size=128256,
         tie_word_embeddings=False,
     ),
+    # Llama-3-70B
+    "70b": dict(
+        hidden_size=8192,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        intermediate_size=28672,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
 }
 
 SMOKE = dict(shape="tiny", seq=[32], batch=2, warmup=1, steps=2, repeats=1)
