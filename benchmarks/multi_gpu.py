@@ -1,4 +1,4 @@
-"""QLoRA on several devices: BnbQuantization under Lightning's DDP and FSDP strategies, checked and measured.
+"""QLoRA on several devices: BnbQuantization under Lightning's DDP, FSDP and FSDP2 strategies, checked and measured.
 
 For each strategy, a Llama-shaped model with random weights (``--shape``, bfloat16, built on each
 rank's own device from the same seed) is quantized to NF4 with double quantization by
@@ -17,8 +17,8 @@ stdout and is appended to ``--out`` (default ``benchmarks/results/multi_gpu.json
 
 Each strategy runs as its own command (Lightning starts the other ranks by running this file again)::
 
-    python benchmarks/multi_gpu.py --shape 1b --devices 2            # DDP and FSDP on 2 GPUs
-    python benchmarks/multi_gpu.py --shape tiny --accelerator cpu    # DDP on 2 CPU processes (FSDP: skipped)
+    python benchmarks/multi_gpu.py --shape 1b --devices 2            # DDP, FSDP and FSDP2 on 2 GPUs
+    python benchmarks/multi_gpu.py --shape tiny --accelerator cpu    # DDP and FSDP2 on 2 CPU processes (FSDP: skipped)
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from bnb_lightning import BnbQuantization, QuantizationConfig  # noqa: E402
 from bnb_lightning.backend import is_bnb_linear  # noqa: E402
 from bnb_lightning.distributed import base_memory_for, is_fsdp_wrapped, unwrapped_name  # noqa: E402
 
-STRATEGIES = ("ddp", "fsdp")
+STRATEGIES = ("ddp", "fsdp", "fsdp2")
 
 
 class RandomLlama(pl.LightningModule):
@@ -70,6 +70,10 @@ class RandomLlama(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-4)
+
+    def configure_model(self):
+        # ModelParallelStrategy (fsdp2) requires the hook; the model exists, and BnbQuantization shards it.
+        pass
 
 
 class RecordingCheckpointIO(TorchCheckpointIO):
@@ -116,7 +120,12 @@ def synchronize(device: torch.device) -> None:
 
 def local_base_bytes(module: torch.nn.Module) -> int:
     """Bytes of the frozen base this rank holds now: its shards under FSDP, with the 4-bit statistics."""
-    total = sum(p.numel() * p.element_size() for p in module.parameters() if not p.requires_grad)
+    from torch.distributed.tensor import DTensor
+
+    local = [
+        p.to_local() if isinstance(p, DTensor) else p for p in module.parameters() if not p.requires_grad
+    ]
+    total = sum(p.numel() * p.element_size() for p in local)
     for layer in module.modules():
         if not is_bnb_linear(layer):
             continue
@@ -142,6 +151,15 @@ def adapter_hash(trainer: pl.Trainer, module: torch.nn.Module) -> str:
             sha.update(p.detach().float().cpu().numpy().tobytes())
         return sha.hexdigest()[:16]
 
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in module.parameters()):  # FSDP2: gather each adapter
+        sha = hashlib.sha256()
+        for name, p in sorted((n, p) for n, p in module.named_parameters() if p.requires_grad):
+            whole = p.full_tensor() if isinstance(p, DTensor) else p
+            sha.update(name.encode())
+            sha.update(whole.detach().float().cpu().numpy().tobytes())
+        return sha.hexdigest()[:16]
     if not is_fsdp_wrapped(module):
         return digest()
     with FullyShardedDataParallel.summon_full_params(trainer.model, writeback=False):
@@ -168,6 +186,13 @@ def make_trainer(args, steps: int, out: Path, callbacks: list, io: RecordingChec
 
         # One FSDP unit per decoder block, adapters included (mixed requires_grad, use_orig_params=True).
         strategy = FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer})
+    if args.run == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        # FSDP2: BnbQuantization quantizes, then shards one unit per block; checkpoints are adapter-only.
+        strategy = ModelParallelStrategy(
+            data_parallel_size=args.devices, tensor_parallel_size=1, save_distributed_checkpoint=False
+        )
     return pl.Trainer(
         accelerator=args.accelerator,
         devices=args.devices,

@@ -115,7 +115,8 @@ def module_nbytes(module: nn.Module) -> int:
 def statistics_nbytes(module: nn.Module) -> int:
     """Bytes of a bnb layer's quantization statistics, which live outside its parameters (0 for others)."""
     total = 0
-    quant_state = getattr(module.weight, "quant_state", None)
+    # A weight FSDP2 sharded is a DTensor: bitsandbytes keeps the layer's 4-bit state on the layer too.
+    quant_state = getattr(module.weight, "quant_state", None) or getattr(module, "quant_state", None)
     if quant_state is not None:
         total += sum(
             v.nbytes for v in quant_state.as_dict(packed=False).values() if isinstance(v, torch.Tensor)

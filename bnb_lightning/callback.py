@@ -32,6 +32,7 @@ from .config import (
 )
 from .distributed import (
     FSDP,
+    FSDP2,
     SINGLE_DEVICE,
     base_memory_for,
     check_same_base_on_all_ranks,
@@ -39,9 +40,11 @@ from .distributed import (
     config_for_fsdp,
     configure_fsdp,
 )
+from .fsdp2 import adapter_state_dict, is_sharded, shard_model
 from .io.checkpoint import BaseRecord, FileNamingCheckpointIO
 from .io.export import export_adapters
 from .io.merge import MergedExport, export_merged
+from .io.shards import check_weights
 from .prepare import cast_for_training, prepare_model
 from .report import QuantizationReport
 from .training.plan import ActivationPlan, ActivationPlanner, asks_offload
@@ -56,7 +59,9 @@ class BnbQuantization(Callback):
     The model is quantized layer by layer on ``trainer.strategy.root_device``, before the strategy
     moves or wraps it (right after ``configure_model`` if the module builds it there), by
     :func:`~bnb_lightning.prepare_model`; the lm_head and tied weights stay in full precision and,
-    with ``peft_config``, only the adapters train.
+    with ``peft_config``, only the adapters train. With ``weights``, the module's model can be built on
+    the meta device and is filled from that checkpoint while quantizing: the full-precision model is
+    never in memory.
 
     Args:
         config: a :class:`~bnb_lightning.QuantizationConfig`, a dict of its fields or a transformers
@@ -71,11 +76,22 @@ class BnbQuantization(Callback):
         export_merged_to: at the end of ``fit``, write the model with the adapters merged here, in full
             precision, if its logits on a training batch are within ``merge_tolerance`` (rank zero, atomic).
         merge_tolerance: the largest accepted max |logits difference| (default: 5% of the largest |logit|).
+        weights: a checkpoint to fill the model from while quantizing: a ``save_pretrained`` directory
+            (full precision or bitsandbytes-quantized) or one ``.safetensors`` file. Weights the model
+            already has are replaced; on a refused checkpoint the model stays as it was (on meta).
 
     Example::
 
         lora = LoraConfig(r=16, target_modules="all-linear")
         trainer = Trainer(precision="bf16-mixed", callbacks=[BnbQuantization(peft_config=lora)])
+
+        # The model built empty, filled from `path` while quantizing, right after configure_model:
+        class LitModel(LightningModule):
+            def configure_model(self):
+                with torch.device("meta"):
+                    self.model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+
+        trainer = Trainer(callbacks=[BnbQuantization(peft_config=lora, weights=path)])
     """
 
     def __init__(
@@ -96,6 +112,7 @@ class BnbQuantization(Callback):
         dequantize_int8: bool | None = None,
         fuse_4bit_dequantize: bool | None = None,
         activation_memory: str | int | list[str] | None = None,
+        weights: str | None = None,
     ) -> None:
         self.config = as_quantization_config(config)
         self.peft_config = require_peft_config(peft_config) if peft_config is not None else None
@@ -119,6 +136,7 @@ class BnbQuantization(Callback):
                 "export_adapters_to / export_merged_to need adapters to export; pass a peft_config too."
             )
         self.merge_tolerance = check_merge_tolerance(merge_tolerance)
+        self.weights = check_weights(weights)
         self._forget()
 
     def _forget(self) -> None:
@@ -230,6 +248,12 @@ class BnbQuantization(Callback):
             options = options.replace(compile_blocks=False)
         if kind == FSDP:
             config = config_for_fsdp(config, pl_module, str(trainer.precision))
+        if kind == FSDP2 and is_sharded(pl_module):
+            raise RuntimeError(
+                f"{type(pl_module).__name__}'s parameters are sharded already (DTensors): BnbQuantization quantizes "
+                "the model first and then shards it itself under ModelParallelStrategy (one FSDP2 unit per block). "
+                "Build the model in configure_model (or __init__) without fully_shard or parallelize_module."
+            )
         prepared = prepare_model(
             pl_module,
             config,
@@ -238,12 +262,16 @@ class BnbQuantization(Callback):
             peft_config=self.peft_config,
             precision=str(trainer.precision),
             check_base=functools.partial(check_same_base_on_all_ranks, trainer.strategy),
+            weights=self.weights,
         )
         adapter_only = not self.save_base_weights
         if kind == FSDP:
             configure_fsdp(trainer.strategy, pl_module, prepared.config, adapter_only=adapter_only)
-        for line in (prepared.report.compact(), str(base_memory_for(trainer.strategy, pl_module))):
+        memory = str(base_memory_for(trainer.strategy, pl_module))  # as planned, before FSDP2 shards it
+        for line in (prepared.report.compact(), memory):
             rank_zero_info(line)
+        if kind == FSDP2:
+            self._shard(trainer, pl_module, adapter_only)
         for line in prepared.messages():
             rank_zero_info(line)
         warning = prepared.what_trains_without_adapters()
@@ -254,12 +282,27 @@ class BnbQuantization(Callback):
         if self.activations is not None:
             self.activations.on_plan = rank_zero_info
             # Sharded parameters are gathered and freed around each block, which the offload was not checked with.
-            self.activations.allow_offload = kind != FSDP
+            self.activations.allow_offload = kind not in (FSDP, FSDP2)
         self._base = BaseRecord(
             prepared.config, prepared.fingerprint, frozenset(prepared.frozen_keys), adapter_only
         )
         self._prepared = weakref.ref(pl_module)
         self._watch_checkpoint_restore(pl_module)
+
+    def _shard(self, trainer: pl.Trainer, pl_module: pl.LightningModule, adapter_only: bool) -> None:
+        """FSDP2 under ModelParallelStrategy: one unit per block, over the data-parallel ranks."""
+        strategy = trainer.strategy
+        blocks = shard_model(pl_module, strategy.device_mesh["data_parallel"])
+        rank_zero_info(
+            f"bnb_lightning: sharded with FSDP2 over {strategy.world_size} devices: {blocks} blocks, each a unit of "
+            "its own, and the model around them."
+        )
+        if adapter_only:
+            # The strategy loads a checkpoint into the module itself, before any hook, with the module's
+            # strict_loading: an adapter-only one lacks the frozen base, which is in memory already (and
+            # checked by its fingerprint). Its state for a checkpoint: the adapters, gathered without the base.
+            pl_module.strict_loading = False
+            strategy.lightning_module_state_dict = functools.partial(adapter_state_dict, pl_module)
 
 
 def _call_after(module: pl.LightningModule, hook: str, then: Callable[..., Any], once: bool) -> None:

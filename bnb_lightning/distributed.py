@@ -12,8 +12,12 @@
   ``fsdp_auto_wrap_policy``), and FSDP's mixed precision must not cast the packed bytes
   (:func:`fsdp_mixed_precision`). LLM.int8 weights (int8 data, row statistics on the layer) cannot
   be flattened: 8-bit is refused.
-- **Other strategies** (DeepSpeed, ``ModelParallelStrategy``, XLA) shard or cast parameters their
-  own way, which breaks packed bitsandbytes weights: refused with a message.
+- **FSDP2** (Lightning's ``ModelParallelStrategy`` with ``tensor_parallel_size=1``) shards each
+  parameter on its own, packed ``uint8`` weights included; one unit per block, no gradient memory
+  for the frozen base (:mod:`bnb_lightning.fsdp2`). 4-bit only; tensor parallelism is refused (it
+  would split packed weights along the rows and columns of the unpacked matrix).
+- **Other strategies** (DeepSpeed, XLA) shard or cast parameters their own way, which breaks
+  packed bitsandbytes weights: refused with a message.
 """
 
 from __future__ import annotations
@@ -29,27 +33,27 @@ from torch import nn
 
 from .backend import check_device_supported, is_bnb_linear, is_quantized_parameter, statistics_nbytes
 from .config import QuantizationConfig, parameter_dtype_for_precision
+from .fsdp2 import is_sharded
 from .training.blocks import block_class_names
 
-SINGLE_DEVICE, DDP, FSDP = "single device", "DDP", "FSDP"
+SINGLE_DEVICE, DDP, FSDP, FSDP2 = "single device", "DDP", "FSDP", "FSDP2"
 
 SUPPORTED = (
     "a single device and DDP (strategy='auto', 'ddp', 'ddp_spawn', ...; 4-bit and 8-bit), and FSDP "
-    "(strategy='fsdp' or FSDPStrategy(...); 4-bit)"
+    "(strategy='fsdp' or FSDPStrategy(...); 4-bit), and FSDP2 (ModelParallelStrategy(tensor_parallel_size=1, "
+    "data_parallel_size=<devices>); 4-bit)"
 )
 
 _REFUSED_STRATEGIES = {
     "DeepSpeedStrategy": "DeepSpeed partitions and casts every parameter itself (ZeRO), which breaks the packed "
     "bitsandbytes weights",
-    "ModelParallelStrategy": "it shards parameters as DTensors (FSDP2 / tensor parallelism), which bitsandbytes' "
-    "packed weights do not support",
 }
 
 _FSDP_WRAPPED_PREFIX = "_fsdp_wrapped_module."
 
 
 def strategy_kind(strategy: Any) -> str:
-    """``SINGLE_DEVICE``, ``DDP`` or ``FSDP`` for a Lightning strategy; others raise.
+    """``SINGLE_DEVICE``, ``DDP``, ``FSDP`` or ``FSDP2`` for a Lightning strategy; others raise.
 
     Raises:
         RuntimeError: the strategy cannot train a bitsandbytes-quantized model; the message says
@@ -63,6 +67,8 @@ def strategy_kind(strategy: Any) -> str:
         # DeepSpeed subclasses DDPStrategy: the refusals above are checked first.
         if isinstance(strategy, FSDPStrategy):
             return FSDP
+        if _is_a(strategy, "ModelParallelStrategy"):
+            return FSDP2
         if isinstance(strategy, DDPStrategy):
             return DDP
         if isinstance(strategy, SingleDeviceStrategy) and strategy.root_device.type != "xla":
@@ -95,6 +101,9 @@ def check_strategy(
         ValueError: 8-bit under FSDP, or a ``quant_storage`` FSDP cannot flatten with the precision.
     """
     kind = strategy_kind(strategy)
+    if kind == FSDP2:
+        _check_fsdp2(strategy, config, adapter_only, exports, offload)
+        return kind
     if kind != FSDP:
         return kind
     if str(precision) == "16-true":
@@ -140,6 +149,47 @@ def check_strategy(
             "or FSDP on 2 or more devices."
         )
     return kind
+
+
+def _check_fsdp2(
+    strategy: Any, config: QuantizationConfig, adapter_only: bool, exports: bool, offload: bool
+) -> None:
+    sizes = {
+        "tensor_parallel_size": strategy._tensor_parallel_size,
+        "data_parallel_size": strategy._data_parallel_size,
+    }
+    if sizes["tensor_parallel_size"] != 1:
+        raise RuntimeError(
+            f"BnbQuantization under ModelParallelStrategy shards data-parallel only (FSDP2): got "
+            f"tensor_parallel_size={sizes['tensor_parallel_size']!r}. Tensor parallelism would split the packed "
+            "4-bit weights along the unpacked matrix's rows and columns. Use ModelParallelStrategy("
+            "data_parallel_size=<devices>, tensor_parallel_size=1)."
+        )
+    if config.bits == 8:
+        raise ValueError(
+            "8-bit (LLM.int8) weights cannot be sharded by FSDP2: their row statistics live on the parameter, which "
+            "a gathered weight does not carry. Use QuantizationConfig(bits=4) with ModelParallelStrategy, or "
+            "strategy='ddp' for 8-bit."
+        )
+    if exports:
+        raise RuntimeError(
+            "export_adapters_to / export_merged_to are not supported under ModelParallelStrategy yet: rank zero "
+            "holds only its shard of the adapters when fit ends. Export from the adapter-only checkpoint after "
+            "training, on one device."
+        )
+    if offload:
+        raise RuntimeError(
+            "activation_memory='offload' is not supported under ModelParallelStrategy yet (its sharded parameters "
+            "are gathered and freed around each block, which the offload has not been checked with). Use "
+            "'recompute', or strategy='ddp'."
+        )
+    if adapter_only and getattr(strategy, "_save_distributed_checkpoint", False):
+        raise RuntimeError(
+            "ModelParallelStrategy(save_distributed_checkpoint=True) (its default) writes and loads every key of "
+            "the model, the frozen base included; BnbQuantization writes adapter-only checkpoints. Pass "
+            "ModelParallelStrategy(save_distributed_checkpoint=False, ...): rank zero gathers and writes the "
+            "adapters only."
+        )
 
 
 def check_quant_storage(config: QuantizationConfig, precision: str, fsdp: bool) -> None:
@@ -323,7 +373,8 @@ def base_memory_for(strategy: Any, model: nn.Module) -> BaseMemory:
     """:func:`base_memory` of ``model`` under a Lightning ``strategy``."""
     kind = strategy_kind(strategy)
     devices = getattr(strategy, "world_size", 1)
-    return base_memory(model, kind, devices, fsdp_shard_count(strategy) if kind == FSDP else 1)
+    shards = {FSDP: fsdp_shard_count, FSDP2: lambda strategy: strategy._data_parallel_size}
+    return base_memory(model, kind, devices, shards[kind](strategy) if kind in shards else 1)
 
 
 def unwrapped_name(name: str) -> str:
@@ -381,18 +432,18 @@ def base_memory(
 ) -> BaseMemory:
     """Expected memory of ``model``'s frozen base per device, before FSDP wraps it.
 
-    Under FSDP the frozen parameters (packed weights included) are sharded ``shards`` ways; the
+    Under FSDP and FSDP2 the frozen parameters (packed weights included) are sharded ``shards`` ways; the
     4-bit statistics (absmax, code) live on the layer, outside any parameter, so every device has
     them all. Under DDP and on a single device each device holds everything.
     """
     sharded = replicated = 0
     for parameter in model.parameters():
         if not parameter.requires_grad:
-            sharded += parameter.nbytes
+            sharded += parameter.numel() * parameter.element_size()  # a DTensor's numel is its whole size
     for module in model.modules():
-        if is_bnb_linear(module) and is_quantized_parameter(module.weight):
+        if is_bnb_linear(module) and (is_quantized_parameter(module.weight) or is_sharded(module)):
             replicated += statistics_nbytes(module)
-    return BaseMemory(strategy, devices, shards if strategy == FSDP else 1, sharded, replicated)
+    return BaseMemory(strategy, devices, shards if strategy in (FSDP, FSDP2) else 1, sharded, replicated)
 
 
 def fsdp_shard_count(strategy: Any) -> int:

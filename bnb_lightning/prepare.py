@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,7 @@ from .config import (
     compute_dtype_for_precision,
 )
 from .io.checkpoint import base_fingerprint, frozen_state_keys
-from .quantize import quantize_model
+from .quantize import quantize_model, quantized_with
 from .report import QuantizationReport
 from .restore import restore_point
 from .training.blocks import (
@@ -207,6 +208,7 @@ def prepare_model(
     peft_config: Any = None,
     precision: str | None = None,
     check_base: Callable[[str], None] | None = None,
+    weights: str | os.PathLike | None = None,
 ) -> PreparedModel:
     """Quantize ``model`` and get it ready to train adapters, in place: the whole setup, in its order.
 
@@ -215,10 +217,12 @@ def prepare_model(
 
     1. Checked first, on the model as it is: the options against the model (checkpointing it does
        not have, more uncheckpointed blocks than it has), the PEFT config (a dry run on a meta-device
-       copy of the module tree); :func:`quantize_model` then checks its own input (meta or float64
-       weights, a model quantized with another config) before the first layer changes, and puts a
-       CPU model back if a layer fails.
-    2. Quantize, layer by layer, onto ``device``.
+       copy of the module tree, so a model on the meta device is checked too); :func:`quantize_model`
+       then checks its own input (meta or float64 weights, a model quantized with another config; with
+       ``weights``, the checkpoint's headers against the model) before the first layer changes, and
+       puts a CPU model back if a layer fails (with ``weights``: leaves the model as it was, on meta).
+    2. Quantize, layer by layer, onto ``device``; with ``weights``, fill the model from that checkpoint
+       while quantizing (:func:`quantize_model` with ``weights``).
     3. From a restore point, so that a failure puts the model back to its just-quantized state
        (quantized layers cannot turn back into the full-precision weights they freed; calling again
        with the same config continues from them): checkpointing; adapters; trainable parameters to
@@ -230,16 +234,22 @@ def prepare_model(
        compiled blocks last.
 
     Args:
-        model: the model, with its weights in memory (a LightningModule, a transformers model, any module).
+        model: the model, with its weights in memory (a LightningModule, a transformers model, any module),
+            or, with ``weights``, built on the meta device.
         config: a :class:`QuantizationConfig` (or what :func:`quantize_model` accepts).
         options: a :class:`TrainingOptions` or a dict of its fields; default ``TrainingOptions()``.
-        device: where the quantized model lives (``None``: where its weights are).
+        device: where the quantized model lives (``None``: where its weights are; with ``weights``, the CPU).
         peft_config: adapters to add, e.g. ``peft.LoraConfig(r=16, target_modules="all-linear")``.
         precision: the Trainer's or Fabric's precision (``"bf16-true"``, ``"bf16-mixed"``, ...): the
             compute dtype of 4-bit layers follows it unless ``config`` sets one, and trainable
             parameters are float32 except under ``"bf16-true"``.
         check_base: called with the base fingerprint before the training fast paths; raise to stop
             (e.g. when the ranks of a distributed run quantized different weights).
+        weights: a checkpoint to fill ``model`` from while quantizing: a ``save_pretrained`` directory
+            (``model.safetensors`` or shards with their index, full precision or bitsandbytes-quantized) or
+            one ``.safetensors`` file, named as the transformers model inside ``model`` names its tensors.
+            Weights ``model`` already has are replaced. A model bnb_lightning already quantized (by an
+            earlier call that failed later on) continues from its quantized layers, as without ``weights``.
 
     Returns:
         A :class:`PreparedModel`: the report and every decision taken.
@@ -250,6 +260,11 @@ def prepare_model(
                                  device="cuda", peft_config=LoraConfig(r=16, target_modules="all-linear"),
                                  precision="bf16-mixed")
         print(prepared.report.summary())
+
+        # The full-precision model never in memory: built empty, filled while quantizing.
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+        prepared = prepare_model(model, device="cuda", peft_config=lora, precision="bf16-mixed", weights=path)
     """
     config = as_quantization_config(config)
     options = as_training_options(options)
@@ -273,7 +288,10 @@ def prepare_model(
     if peft_config is not None:
         check_peft_config(model, peft_config)
 
-    prepared = PreparedModel(model, config, options, quantize_model(model, config, device=device))
+    # A model quantized by an earlier call continues from its layers; its full-precision weights are gone.
+    if quantized_with(model) is not None:
+        weights = None
+    prepared = PreparedModel(model, config, options, quantize_model(model, config, device, weights=weights))
 
     restore = restore_point(model)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from typing import Any
@@ -217,6 +218,7 @@ def quantize_model(
     device: torch.device | str | int | None = None,
     *,
     dry_run: bool = False,
+    weights: str | os.PathLike | None = None,
 ) -> QuantizationReport:
     """Quantize the linear layers of ``model`` in place, one layer at a time, onto ``device``.
 
@@ -236,6 +238,10 @@ def quantize_model(
             of either. Default: NF4 with double quantization.
         device: where the quantized model lives; ``None`` keeps each weight on its current device.
         dry_run: only report what would happen; the model is not touched.
+        weights: a checkpoint (transformers' layout: a directory with ``model.safetensors`` or sharded
+            ``model-*.safetensors`` with their index, or one ``.safetensors`` file) to fill ``model``
+            from, read tensor by tensor and quantized on the way; ``model`` may then be on the meta
+            device. See :func:`bnb_lightning.io.loading.quantize_from_checkpoint`.
 
     Returns:
         A :class:`QuantizationReport`: each layer converted or skipped and why, bytes before and
@@ -246,12 +252,18 @@ def quantize_model(
             bitsandbytes does not quantize, already quantized with another config); nothing changed.
         QuantizationError: a layer failed to quantize. If the original weights were not on the
             accelerator, the model is restored; otherwise the message lists the converted layers.
+        CheckpointError: with ``weights``, a checkpoint that cannot be read or does not fit the model;
+            the model is unchanged.
 
     Example::
 
         report = quantize_model(model, QuantizationConfig(bits=4, compute_dtype="bf16"), device="cuda")
         print(report)
     """
+    if weights is not None:
+        from .io.loading import quantize_from_checkpoint  # imported here: io.loading builds on this module
+
+        return quantize_from_checkpoint(model, weights, config, device, dry_run=dry_run)
     config = as_quantization_config(config)
     target = check_device_supported(_model_device(model) if device is None else as_device(device))
     report = QuantizationReport(
@@ -292,8 +304,9 @@ def quantize_model(
     if on_meta:
         raise ValueError(
             f"{len(on_meta)} parameters have no data yet (meta device), e.g. {on_meta[0]!r}. quantize_model needs "
-            "the weights in memory: load them first, or use replace_with_bnb_linear() with "
-            "set_module_quantized_tensor_to_device() to fill empty layers from a checkpoint."
+            "the weights in memory: load them first, or pass the checkpoint to fill them from while quantizing, "
+            "weights='path/to/model' (a save_pretrained() directory; quantize_model, prepare_model and "
+            "BnbQuantization take it). The model was not changed."
         )
 
     start = time.perf_counter()

@@ -13,6 +13,10 @@ With your own model, a local transformers directory (its tokenizer is used inste
     python examples/qlora_finetune.py --model path/to/model --data my_text.txt \
         --accelerator cuda --precision bf16-mixed --lora-r 16 --activation-memory 24GB
 
+The model is built empty (on the meta device) from the directory's ``config.json`` and filled from
+its safetensors files while it is quantized, ``BnbQuantization(weights=...)``: the full-precision
+model is never in memory, so a model larger than the host's memory loads as its quantized size.
+
 A random model can only learn what its adapters add on top of frozen random weights, so the
 default run learns byte statistics and common words, not language; the loss still falls well
 below the 5.55 of a uniform guess over 256 bytes.
@@ -123,6 +127,9 @@ class CausalLM(pl.LightningModule):
 
     Args:
         model_path: a local transformers model directory; ``None`` builds :func:`tiny_llama`.
+        empty_weights: build ``model_path``'s model from its ``config.json`` alone, on the meta device, in
+            ``configure_model``, for ``BnbQuantization(weights=model_path)`` to fill while quantizing.
+            ``False``: load it whole with ``from_pretrained``.
         hidden_size: width of the tiny Llama (ignored with ``model_path``).
         num_layers: depth of the tiny Llama (ignored with ``model_path``).
         lr: AdamW learning rate of the adapters.
@@ -134,17 +141,31 @@ class CausalLM(pl.LightningModule):
         hidden_size: int = 128,
         num_layers: int = 2,
         lr: float = 3e-3,
+        empty_weights: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if empty_weights and model_path is None:
+            raise ValueError("empty_weights=True builds model_path's model empty; pass model_path too.")
+        self.model: torch.nn.Module | None = None
         if model_path is None:
             self.model = tiny_llama(hidden_size, num_layers)
-        else:
+        elif not empty_weights:
             from transformers import AutoModelForCausalLM
 
             # from_pretrained returns the model in eval mode, and Lightning keeps each module's mode.
             self.model = AutoModelForCausalLM.from_pretrained(model_path).train()
         self.lr = lr
+
+    def configure_model(self) -> None:
+        # Lightning calls this after the callbacks' setup; BnbQuantization fills the model right after it.
+        if self.model is None:
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            with torch.device("meta"):
+                self.model = AutoModelForCausalLM.from_config(
+                    AutoConfig.from_pretrained(self.hparams.model_path)
+                )
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         # transformers shifts the labels itself: position t is scored on predicting token t + 1.
@@ -187,7 +208,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="QLoRA fine-tuning with PyTorch Lightning and BnbQuantization."
     )
-    parser.add_argument("--model", help="local transformers model directory (default: a tiny random Llama)")
+    parser.add_argument(
+        "--model",
+        help="local transformers model directory, built on the meta device and filled from its safetensors while "
+        "quantizing (default: a tiny random Llama)",
+    )
     parser.add_argument("--data", help=f"UTF-8 text file to train on (default: {DEFAULT_DATA.name})")
     parser.add_argument("--bits", type=int, choices=(4, 8), default=4)
     parser.add_argument(
@@ -226,8 +251,9 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = (
         config=QuantizationConfig(bits=args.bits, quant_type=args.quant_type),
         peft_config=lora_config(args.lora_r),
         activation_memory=args.activation_memory,
+        weights=args.model,  # None: the tiny Llama, in memory
     )
-    module = CausalLM(model_path=args.model, lr=args.lr)
+    module = CausalLM(model_path=args.model, empty_weights=args.model is not None, lr=args.lr)
     data = TextDataModule(
         args.data, tokenizer_path=args.model, seq_len=args.seq_len, batch_size=args.batch_size
     )

@@ -217,9 +217,13 @@ def test_refuses_double_precision(tmp_path):
         trainer(tmp_path, [BnbQuantization()], precision="64-true").fit(CausalLM(), batches())
 
 
-def test_refuses_unsupported_strategy(tmp_path):
-    with pytest.raises(RuntimeError, match="ModelParallelStrategy.*single device and DDP"):
-        trainer(tmp_path, [BnbQuantization()], strategy=ModelParallelStrategy()).fit(CausalLM(), batches())
+def test_model_parallel_with_its_default_distributed_checkpoints_is_refused_before_quantizing(tmp_path):
+    module = CausalLM()
+    with pytest.raises(
+        RuntimeError, match="save_distributed_checkpoint=True.*save_distributed_checkpoint=False"
+    ):
+        trainer(tmp_path, [BnbQuantization()], strategy=ModelParallelStrategy()).fit(module, batches())
+    assert not any(is_bnb_linear(m) for m in module.modules())
 
 
 def test_refuses_float_storage_the_precision_would_cast(tmp_path):

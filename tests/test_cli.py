@@ -130,3 +130,49 @@ def test_activation_memory_in_yaml_nested_or_flat(cli, tmp_path, memory):
         else:
             assert callback.activation_plan.modes == expected
     assert built[0] == built[1]
+
+
+def test_a_model_built_empty_and_filled_from_yaml(cli, tmp_path):
+    """model.empty_weights with the callback's weights: the YAML form of ``qlora_finetune.py --model DIR``."""
+    import qlora_finetune
+    from test_example import save_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model_dir = tmp_path / "model"
+    vocab_size = save_tokenizer(qlora_finetune, model_dir)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    LlamaForCausalLM(config).save_pretrained(model_dir, max_shard_size="40KB")
+    yaml_config = yaml.safe_load(CONFIG.read_text())
+    _callback_args(yaml_config)["weights"] = str(model_dir)
+    yaml_config["model"].update(model_path=str(model_dir), empty_weights=True)
+    yaml_config["data"].update(seq_len=32, batch_size=4)
+    path = tmp_path / "meta.yaml"
+    path.write_text(yaml.safe_dump(yaml_config))
+
+    run = cli.main(
+        ["fit", "--config", str(path), "--trainer.max_steps=2", f"--trainer.default_root_dir={tmp_path}"]
+    )
+
+    (callback,) = [c for c in run.trainer.callbacks if isinstance(c, BnbQuantization)]
+    assert callback.weights == str(model_dir)
+    assert len(callback.report.converted) == 14
+    assert {p.device.type for p in run.model.parameters()} == {"cpu"}
+    assert run.trainer.global_step == 2
+
+
+def test_a_missing_weights_directory_in_yaml_is_named(cli, tmp_path):
+    config = yaml.safe_load(CONFIG.read_text())
+    _callback_args(config)["weights"] = str(tmp_path / "no-such-model")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    # The callback's FileNotFoundError, inside jsonargparse's report of the union types it tried.
+    with pytest.raises(ValueError, match=r"weights='.*no-such-model' does not exist"):
+        cli.main(["fit", "--config", str(bad), f"--trainer.default_root_dir={tmp_path}"])

@@ -28,6 +28,7 @@ from bnb_lightning import QuantizationConfig, inject_adapters, quantize_model
 from bnb_lightning.distributed import (
     DDP,
     FSDP,
+    FSDP2,
     SINGLE_DEVICE,
     base_memory,
     check_strategy,
@@ -117,6 +118,33 @@ def test_ddp_fit_on_two_cpu_processes(tmp_path, bits):
         assert rank["resumed_losses"][0] < rank["losses"][0] - 0.5, (rank["losses"], rank["resumed_losses"])
     assert_equal_adapters(ranks, "resumed_adapters")
     assert len(ranks[0]["resumed_written"]) == 1 and ranks[1]["resumed_written"] == []
+
+
+def test_fsdp2_fit_on_two_cpu_processes_trains_exactly_as_ddp_and_resumes(tmp_path):
+    """ModelParallelStrategy (FSDP2): the callback quantizes, then shards one unit per block; packed 4-bit
+    weights shard as uint8. Same data, same steps: the losses and adapters of DDP, to the bit."""
+    ddp = fit_on_ranks(tmp_path / "ddp", "--strategy", "ddp", "--bits", "4")
+    ranks = fit_on_ranks(tmp_path / "fsdp2", "--strategy", "fsdp2", "--bits", "4")
+
+    for rank, reference in zip(ranks, ddp, strict=True):
+        assert rank["losses"] == reference["losses"]
+        assert rank["losses"][-1] < rank["losses"][0] - 0.5, rank["losses"]
+    assert_equal_adapters(ranks, "adapters")
+    assert all(torch.equal(ranks[0]["adapters"][n], a) for n, a in ddp[0]["adapters"].items())
+    logs = ranks[0]["logs"]
+    assert any("sharded with FSDP2 over 2 devices: 2 blocks" in line for line in logs)
+    assert any("under FSDP2 over 2 devices" in line and "sharded 2 ways" in line for line in logs)
+    assert ranks[1]["logs"] == [] or not any("FSDP2" in line for line in ranks[1]["logs"])
+    # Rank zero writes an adapter-only checkpoint, gathered without the frozen base.
+    assert ranks[0]["written"] == [ranks[0]["checkpoint"]] and ranks[1]["written"] == []
+    checkpoint = torch.load(ranks[0]["checkpoint"], weights_only=False)
+    assert set(checkpoint["state_dict"]) == set(ranks[0]["adapters"])
+    assert checkpoint["callbacks"]["BnbQuantization"]["adapter_only"] is True
+    # Resumed from it on both ranks: the adapters load into the shards, training goes on from step 8.
+    for rank in ranks:
+        assert rank["resumed_global_step"] == STEPS + RESUME_STEPS
+        assert rank["resumed_losses"][0] < rank["losses"][0] - 0.5, (rank["losses"], rank["resumed_losses"])
+    assert_equal_adapters(ranks, "resumed_adapters")
 
 
 @pytest.mark.parametrize(
@@ -330,11 +358,48 @@ def test_strategy_kinds():
     assert strategy_kind(SingleDeviceStrategy("cpu")) == SINGLE_DEVICE
     assert strategy_kind(DDPStrategy()) == DDP
     assert strategy_kind(FSDPStrategy()) == FSDP
+    assert strategy_kind(ModelParallelStrategy()) == FSDP2
 
 
-def test_refuses_model_parallel_naming_what_works():
-    with pytest.raises(RuntimeError, match="ModelParallelStrategy: it shards parameters as DTensors.*FSDP"):
-        strategy_kind(ModelParallelStrategy())
+def fsdp2(**kwargs) -> ModelParallelStrategy:
+    return ModelParallelStrategy(
+        **{"data_parallel_size": 2, "tensor_parallel_size": 1, "save_distributed_checkpoint": False, **kwargs}
+    )
+
+
+def test_fsdp2_accepts_data_parallel_4bit_with_full_checkpoints():
+    assert check_strategy(fsdp2(), QuantizationConfig(), "bf16-true", adapter_only=True) == FSDP2
+    # Packed weights shard as uint8: no floating quant_storage is needed, unlike FSDP1's.
+    assert (
+        check_strategy(fsdp2(), QuantizationConfig(quant_storage="uint8"), "32-true", adapter_only=True)
+        == FSDP2
+    )
+
+
+@pytest.mark.parametrize(
+    ("strategy", "config", "kwargs", "message"),
+    [
+        (
+            fsdp2(tensor_parallel_size=2),
+            QuantizationConfig(),
+            {},
+            "tensor_parallel_size=2.*tensor_parallel_size=1",
+        ),
+        (fsdp2(tensor_parallel_size="auto"), QuantizationConfig(), {}, "tensor_parallel_size='auto'"),
+        (fsdp2(), QuantizationConfig(bits=8), {}, "8-bit .* FSDP2.*bits=4"),
+        (fsdp2(), QuantizationConfig(), {"exports": True}, "export_adapters_to.*ModelParallelStrategy"),
+        (fsdp2(), QuantizationConfig(), {"offload": True}, "offload.*ModelParallelStrategy.*'recompute'"),
+        (
+            fsdp2(save_distributed_checkpoint=True),
+            QuantizationConfig(),
+            {},
+            "save_distributed_checkpoint=True.*save_distributed_checkpoint=False",
+        ),
+    ],
+)
+def test_fsdp2_refusals_name_the_fix(strategy, config, kwargs, message):
+    with pytest.raises((RuntimeError, ValueError), match=message):
+        check_strategy(strategy, config, "bf16-true", adapter_only=True, **kwargs)
 
 
 def test_refuses_deepspeed_naming_what_works():
@@ -384,6 +449,15 @@ def test_multi_gpu_benchmark_smoke_run_on_cpu(tmp_path):
     assert ddp["tokens_per_s"] > 0 and len(ddp["tokens_per_s_per_device"]) == 2
     assert ddp["base_bytes_per_device"] == [ddp["base_bytes_expected"]] * 2
     assert rows["fsdp"] == {"strategy": "fsdp", "status": "skipped", "reason": "torch's FSDP needs a GPU"}
+    fsdp2 = rows["fsdp2"]
+    assert fsdp2["status"] == "measured", fsdp2
+    assert fsdp2["adapters_equal"] and fsdp2["checkpoint_written_once"] and fsdp2["resumed"]
+    # Each rank holds its shard of the frozen base plus every 4-bit statistic, as the memory math says.
+    assert fsdp2["base_bytes_per_device"] == [fsdp2["base_bytes_expected"]] * 2
+    assert (
+        fsdp2["base_bytes_total"] == ddp["base_bytes_total"]
+        and fsdp2["base_bytes_expected"] < 0.6 * ddp["base_bytes_expected"]
+    )
 
 
 def test_4bit_layers_keep_a_weight_view_that_lost_its_quant_state(tokens):

@@ -109,10 +109,10 @@ def test_example_trains_only_the_adapters(example, bits, steps, packed_dtype):
     assert lora and unchanged_lora == []
 
 
-def test_example_with_a_local_transformers_model(example, tmp_path):
-    """``--model DIR`` loads a saved model and its own tokenizer (here a GPT-2 with Conv1D layers)."""
+def save_tokenizer(example, directory: Path) -> int:
+    """A small byte-level BPE tokenizer trained on the example's corpus, saved into ``directory``; its vocabulary size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -123,9 +123,17 @@ def test_example_with_a_local_transformers_model(example, tmp_path):
             vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
         ),
     )
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(tmp_path)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(directory)
+    return tokenizer.get_vocab_size()
+
+
+def test_example_with_a_local_transformers_model(example, tmp_path):
+    """``--model DIR`` loads a saved model and its own tokenizer (here a GPT-2 with Conv1D layers)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    vocab_size = save_tokenizer(example, tmp_path)
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=tokenizer.get_vocab_size(), n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    config = GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=64)
     GPT2LMHeadModel(config).save_pretrained(tmp_path)
 
     result = example.main(
@@ -135,6 +143,44 @@ def test_example_with_a_local_transformers_model(example, tmp_path):
     assert len(result["losses"]) == 3 and all(torch.isfinite(torch.tensor(result["losses"])))
     assert len(result["report"].converted) == 8  # 2 blocks x (c_attn, c_proj, c_fc, mlp.c_proj)
     assert result["report"].skipped == {"model.lm_head": "tied weights"}
+
+
+def test_example_model_is_built_empty_and_filled_from_its_files(example, tmp_path):
+    """``--model DIR``: built on meta from config.json, filled from the (sharded, bfloat16) files while quantizing."""
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab_size = save_tokenizer(example, tmp_path)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="40KB")
+    files = {}
+    for file in tmp_path.glob("model-*-of-*.safetensors"):
+        files.update(load_file(file))
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 2
+
+    result = example.main(
+        ["--model", str(tmp_path), *"--max-steps 3 --seq-len 32 --batch-size 4 --lora-r 4".split()]
+    )
+
+    assert result["callback"].weights == str(tmp_path)
+    assert result["module"].hparams.empty_weights is True
+    assert len(result["losses"]) == 3 and all(torch.isfinite(torch.tensor(result["losses"])))
+    assert len(result["report"].converted) == 14
+    assert result["report"].skipped == {"model.lm_head": "tied weights"}
+    model = result["module"].model
+    # The frozen embeddings (tied to the lm_head) are the file's, in the file's dtype.
+    assert torch.equal(model.get_input_embeddings().weight, files["model.embed_tokens.weight"])
+    assert model.lm_head.weight is model.get_input_embeddings().weight
 
 
 @pytest.mark.parametrize("script", ["fabric_qlora", "plain_qlora"])

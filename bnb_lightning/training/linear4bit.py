@@ -79,9 +79,10 @@ class Fused:
     """Mixin for ``bnb.nn.Linear4bit``: under ``torch.compile``, dequantize in traceable torch ops."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        quant_state = self.weight.quant_state
-        # Eager code keeps bitsandbytes' kernels; so does a parameter whose state a wrapper dropped
-        # (bitsandbytes' forward restores it from the layer).
+        # A weight FSDP2 gathered is a plain tensor: its quant state stays on the layer, where
+        # bitsandbytes keeps a copy for such wrappers.
+        quant_state = getattr(self.weight, "quant_state", None) or getattr(self, "quant_state", None)
+        # Eager code keeps bitsandbytes' kernels (its forward restores a dropped state from the layer).
         if not torch.compiler.is_compiling() or quant_state is None:
             return super().forward(x)
         inp_dtype = x.dtype

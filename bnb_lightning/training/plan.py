@@ -168,7 +168,7 @@ def measure_block(block: nn.Module, args: tuple, kwargs: dict) -> BlockCost:
         if mlp is not None:
             mlp.tile_tokens = PROBE_TILE_TOKENS if tiled else None
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            block(*args, **kwargs)
+            _call_unhooked_if_sharded(block)(*args, **kwargs)
             saved, largest = sum(seen.values()), max(seen.values(), default=0)
             seen.clear()
             if mlp is not None:
@@ -193,6 +193,20 @@ def measure_block(block: nn.Module, args: tuple, kwargs: dict) -> BlockCost:
         # Over tiles, the MLP's intermediates are inside the tiles' checkpoints, not among the saved.
         largest_outside_mlp=largest if tiled else 0,
     )
+
+
+def _call_unhooked_if_sharded(block: nn.Module) -> Callable[..., Any]:
+    """How to call ``block`` from inside its own forward pre-hook.
+
+    An FSDP2 unit has gathered its parameters in a pre-hook that ran before the planner's; calling it
+    again would run that unit's hooks a second time, and its post-hook would shard the parameters again
+    under the forward still to come. Its ``forward`` alone runs on the gathered parameters.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without distributed support
+        return block
+    return block.forward if isinstance(block, FSDPModule) else block
 
 
 def device_budget(device: torch.device) -> int:

@@ -5,6 +5,7 @@ subprocess. Each rank writes what it saw to ``--out``/rank<N>.pt: losses, its ad
 its checkpoint IO wrote, the log lines it emitted, the steps after resuming.
 
     python tests/scripts/distributed_fit.py --out /tmp/run --strategy ddp     # 2 CPU processes, gloo
+    python tests/scripts/distributed_fit.py --out /tmp/run --strategy fsdp2   # ModelParallelStrategy, gloo
     python tests/scripts/distributed_fit.py --out /tmp/run --strategy fsdp --accelerator cuda --devices 1
 """
 
@@ -43,6 +44,10 @@ class CausalLM(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+    def configure_model(self):
+        # ModelParallelStrategy requires this hook; the model is built already, and BnbQuantization shards it.
+        pass
 
 
 class RecordingCheckpointIO(TorchCheckpointIO):
@@ -83,6 +88,11 @@ def adapters(trainer: pl.Trainer, module: torch.nn.Module) -> dict[str, torch.Te
             if p.requires_grad
         }
 
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in module.parameters()):  # FSDP2: gathered from the shards
+        return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().float().clone()
+                for n, p in module.named_parameters() if p.requires_grad}  # fmt: skip
     if not is_fsdp_wrapped(module):
         return read()
     with FullyShardedDataParallel.summon_full_params(trainer.model, writeback=False):
@@ -100,12 +110,19 @@ def make_trainer(
         gradient_checkpointing=True if args.compile and not args.offload else None,
         activation_memory="offload" if args.offload else None,
         # Under FSDP exports are refused (rank zero holds only a shard of the adapters).
-        export_adapters_to=None if args.strategy == "fsdp" else str(out / "adapters"),
+        export_adapters_to=None if args.strategy in ("fsdp", "fsdp2") else str(out / "adapters"),
     )
+    strategy = args.strategy
+    if strategy == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(
+            data_parallel_size=args.devices, tensor_parallel_size=1, save_distributed_checkpoint=False
+        )
     trainer = pl.Trainer(
         accelerator=args.accelerator,
         devices=args.devices,
-        strategy=args.strategy,
+        strategy=strategy,
         precision=args.precision,
         max_steps=steps,
         callbacks=[callback, ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=steps)],

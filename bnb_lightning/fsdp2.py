@@ -1,0 +1,61 @@
+"""FSDP2 over a quantized model: torch's ``fully_shard``, as Lightning's ``ModelParallelStrategy`` runs it.
+
+FSDP2 shards each parameter on its own (a ``DTensor`` split along its first dimension), whatever its
+dtype, instead of flattening a unit's parameters into one tensor of one dtype as FSDP1 does. So:
+
+- packed 4-bit weights shard as they are, in ``uint8``: no floating ``quant_storage`` is needed, and
+  none of FSDP1's casting hazards exist;
+- frozen parameters get no gradient memory (FSDP1 allocates a flat gradient for a unit that mixes
+  frozen and trainable parameters), so a block's quantized weights and its adapters can share one
+  unit: one unit per transformer block, plus the model's root for the embeddings, final norm and
+  output layer;
+- a 4-bit layer's quantization statistics (its ``quant_state``: absmax, code, shape) are not
+  parameters: they stay whole on every rank, on the layer, where bitsandbytes' ``Linear4bit`` (and
+  the fused training layer) read them once FSDP2 has gathered the packed weight for the forward.
+
+LLM.int8 weights keep their row statistics on the parameter itself, which a gathered weight lacks:
+8-bit is refused under FSDP2, as under FSDP1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .training.blocks import checkpointable_blocks, transformer_blocks, transformers_models
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` is a ``DTensor`` already (FSDP2 or tensor parallelism applied)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(parameter, DTensor) for parameter in model.parameters())
+
+
+def shard_model(model: nn.Module, mesh: Any, reshard_after_forward: bool = True) -> int:
+    """``fully_shard`` each transformer block of ``model``, then each outermost model around them; returns
+    how many blocks became units.
+
+    The outer models (the transformers models inside ``model``, else ``model`` itself) hold what is
+    left: the embeddings, the final norm and the output layer, sharded too rather than copied on
+    every rank (4 GiB in bfloat16 for a 70B's, at a 128k vocabulary).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = checkpointable_blocks(model) or transformer_blocks(model)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    for outer in transformers_models(model) or [model]:
+        fully_shard(outer, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    return len(blocks)
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters of a sharded ``model``, whole and in CPU memory (on rank zero; others get
+    theirs too), without gathering the frozen base: what an adapter-only checkpoint needs."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_model_state_dict(model, options=options)
