@@ -23,13 +23,18 @@ VOCAB = 256
 
 
 def tiny_llama(
-    tie: bool = True, dtype: torch.dtype = torch.float32, seed: int = 0, hidden: int = 64, layers: int = 2
+    tie: bool = True,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    hidden: int = 64,
+    layers: int = 2,
+    vocab: int = VOCAB,
 ):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,

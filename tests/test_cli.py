@@ -135,21 +135,12 @@ def test_activation_memory_in_yaml_nested_or_flat(cli, tmp_path, memory):
 def test_a_model_built_empty_and_filled_from_yaml(cli, tmp_path):
     """model.empty_weights with the callback's weights: the YAML form of ``qlora_finetune.py --model DIR``."""
     import qlora_finetune
+    from conftest import tiny_llama
     from test_example import save_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     model_dir = tmp_path / "model"
     vocab_size = save_tokenizer(qlora_finetune, model_dir)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    LlamaForCausalLM(config).save_pretrained(model_dir, max_shard_size="40KB")
+    tiny_llama(tie=False, vocab=vocab_size).save_pretrained(model_dir, max_shard_size="40KB")
     yaml_config = yaml.safe_load(CONFIG.read_text())
     _callback_args(yaml_config)["weights"] = str(model_dir)
     yaml_config["model"].update(model_path=str(model_dir), empty_weights=True)

@@ -147,22 +147,11 @@ def test_example_with_a_local_transformers_model(example, tmp_path):
 
 def test_example_model_is_built_empty_and_filled_from_its_files(example, tmp_path):
     """``--model DIR``: built on meta from config.json, filled from the (sharded, bfloat16) files while quantizing."""
+    from conftest import tiny_llama
     from safetensors.torch import load_file
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     vocab_size = save_tokenizer(example, tmp_path)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="40KB")
+    tiny_llama(dtype=torch.bfloat16, vocab=vocab_size).save_pretrained(tmp_path, max_shard_size="40KB")
     files = {}
     for file in tmp_path.glob("model-*-of-*.safetensors"):
         files.update(load_file(file))

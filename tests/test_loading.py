@@ -12,16 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import init_empty_weights
+from conftest import tiny_gpt2, tiny_opt
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
     BitsAndBytesConfig,
-    GPT2Config,
-    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
-    OPTConfig,
-    OPTForCausalLM,
 )
 
 from bnb_lightning import QuantizationConfig, quantize_model
@@ -93,7 +90,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         quantized.save_pretrained(paths[name], max_shard_size="20KB")
     torch.manual_seed(0)
     paths["gpt2"] = root / "gpt2"
-    _gpt2().save_pretrained(paths["gpt2"])
+    tiny_gpt2().save_pretrained(paths["gpt2"])
     return paths
 
 
@@ -210,25 +207,8 @@ def test_prequantized_checkpoint_loads_as_it_is(checkpoints, scheme):
         assert torch.equal(model(_tokens()).logits, reference(_tokens()).logits)
 
 
-def _gpt2() -> nn.Module:
-    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128))
-
-
-def _opt() -> nn.Module:
-    config = OPTConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        ffn_dim=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        word_embed_proj_dim=64,
-        max_position_embeddings=128,
-    )
-    return OPTForCausalLM(config)
-
-
 @pytest.mark.parametrize("scheme", ["nf4-double-quant", "int8"])
-@pytest.mark.parametrize("build", [_gpt2, _opt], ids=["gpt2-conv1d", "opt-biases"])
+@pytest.mark.parametrize("build", [tiny_gpt2, tiny_opt], ids=["gpt2-conv1d", "opt-biases"])
 def test_conv1d_and_biases(tmp_path, build, scheme):
     """GPT-2's Conv1D (weights stored transposed) and OPT's biased linears: as quantize_model makes them."""
     torch.manual_seed(0)
