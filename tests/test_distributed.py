@@ -124,7 +124,7 @@ def test_fsdp2_fit_on_two_cpu_processes_trains_exactly_as_ddp_and_resumes(tmp_pa
     """ModelParallelStrategy (FSDP2): the callback quantizes, then shards one unit per block; packed 4-bit
     weights shard as uint8. Same data, same steps: the losses and adapters of DDP, to the bit."""
     ddp = fit_on_ranks(tmp_path / "ddp", "--strategy", "ddp", "--bits", "4")
-    ranks = fit_on_ranks(tmp_path / "fsdp2", "--strategy", "fsdp2", "--bits", "4")
+    ranks = fit_on_ranks(tmp_path / "fsdp2", "--strategy", "fsdp2", "--bits", "4", "--straight")
 
     for rank, reference in zip(ranks, ddp, strict=True):
         assert rank["losses"] == reference["losses"]
@@ -145,6 +145,12 @@ def test_fsdp2_fit_on_two_cpu_processes_trains_exactly_as_ddp_and_resumes(tmp_pa
         assert rank["resumed_global_step"] == STEPS + RESUME_STEPS
         assert rank["resumed_losses"][0] < rank["losses"][0] - 0.5, (rank["losses"], rank["resumed_losses"])
     assert_equal_adapters(ranks, "resumed_adapters")
+    # Exact resume: the first fit and the resumed one are the straight run, loss for loss, to the bit.
+    for rank in ranks:
+        assert rank["losses"] + rank["resumed_losses"] == rank["straight_losses"]
+    assert all(
+        torch.equal(ranks[0]["straight_adapters"][n], a) for n, a in ranks[0]["resumed_adapters"].items()
+    )
 
 
 @pytest.mark.parametrize(

@@ -148,6 +148,9 @@ def main() -> None:
     parser.add_argument("--seed-per-rank", action="store_true", help="a different base on each rank")
     parser.add_argument("--compile", action="store_true", help="compile the blocks, checkpointed")
     parser.add_argument("--offload", action="store_true", help="activation_memory='offload'")
+    parser.add_argument(
+        "--straight", action="store_true", help="also fit all the steps in one run, for comparison"
+    )
     args = parser.parse_args()
     # Two processes on a small machine: intra-op threads only slow the tiny ops down.
     torch.set_num_threads(1)
@@ -197,6 +200,14 @@ def main() -> None:
         resumed_global_step=trainer.global_step,
         resumed_written=list(io.written),
     )
+    if args.straight:
+        # The same steps without stopping: what the first fit and the resumed one should add up to.
+        trainer, _ = make_trainer(
+            args, args.out / "straight", RecordingCheckpointIO(), args.steps + args.resume_steps
+        )
+        straight = CausalLM(seed)
+        trainer.fit(straight, batches())
+        result.update(straight_losses=straight.losses, straight_adapters=adapters(trainer, straight))
     torch.save(result, args.out / f"rank{rank}.pt")
 
 
