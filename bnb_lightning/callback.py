@@ -42,7 +42,7 @@ from .distributed import (
 )
 from .fsdp2 import adapter_state_dict, is_sharded, shard_model
 from .io.checkpoint import BaseRecord, FileNamingCheckpointIO
-from .io.export import export_adapters
+from .io.export import base_record, export_adapters
 from .io.merge import MergedExport, export_merged
 from .io.shards import check_weights
 from .prepare import cast_for_training, prepare_model
@@ -147,6 +147,10 @@ class BnbQuantization(Callback):
         self.merged_export: MergedExport | None = None
         self.report: QuantizationReport | None = None
         self.activations: ActivationPlanner | None = None
+        self._sharded = False  # by FSDP2, in `_shard`
+        self._sharded_base: dict[str, Any] | None = (
+            None  # the base record an export of a sharded model writes
+        )
 
     @property
     def activation_plan(self) -> ActivationPlan | None:
@@ -164,7 +168,9 @@ class BnbQuantization(Callback):
         if self._prepared_for(pl_module):
             self._watch_checkpoint_restore(pl_module)
             return
-        # Another module than the one prepared before (or none yet): nothing of a previous one applies.
+        # Another module than the one prepared before (or none yet): nothing of a previous one applies,
+        # not even the adapter-only state an FSDP2 run gave the strategy (see `_shard`).
+        vars(trainer.strategy).pop("lightning_module_state_dict", None)
         self._forget()
         kind = check_trainer(
             trainer,
@@ -172,6 +178,7 @@ class BnbQuantization(Callback):
             adapter_only=not self.save_base_weights,
             exports=bool(self.export_adapters_to or self.export_merged_to),
             offload=asks_offload(self.options.activation_memory),
+            merged_export=bool(self.export_merged_to),
         )
         if any(is_plain_linear(m) or is_bnb_linear(m) for m in pl_module.modules()):
             self._prepare(trainer, pl_module, kind)
@@ -211,9 +218,17 @@ class BnbQuantization(Callback):
         self._restored_trainables = {}
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Under FSDP2 each rank holds pieces of the adapters: every rank takes part in gathering them.
+        tensors = adapter_state_dict(pl_module) if self._sharded and self.export_adapters_to else None
         if trainer.is_global_zero:
             self.merged_export = _export(
-                trainer, pl_module, self.export_adapters_to, self.export_merged_to, self.merge_tolerance
+                trainer,
+                pl_module,
+                self.export_adapters_to,
+                self.export_merged_to,
+                self.merge_tolerance,
+                tensors,
+                self._sharded_base,
             )
         # No rank goes on (and reads an export, say) before rank zero has written it.
         trainer.strategy.barrier("bnb_lightning_export")
@@ -292,6 +307,9 @@ class BnbQuantization(Callback):
     def _shard(self, trainer: pl.Trainer, pl_module: pl.LightningModule, adapter_only: bool) -> None:
         """FSDP2 under ModelParallelStrategy: one unit per block, over the data-parallel ranks."""
         strategy = trainer.strategy
+        # What an adapter export records of the base, which the sharded layers can no longer tell.
+        self._sharded_base = base_record(pl_module) if self.export_adapters_to else None
+        self._sharded = True
         blocks = shard_model(pl_module, strategy.device_mesh["data_parallel"])
         rank_zero_info(
             f"bnb_lightning: sharded with FSDP2 over {strategy.world_size} devices: {blocks} blocks, each a unit of "
@@ -355,10 +373,15 @@ def _export(
     adapters_to: str | os.PathLike | None,
     merged_to: str | os.PathLike | None,
     tolerance: float | None,
+    tensors: dict[str, torch.Tensor] | None = None,
+    base: dict[str, Any] | None = None,
 ) -> MergedExport | None:
-    """The exports asked for at the end of ``fit``; the merged one is checked on a training batch."""
+    """The exports asked for at the end of ``fit``; the merged one is checked on a training batch.
+
+    ``tensors`` and ``base``: a sharded model's gathered adapters and the record of its base, taken before sharding.
+    """
     if adapters_to:
-        path = export_adapters(pl_module, adapters_to)
+        path = export_adapters(pl_module, adapters_to, gathered=tensors, base=base)
         rank_zero_info(f"bnb_lightning: adapters exported in PEFT's format to {path}")
     if not merged_to:
         return None

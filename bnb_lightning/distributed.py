@@ -91,18 +91,21 @@ def check_strategy(
     adapter_only: bool,
     exports: bool = False,
     offload: bool = False,
+    merged_export: bool = False,
 ) -> str:
-    """The strategy's kind (``SINGLE_DEVICE``, ``DDP``, ``FSDP``), once it is known to work with ``config``.
+    """The strategy's kind (``SINGLE_DEVICE``, ``DDP``, ``FSDP``, ``FSDP2``), once it is known to work with ``config``.
+
+    ``exports``: any export at the end of fit is asked for; ``merged_export``: a merged one is.
 
     Raises:
         RuntimeError: an unsupported strategy (see :func:`strategy_kind`); under FSDP, sharded
             adapter-only checkpoints, exports at the end of fit, ``precision='16-true'``, or a single
-            device.
+            device; under FSDP2, tensor parallelism, distributed checkpoints, a merged export.
         ValueError: 8-bit under FSDP, or a ``quant_storage`` FSDP cannot flatten with the precision.
     """
     kind = strategy_kind(strategy)
     if kind == FSDP2:
-        _check_fsdp2(strategy, config, adapter_only, exports, offload)
+        _check_fsdp2(strategy, config, adapter_only, merged_export, offload)
         return kind
     if kind != FSDP:
         return kind
@@ -152,7 +155,7 @@ def check_strategy(
 
 
 def _check_fsdp2(
-    strategy: Any, config: QuantizationConfig, adapter_only: bool, exports: bool, offload: bool
+    strategy: Any, config: QuantizationConfig, adapter_only: bool, merged_export: bool, offload: bool
 ) -> None:
     sizes = {
         "tensor_parallel_size": strategy._tensor_parallel_size,
@@ -171,11 +174,11 @@ def _check_fsdp2(
             "a gathered weight does not carry. Use QuantizationConfig(bits=4) with ModelParallelStrategy, or "
             "strategy='ddp' for 8-bit."
         )
-    if exports:
+    if merged_export:
         raise RuntimeError(
-            "export_adapters_to / export_merged_to are not supported under ModelParallelStrategy yet: rank zero "
-            "holds only its shard of the adapters when fit ends. Export from the adapter-only checkpoint after "
-            "training, on one device."
+            "export_merged_to is not supported under ModelParallelStrategy yet: merging needs the whole quantized "
+            "base on one device, which FSDP2 keeps in shards. Export the adapters (export_adapters_to) and merge "
+            "them on one device with bnb_lightning.export_merged."
         )
     if offload:
         raise RuntimeError(
@@ -220,7 +223,12 @@ _REFUSED_PRECISION_PLUGINS = {
 
 
 def check_trainer(
-    trainer: Any, config: QuantizationConfig, adapter_only: bool, exports: bool, offload: bool = False
+    trainer: Any,
+    config: QuantizationConfig,
+    adapter_only: bool,
+    exports: bool,
+    offload: bool = False,
+    merged_export: bool = False,
 ) -> str:
     """The strategy's kind, once the Trainer's precision plugin, strategy and device work with ``config``.
 
@@ -234,7 +242,13 @@ def check_trainer(
         )
     precision = str(trainer.precision)
     kind = check_strategy(
-        trainer.strategy, config, precision, adapter_only=adapter_only, exports=exports, offload=offload
+        trainer.strategy,
+        config,
+        precision,
+        adapter_only=adapter_only,
+        exports=exports,
+        offload=offload,
+        merged_export=merged_export,
     )
     check_device_supported(trainer.strategy.root_device)
     check_quant_storage(config, precision, fsdp=kind == FSDP)

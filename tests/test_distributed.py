@@ -38,6 +38,7 @@ from bnb_lightning.distributed import (
     fsdp_mixed_precision,
     strategy_kind,
 )
+from bnb_lightning.io.export import base_record
 
 SCRIPT = Path(__file__).parent / "scripts" / "distributed_fit.py"
 BENCHMARK = Path(__file__).parent.parent / "benchmarks" / "multi_gpu.py"
@@ -145,6 +146,22 @@ def test_fsdp2_fit_on_two_cpu_processes_trains_exactly_as_ddp_and_resumes(tmp_pa
         assert rank["resumed_global_step"] == STEPS + RESUME_STEPS
         assert rank["resumed_losses"][0] < rank["losses"][0] - 0.5, (rank["losses"], rank["resumed_losses"])
     assert_equal_adapters(ranks, "resumed_adapters")
+    # The adapter export at the end of fit, gathered from the shards: DDP's, file for file, base record included.
+    from safetensors.torch import load_file
+
+    exported = [
+        load_file(run / "adapters" / "adapter_model.safetensors")
+        for run in (tmp_path / "ddp", tmp_path / "fsdp2")
+    ]
+    assert exported[0].keys() == exported[1].keys() and len(exported[0]) == len(ranks[0]["adapters"])
+    assert all(torch.equal(exported[0][key], exported[1][key]) for key in exported[0])
+    manifest = json.loads((tmp_path / "fsdp2" / "adapters" / "bnb_lightning_export.json").read_text())
+    # The base record was taken before sharding: that of the same base quantized on one device. (DDP's
+    # export has none: bitsandbytes repacked its 4-bit weights for the CPU in the forwards before it.)
+    base = tiny_llama().train()
+    quantize_model(base, QuantizationConfig(bits=4))
+    inject_adapters(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    assert manifest["exports"]["adapters"]["base"] == base_record(base) is not None
     # Exact resume: the first fit and the resumed one are the straight run, loss for loss, to the bit.
     for rank in ranks:
         assert rank["losses"] + rank["resumed_losses"] == rank["straight_losses"]
@@ -393,7 +410,12 @@ def test_fsdp2_accepts_data_parallel_4bit_with_full_checkpoints():
         ),
         (fsdp2(tensor_parallel_size="auto"), QuantizationConfig(), {}, "tensor_parallel_size='auto'"),
         (fsdp2(), QuantizationConfig(bits=8), {}, "8-bit .* FSDP2.*bits=4"),
-        (fsdp2(), QuantizationConfig(), {"exports": True}, "export_adapters_to.*ModelParallelStrategy"),
+        (
+            fsdp2(),
+            QuantizationConfig(),
+            {"exports": True, "merged_export": True},
+            "export_merged_to.*export_merged",
+        ),
         (fsdp2(), QuantizationConfig(), {"offload": True}, "offload.*ModelParallelStrategy.*'recompute'"),
         (
             fsdp2(save_distributed_checkpoint=True),

@@ -16,6 +16,7 @@ import copy
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +67,15 @@ def _tensor_state(module: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def _adapter_state(root: nn.Module, adapter_name: str, save_embedding_layers: bool | str) -> dict:
-    """PEFT's adapter state dict of ``root``: keys relative to ``root``, without the adapter name."""
+def _adapter_state(
+    root: nn.Module, adapter_name: str, save_embedding_layers: bool | str, state: Mapping[str, torch.Tensor]
+) -> dict:
+    """PEFT's adapter state dict of ``root`` from ``state`` (keys relative to ``root``), without the adapter name."""
     from peft import get_peft_model_state_dict
 
     return get_peft_model_state_dict(
         root,
-        state_dict=_tensor_state(root),
+        state_dict=dict(state),
         adapter_name=adapter_name,
         save_embedding_layers=save_embedding_layers,
     )
@@ -194,6 +197,8 @@ def export_adapters(
     adapter_name: str = "default",
     base_model_name_or_path: str | None = None,
     save_embedding_layers: bool | str = "auto",
+    gathered: Mapping[str, torch.Tensor] | None = None,
+    base: dict[str, Any] | None = None,
 ) -> Path:
     """Write the model's adapters as ``PeftModel.save_pretrained`` does, atomically.
 
@@ -218,6 +223,11 @@ def export_adapters(
         base_model_name_or_path: recorded in ``adapter_config.json`` so PEFT can find the base model;
             by default the transformers model's ``name_or_path``.
         save_embedding_layers: as in ``PeftModel.save_pretrained``.
+        gathered: the trainable tensors, whole, by their names in ``model``, for a sharded model whose
+            parameters are pieces (FSDP2: :func:`bnb_lightning.fsdp2.adapter_state_dict`, which every rank
+            calls); default: read from ``model``.
+        base: with ``gathered``, the record of the quantized base (:func:`base_record`) to write, taken
+            before sharding (a sharded model can no longer give it); ignored without ``gathered``.
 
     Returns:
         The export directory.
@@ -232,7 +242,12 @@ def export_adapters(
     """
     root = _require_adapter_root(model, adapter_name)
     check_export_directory(directory, (ADAPTER_CONFIG, ADAPTER_WEIGHTS))
-    state = _adapter_state(root, adapter_name, save_embedding_layers)
+    if gathered is None:
+        own = _tensor_state(root)
+    else:
+        prefix = next(f"{name}." if name else "" for name, module in model.named_modules() if module is root)
+        own = {key[len(prefix) :]: value for key, value in gathered.items() if key.startswith(prefix)}
+    state = _adapter_state(root, adapter_name, save_embedding_layers, own)
     if not state:
         raise ValueError(f"adapter {adapter_name!r} of {type(root).__name__} has no weights to export.")
     # Copies on the CPU: safetensors rejects tensors that share storage or are not contiguous.
@@ -251,7 +266,7 @@ def export_adapters(
     )
     from safetensors.torch import save_file
 
-    record = {"base": base_record(root)}
+    record = {"base": base_record(root) if gathered is None else base}
     with export_directory(
         directory, "adapters", writes=(ADAPTER_CONFIG, ADAPTER_WEIGHTS), record=record
     ) as partial:
@@ -419,7 +434,7 @@ def load_adapters(
         root = _require_adapter_root(model, adapter_name)
         if undo is not None:
             _take_file_dtype(root, tensors)
-        expected = _adapter_state(root, adapter_name, save_embedding_layers=False)
+        expected = _adapter_state(root, adapter_name, False, _tensor_state(root))
         found = {key.removeprefix(PEFT_PREFIX): value for key, value in tensors.items()}
         _check_adapter_tensors(root, expected, found, weights_path)
         if recorded:

@@ -110,7 +110,7 @@ def make_trainer(
         gradient_checkpointing=True if args.compile and not args.offload else None,
         activation_memory="offload" if args.offload else None,
         # Under FSDP exports are refused (rank zero holds only a shard of the adapters).
-        export_adapters_to=None if args.strategy in ("fsdp", "fsdp2") else str(out / "adapters"),
+        export_adapters_to=None if args.strategy == "fsdp" else str(out / "adapters"),
     )
     strategy = args.strategy
     if strategy == "fsdp2":
