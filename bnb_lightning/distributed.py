@@ -105,7 +105,7 @@ def check_strategy(
     """
     kind = strategy_kind(strategy)
     if kind == FSDP2:
-        _check_fsdp2(strategy, config, adapter_only, merged_export, offload)
+        _check_fsdp2(strategy, config, precision, adapter_only, merged_export, offload)
         return kind
     if kind != FSDP:
         return kind
@@ -155,7 +155,12 @@ def check_strategy(
 
 
 def _check_fsdp2(
-    strategy: Any, config: QuantizationConfig, adapter_only: bool, merged_export: bool, offload: bool
+    strategy: Any,
+    config: QuantizationConfig,
+    precision: str,
+    adapter_only: bool,
+    merged_export: bool,
+    offload: bool,
 ) -> None:
     sizes = {
         "tensor_parallel_size": strategy._tensor_parallel_size,
@@ -173,6 +178,13 @@ def _check_fsdp2(
             "8-bit (LLM.int8) weights cannot be sharded by FSDP2: their row statistics live on the parameter, which "
             "a gathered weight does not carry. Use QuantizationConfig(bits=4) with ModelParallelStrategy, or "
             "strategy='ddp' for 8-bit."
+        )
+    if str(precision) == "16-true":
+        # Found on 2 CPU processes: Adam then steps float32 adapters with float16 gradients.
+        raise RuntimeError(
+            "BnbQuantization under ModelParallelStrategy does not support precision='16-true': the adapters train "
+            "in float32, cast when fit starts, after FSDP2 set up their float16 gradients. Use precision='bf16-true', "
+            "'bf16-mixed' or '32-true'."
         )
     if merged_export:
         raise RuntimeError(

@@ -410,6 +410,7 @@ def test_fsdp2_accepts_data_parallel_4bit_with_full_checkpoints():
         ),
         (fsdp2(tensor_parallel_size="auto"), QuantizationConfig(), {}, "tensor_parallel_size='auto'"),
         (fsdp2(), QuantizationConfig(bits=8), {}, "8-bit .* FSDP2.*bits=4"),
+        (fsdp2(), QuantizationConfig(), {"precision": "16-true"}, "16-true.*'bf16-true'"),
         (
             fsdp2(),
             QuantizationConfig(),
@@ -426,8 +427,9 @@ def test_fsdp2_accepts_data_parallel_4bit_with_full_checkpoints():
     ],
 )
 def test_fsdp2_refusals_name_the_fix(strategy, config, kwargs, message):
+    kwargs = {"precision": "bf16-true", **kwargs}
     with pytest.raises((RuntimeError, ValueError), match=message):
-        check_strategy(strategy, config, "bf16-true", adapter_only=True, **kwargs)
+        check_strategy(strategy, config, adapter_only=True, **kwargs)
 
 
 def test_refuses_deepspeed_naming_what_works():
