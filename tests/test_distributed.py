@@ -170,6 +170,19 @@ def test_fsdp2_fit_on_two_cpu_processes_trains_exactly_as_ddp_and_resumes(tmp_pa
     )
 
 
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+def test_fsdp2_trains_under_bfloat16_precisions(tmp_path, precision):
+    ranks = fit_on_ranks(tmp_path, "--strategy", "fsdp2", "--bits", "4", "--precision", precision)
+
+    for rank in ranks:
+        assert rank["losses"][-1] < rank["losses"][0] - 0.5, rank["losses"]
+        assert len(rank["resumed_losses"]) == RESUME_STEPS
+    assert_equal_adapters(ranks, "adapters")
+    # Adapters train in float32 under bf16-mixed, in bfloat16 under bf16-true.
+    wanted = torch.float32 if precision == "bf16-mixed" else torch.bfloat16
+    assert set(ranks[0]["trainable_dtypes"].values()) == {wanted}
+
+
 @pytest.mark.parametrize(
     ("flag", "logged"),
     [

@@ -185,6 +185,7 @@ def main() -> None:
         "fingerprint": callback.state_dict()["base_fingerprint"],
         # What DDP synchronizes gradients of: the parameters that require grad.
         "trainable": sorted(n for n, p in module.named_parameters() if p.requires_grad),
+        "trainable_dtypes": {n: p.dtype for n, p in module.named_parameters() if p.requires_grad},
     }
 
     # Resume in a new Trainer and a new model from the checkpoint the first fit wrote.
