@@ -111,3 +111,33 @@ def test_the_memory_trace_sums_what_is_alive_at_the_peak_by_the_code_that_alloca
     oom = [*events[:4], {"action": "oom", "addr": 0, "size": 4 << 30, "frames": []}, *events[4:]]
     text = trace.peak_breakdown({"device_traces": [oom]})
     assert "out-of-memory error" in text and "the failed request: 4.00 GiB" in text
+
+
+def test_the_loading_benchmark_measures_both_recipes_on_a_small_checkpoint(tmp_path):
+    """benchmarks/loading.py on CPU: each recipe in its own process loads a sharded bf16 checkpoint to 4-bit."""
+    import subprocess
+
+    import torch
+    from conftest import tiny_llama
+
+    tiny_llama(dtype=torch.bfloat16).save_pretrained(tmp_path / "model", max_shard_size="40KB")
+    script = SCRIPT.parent / "loading.py"
+    out = tmp_path / "loading.jsonl"
+    command = [
+        sys.executable,
+        str(script),
+        "--model-dir",
+        str(tmp_path / "model"),
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["recipe"]: row for row in map(json.loads, out.read_text().splitlines())}
+    assert rows.keys() == {"bnb_lightning", "transformers"}
+    for row in rows.values():
+        assert row["seconds"] > 0 and row["quantized_layers"] == 14 and row["files"] > 1
+        assert row["peak_rss_bytes"] >= row["rss_after_imports_bytes"] > 0
+    assert "Time, bnb_lightning ÷ transformers" in result.stdout

@@ -207,6 +207,25 @@ def test_prequantized_checkpoint_loads_as_it_is(checkpoints, scheme):
         assert torch.equal(model(_tokens()).logits, reference(_tokens()).logits)
 
 
+@pytest.mark.parametrize("source", ["sharded", "nf4-double-quant", "int8"])
+def test_a_model_loaded_to_the_cpu_owns_its_memory(checkpoints, tmp_path, source):
+    """safetensors maps its files: what the loader keeps on the CPU must not be a view of them, or saving
+    over the checkpoint later (as a fine-tuning script may) would change the model or crash it."""
+    directory = _copy(checkpoints[source], tmp_path)
+    config = SCHEMES["nf4-double-quant"] if source == "sharded" else PREQUANTIZED_SCHEMES[source][1]
+    model = meta_llama()
+    quantize_model(model, config, "cpu", weights=directory)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    for file in directory.glob("*.safetensors"):  # overwritten in place, then cut short
+        with open(file, "r+b") as handle:
+            handle.write(b"\0" * file.stat().st_size)
+            handle.truncate(8)
+    after = model.state_dict()
+    assert [key for key in before if not torch.equal(after[key], before[key])] == []
+    with torch.no_grad():
+        assert torch.isfinite(model(_tokens()).logits).all()
+
+
 @pytest.mark.parametrize("scheme", ["nf4-double-quant", "int8"])
 @pytest.mark.parametrize("build", [tiny_gpt2, tiny_opt], ids=["gpt2-conv1d", "opt-biases"])
 def test_conv1d_and_biases(tmp_path, build, scheme):

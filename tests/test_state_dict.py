@@ -258,3 +258,14 @@ def test_an_interrupted_save_keeps_the_previous_file(suffix, failing_entry, tmp_
         save_state_dict_file({"weight": torch.ones(2), "broken": failing_entry}, path)
     assert path.read_bytes() == previous
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_a_state_dict_read_from_safetensors_is_not_a_view_of_the_file(tmp_path):
+    """safetensors maps its files; what was read must survive the file being saved over (cut short here)."""
+    path = tmp_path / "state.safetensors"
+    save_state_dict_file({"weight": torch.arange(64.0).view(8, 8)}, path)
+    state = read_state_dict_file(path)
+    with open(path, "r+b") as handle:
+        handle.write(b"\0" * path.stat().st_size)
+        handle.truncate(8)
+    assert torch.equal(state["weight"], torch.arange(64.0).view(8, 8))

@@ -236,6 +236,10 @@ def _read_and_build(
                     failing = key
                     try:
                         tensor = handle.get_tensor(checkpoint.key_in_file(key))
+                        if upload.device.type == "cpu":
+                            # safetensors maps the file: a tensor read to the CPU is a view of it, which
+                            # saving over the file later would change (or, cut short, crash on).
+                            tensor = tensor.clone()
                         if key in load_plan.sources:
                             values[load_plan.sources[key]] = upload(tensor)
                         layer = owners.get(key)

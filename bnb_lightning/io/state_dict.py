@@ -125,7 +125,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
     with safe_open(path, framework="pt", device="cpu") as file:
         metadata = file.metadata() or {}
-        state_dict = {key: file.get_tensor(key) for key in file.keys()}
+        # Copies: safetensors maps the file, and a view of it would change, or crash, when it is saved over.
+        state_dict = {key: file.get_tensor(key).clone() for key in file.keys()}
     return state_dict, json.loads(metadata.get(TIED_METADATA_KEY, "{}"))
 
 
