@@ -278,6 +278,9 @@ class BnbQuantization(Callback):
             precision=str(trainer.precision),
             check_base=functools.partial(check_same_base_on_all_ranks, trainer.strategy),
             weights=self.weights,
+            # Under FSDP2 no rank holds the whole quantized model on its device: the model waits in CPU
+            # memory, and sharding puts each rank's shard on its device.
+            keep_on_host=kind == FSDP2,
         )
         adapter_only = not self.save_base_weights
         if kind == FSDP:
@@ -310,10 +313,11 @@ class BnbQuantization(Callback):
         # What an adapter export records of the base, which the sharded layers can no longer tell.
         self._sharded_base = base_record(pl_module) if self.export_adapters_to else None
         self._sharded = True
-        blocks = shard_model(pl_module, strategy.device_mesh["data_parallel"])
+        blocks = shard_model(pl_module, strategy.device_mesh["data_parallel"], strategy.root_device)
         rank_zero_info(
             f"bnb_lightning: sharded with FSDP2 over {strategy.world_size} devices: {blocks} blocks, each a unit of "
-            "its own, and the model around them."
+            "its own, and the model around them; quantized layer by layer on the device and kept in CPU memory "
+            "until then, so each device holds only its shards."
         )
         if adapter_only:
             # The strategy loads a checkpoint into the module itself, before any hook, with the module's

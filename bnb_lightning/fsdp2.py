@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .backend import is_bnb_linear
 from .training.blocks import checkpointable_blocks, transformer_blocks, transformers_models
 
 
@@ -34,13 +35,18 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(parameter, DTensor) for parameter in model.parameters())
 
 
-def shard_model(model: nn.Module, mesh: Any, reshard_after_forward: bool = True) -> int:
+def shard_model(
+    model: nn.Module, mesh: Any, device: torch.device | None = None, reshard_after_forward: bool = True
+) -> int:
     """``fully_shard`` each transformer block of ``model``, then each outermost model around them; returns
     how many blocks became units.
 
     The outer models (the transformers models inside ``model``, else ``model`` itself) hold what is
     left: the embeddings, the final norm and the output layer, sharded too rather than copied on
-    every rank (4 GiB in bfloat16 for a 70B's, at a 128k vocabulary).
+    every rank (4 GiB in bfloat16 for a 70B's, at a 128k vocabulary). A model kept in CPU memory
+    (``quantize_model(..., keep_on_host=True)``) reaches ``device`` this way: ``fully_shard`` moves each
+    unit's parameters and buffers to the mesh's device and keeps this rank's shard of them; the 4-bit
+    statistics, outside any parameter, are moved to ``device`` after.
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -49,6 +55,11 @@ def shard_model(model: nn.Module, mesh: Any, reshard_after_forward: bool = True)
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     for outer in transformers_models(model) or [model]:
         fully_shard(outer, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    if device is not None:
+        for module in model.modules():
+            quant_state = getattr(module, "quant_state", None)
+            if is_bnb_linear(module) and quant_state is not None:
+                quant_state.to(device)  # in place: the layer and its weight share this object
     return len(blocks)
 
 

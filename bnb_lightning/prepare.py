@@ -209,6 +209,7 @@ def prepare_model(
     precision: str | None = None,
     check_base: Callable[[str], None] | None = None,
     weights: str | os.PathLike | None = None,
+    keep_on_host: bool = False,
 ) -> PreparedModel:
     """Quantize ``model`` and get it ready to train adapters, in place: the whole setup, in its order.
 
@@ -250,6 +251,8 @@ def prepare_model(
             one ``.safetensors`` file, named as the transformers model inside ``model`` names its tensors.
             Weights ``model`` already has are replaced. A model bnb_lightning already quantized (by an
             earlier call that failed later on) continues from its quantized layers, as without ``weights``.
+        keep_on_host: quantize on ``device`` but keep the model in CPU memory, for a strategy that puts
+            each rank's shard on the device itself (FSDP2); activations are still planned for ``device``.
 
     Returns:
         A :class:`PreparedModel`: the report and every decision taken.
@@ -291,7 +294,8 @@ def prepare_model(
     # A model quantized by an earlier call continues from its layers; its full-precision weights are gone.
     if quantized_with(model) is not None:
         weights = None
-    prepared = PreparedModel(model, config, options, quantize_model(model, config, device, weights=weights))
+    report = quantize_model(model, config, device, weights=weights, keep_on_host=keep_on_host)
+    prepared = PreparedModel(model, config, options, report)
 
     restore = restore_point(model)
     try:

@@ -219,6 +219,7 @@ def quantize_model(
     *,
     dry_run: bool = False,
     weights: str | os.PathLike | None = None,
+    keep_on_host: bool = False,
 ) -> QuantizationReport:
     """Quantize the linear layers of ``model`` in place, one layer at a time, onto ``device``.
 
@@ -238,6 +239,9 @@ def quantize_model(
             of either. Default: NF4 with double quantization.
         device: where the quantized model lives; ``None`` keeps each weight on its current device.
         dry_run: only report what would happen; the model is not touched.
+        keep_on_host: quantize each layer on ``device``, then keep it (and the rest of the model) in CPU
+            memory, for a strategy that puts only each rank's shard on the device (FSDP2): the device
+            then never holds more than one layer. 4-bit only.
         weights: a checkpoint (transformers' layout: a directory with ``model.safetensors`` or sharded
             ``model-*.safetensors`` with their index, or one ``.safetensors`` file) to fill ``model``
             from, read tensor by tensor and quantized on the way; ``model`` may then be on the meta
@@ -260,11 +264,18 @@ def quantize_model(
         report = quantize_model(model, QuantizationConfig(bits=4, compute_dtype="bf16"), device="cuda")
         print(report)
     """
+    config = as_quantization_config(config)
+    if keep_on_host and config.bits != 4:
+        raise ValueError(
+            f"keep_on_host=True keeps 4-bit layers in CPU memory for FSDP2 to shard; got bits={config.bits}. "
+            "Use bits=4, or keep_on_host=False to quantize onto the device."
+        )
     if weights is not None:
         from .io.loading import quantize_from_checkpoint  # imported here: io.loading builds on this module
 
-        return quantize_from_checkpoint(model, weights, config, device, dry_run=dry_run)
-    config = as_quantization_config(config)
+        return quantize_from_checkpoint(
+            model, weights, config, device, dry_run=dry_run, keep_on_host=keep_on_host
+        )
     target = check_device_supported(_model_device(model) if device is None else as_device(device))
     report = QuantizationReport(
         bits=config.bits,
@@ -325,6 +336,8 @@ def quantize_model(
         else:
             try:
                 layer = _convert(original, config, upload)
+                if keep_on_host:
+                    layer = layer.to("cpu")  # bitsandbytes moves the packed weight and its quant state
             except Exception as error:
                 _rollback_or_explain(model, replaced, name, error, target)
             model.set_submodule(name, layer)
@@ -336,7 +349,7 @@ def quantize_model(
         report.modules.append(ModuleReport(name, type(original).__name__, CONVERTED, "", before, after))
     if not dry_run:
         if device is not None:
-            _move_rest(model, upload)
+            _move_rest(model, HostToDevice(torch.device("cpu")) if keep_on_host else upload)
         if target.type == "cuda":
             torch.cuda.synchronize(target)  # the copies and kernels run ahead of the host
         report.seconds = time.perf_counter() - start

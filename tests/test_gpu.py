@@ -137,6 +137,28 @@ def test_quantizing_from_the_cpu_matches_quantizing_on_the_device(bits):
         assert got[key].device == value.device and torch.equal(got[key], value), key
 
 
+def test_keep_on_host_quantizes_on_the_device_and_keeps_the_model_in_cpu_memory():
+    """For FSDP2: the device holds one layer at a time, and the model, moved there later, is the same."""
+    kept = llama_on_cpu(hidden=256, layers=2)
+    direct = llama_on_cpu(hidden=256, layers=2)
+    torch.cuda.reset_peak_memory_stats()
+    quantize_model(kept, QuantizationConfig(bits=4), device="cuda", keep_on_host=True)
+    linears = [
+        m.weight for m in direct.modules() if isinstance(m, torch.nn.Linear) and m is not direct.lm_head
+    ]
+    largest = max(w.numel() * w.element_size() for w in linears)
+    whole = sum(p.numel() * p.element_size() for p in direct.parameters())
+    # One full-precision layer and its quantized form at a time; never the embeddings or the whole model.
+    assert torch.cuda.max_memory_allocated() < 4 * largest + (1 << 20) < whole / 4
+    assert all(t.device.type == "cpu" for t in (*kept.parameters(), *kept.buffers()))
+    layer = kept.model.layers[0].mlp.up_proj
+    assert layer.quant_state.absmax.device.type == "cpu" and layer.weight.quant_state is layer.quant_state
+    quantize_model(direct, QuantizationConfig(bits=4), device="cuda")
+    kept.cuda()
+    expected, got = direct.state_dict(), kept.state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(got[k], v) for k, v in expected.items())
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("shape", [(4096, 1024), (96, 200), (130, 70)])

@@ -577,3 +577,16 @@ def test_unusable_device_fails_before_anything_changes(device, error, match):
     with pytest.raises(error, match=match):
         quantize_model(model, QuantizationConfig(), device=device)
     _assert_unchanged(model, snapshot)
+
+
+def test_keep_on_host_gives_the_same_model_in_cpu_memory_and_is_4bit_only():
+    """Quantized on the device, kept in CPU memory (FSDP2 moves each rank's shard): on the CPU, the same model."""
+    kept, direct = tiny_llama(), tiny_llama()
+    quantize_model(kept, QuantizationConfig(bits=4), "cpu", keep_on_host=True)
+    quantize_model(direct, QuantizationConfig(bits=4), "cpu")
+    expected, got = direct.state_dict(), kept.state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(got[k], v) for k, v in expected.items())
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="keep_on_host=True keeps 4-bit layers.*bits=8"):
+        quantize_model(model, QuantizationConfig(bits=8), "cpu", keep_on_host=True)
+    assert not any(is_bnb_linear(m) for m in model.modules())

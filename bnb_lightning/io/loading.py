@@ -86,6 +86,7 @@ def quantize_from_checkpoint(
     *,
     dry_run: bool = False,
     progress: bool | None = None,
+    keep_on_host: bool = False,
 ) -> QuantizationReport:
     """Fill ``model`` (built on meta) from the checkpoint ``weights``, quantizing its linear layers on the way.
 
@@ -102,6 +103,8 @@ def quantize_from_checkpoint(
             nothing, and report estimated sizes.
         progress: a tqdm progress bar (bytes, shard); default only above 1 GiB to read, and in a distributed
             run only on rank zero.
+        keep_on_host: quantize on ``device`` but keep the loaded model in CPU memory (for FSDP2, which then
+            puts each rank's shard on the device), as :func:`~bnb_lightning.quantize_model`'s.
 
     Returns:
         The :class:`QuantizationReport`; layers a pre-quantized checkpoint holds are "already quantized".
@@ -138,8 +141,9 @@ def quantize_from_checkpoint(
     if not dry_run:
         start = time.perf_counter()
         upload = HostToDevice(target)
-        values = _buffers_aside(model, load_plan, upload)
-        built = _read_and_build(checkpoint, load_plan, config, upload, values, progress)
+        place = HostToDevice(torch.device("cpu")) if keep_on_host else upload  # where what is kept goes
+        values = _buffers_aside(model, load_plan, place)
+        built = _read_and_build(checkpoint, load_plan, config, upload, place, values, progress)
         _swap_in(model, load_plan, values, built)
         if target.type == "cuda":
             torch.cuda.synchronize(target)  # the copies and kernels run ahead of the host
@@ -151,18 +155,18 @@ def quantize_from_checkpoint(
 # Loading: one shard, one tensor at a time; everything built aside, then swapped in.
 
 
-def _buffers_aside(model: nn.Module, load_plan: LoadPlan, upload: HostToDevice) -> dict[str, torch.Tensor]:
+def _buffers_aside(model: nn.Module, load_plan: LoadPlan, place: HostToDevice) -> dict[str, torch.Tensor]:
     """The buffers no checkpoint holds, on the device: real ones moved, meta ones computed."""
-    values = {name: upload(model.get_buffer(name)) for name in load_plan.kept}
+    values = {name: place(model.get_buffer(name)) for name in load_plan.kept}
     for owner_name in load_plan.computed:
         owner = model.get_submodule(owner_name)
         # A shallow copy with buffers of its own, for _init_weights to write into: the model's module stays
         # as it is until everything is loaded. NaN shows a float buffer it did not write.
         stand_in = copy.copy(owner)
         stand_in._buffers = {
-            name: torch.full_like(buffer, float("nan"), device=upload.device)
+            name: torch.full_like(buffer, float("nan"), device=place.device)
             if buffer.is_floating_point()
-            else torch.zeros_like(buffer, device=upload.device)
+            else torch.zeros_like(buffer, device=place.device)
             for name, buffer in owner._buffers.items()
             if buffer is not None
         }
@@ -217,6 +221,7 @@ def _read_and_build(
     load_plan: LoadPlan,
     config: QuantizationConfig,
     upload: HostToDevice,
+    place: HostToDevice,
     values: dict[str, torch.Tensor],
     progress: bool | None,
 ) -> dict[str, nn.Module]:
@@ -236,18 +241,18 @@ def _read_and_build(
                     failing = key
                     try:
                         tensor = handle.get_tensor(checkpoint.key_in_file(key))
-                        if upload.device.type == "cpu":
+                        if place.device.type == "cpu":
                             # safetensors maps the file: a tensor read to the CPU is a view of it, which
                             # saving over the file later would change (or, cut short, crash on).
                             tensor = tensor.clone()
                         if key in load_plan.sources:
-                            values[load_plan.sources[key]] = upload(tensor)
+                            values[load_plan.sources[key]] = place(tensor)
                         layer = owners.get(key)
                         if layer is not None:
                             layer.received[key] = tensor
                             if len(layer.received) == len(layer.keys):
                                 failing = layer.weight_key
-                                built[layer.name] = _build(layer, config, upload)
+                                built[layer.name] = _build(layer, config, upload, place)
                                 layer.received.clear()
                     except CheckpointError:
                         raise
@@ -279,22 +284,26 @@ def _stand_in(original: nn.Module, weight: torch.Tensor, bias: torch.Tensor | No
     return stand_in
 
 
-def _build(layer: LoadLayer, config: QuantizationConfig, upload: HostToDevice) -> nn.Module:
-    """The bnb layer on the device: quantized from a full-precision weight, or the pre-quantized one as it is."""
+def _build(
+    layer: LoadLayer, config: QuantizationConfig, upload: HostToDevice, place: HostToDevice
+) -> nn.Module:
+    """The bnb layer where ``place`` puts it: quantized on ``upload``'s device from a full-precision weight, or
+    the pre-quantized one as it is."""
     entries = layer.received
     bias = entries.get(layer.bias_key) if layer.bias_key else None
     if not layer.prequantized:
         # quantize_model's own step, on the checkpoint's tensors: the same layer, byte for byte.
-        return _convert(_stand_in(layer.original, entries[layer.weight_key], bias), config, upload)
+        built = _convert(_stand_in(layer.original, entries[layer.weight_key], bias), config, upload)
+        return built if place is upload else built.to(place.device)
     statistics = {key: entries[key] for key in layer.statistics}
     shape = layer.original.weight.shape
     meta_weight = torch.empty(shape, dtype=_full_precision_dtype(layer, statistics), device="meta")
     built = new_bnb_linear(_stand_in(layer.original, meta_weight, layer.original.bias), config)
     built.weight = prequantized_weight(
-        built, layer.weight_key, entries[layer.weight_key], statistics, upload.device
+        built, layer.weight_key, entries[layer.weight_key], statistics, place.device
     )
     if bias is not None:
-        built.bias = nn.Parameter(upload(bias), requires_grad=False)
+        built.bias = nn.Parameter(place(bias), requires_grad=False)
     setattr(built, _OWN_LAYER, config)
     return built
 
