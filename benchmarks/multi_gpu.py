@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from qlora_bench import SHAPES  # noqa: E402
 
 from bnb_lightning import BnbQuantization, QuantizationConfig  # noqa: E402
-from bnb_lightning.backend import is_bnb_linear  # noqa: E402
+from bnb_lightning.backend import is_bnb_linear, layer_quant_state  # noqa: E402
 from bnb_lightning.distributed import base_memory_for, is_fsdp_wrapped, unwrapped_name  # noqa: E402
 
 STRATEGIES = ("ddp", "fsdp", "fsdp2")
@@ -130,7 +130,7 @@ def local_base_bytes(module: torch.nn.Module) -> int:
         if not is_bnb_linear(layer):
             continue
         # Under FSDP the weight may be a plain view; bitsandbytes keeps the statistics on the layer too.
-        state = getattr(layer.weight, "quant_state", None) or getattr(layer, "quant_state", None)
+        state = layer_quant_state(layer)
         if state is not None:
             total += sum(
                 v.nbytes for v in state.as_dict(packed=False).values() if isinstance(v, torch.Tensor)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import nn
@@ -112,11 +113,16 @@ def module_nbytes(module: nn.Module) -> int:
     return weights + statistics_nbytes(module)
 
 
+def layer_quant_state(layer: nn.Module) -> Any:
+    """A 4-bit layer's quant state: its weight's, else the copy bitsandbytes keeps on the layer for wrappers
+    that replace the weight with a plain tensor (FSDP's views, FSDP2's DTensors); ``None`` if neither has one."""
+    return getattr(layer.weight, "quant_state", None) or getattr(layer, "quant_state", None)
+
+
 def statistics_nbytes(module: nn.Module) -> int:
     """Bytes of a bnb layer's quantization statistics, which live outside its parameters (0 for others)."""
     total = 0
-    # A weight FSDP2 sharded is a DTensor: bitsandbytes keeps the layer's 4-bit state on the layer too.
-    quant_state = getattr(module.weight, "quant_state", None) or getattr(module, "quant_state", None)
+    quant_state = layer_quant_state(module)
     if quant_state is not None:
         total += sum(
             v.nbytes for v in quant_state.as_dict(packed=False).values() if isinstance(v, torch.Tensor)

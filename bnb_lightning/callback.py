@@ -147,10 +147,8 @@ class BnbQuantization(Callback):
         self.merged_export: MergedExport | None = None
         self.report: QuantizationReport | None = None
         self.activations: ActivationPlanner | None = None
-        self._sharded = False  # by FSDP2, in `_shard`
-        self._sharded_base: dict[str, Any] | None = (
-            None  # the base record an export of a sharded model writes
-        )
+        # The base record an adapter export of a model FSDP2 sharded writes (taken in `_shard`).
+        self._sharded_base: dict[str, Any] | None = None
 
     @property
     def activation_plan(self) -> ActivationPlan | None:
@@ -219,7 +217,9 @@ class BnbQuantization(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Under FSDP2 each rank holds pieces of the adapters: every rank takes part in gathering them.
-        tensors = adapter_state_dict(pl_module) if self._sharded and self.export_adapters_to else None
+        gathered = (
+            adapter_state_dict(pl_module) if self.export_adapters_to and is_sharded(pl_module) else None
+        )
         if trainer.is_global_zero:
             self.merged_export = _export(
                 trainer,
@@ -227,7 +227,7 @@ class BnbQuantization(Callback):
                 self.export_adapters_to,
                 self.export_merged_to,
                 self.merge_tolerance,
-                tensors,
+                gathered,
                 self._sharded_base,
             )
         # No rank goes on (and reads an export, say) before rank zero has written it.
@@ -312,7 +312,6 @@ class BnbQuantization(Callback):
         strategy = trainer.strategy
         # What an adapter export records of the base, which the sharded layers can no longer tell.
         self._sharded_base = base_record(pl_module) if self.export_adapters_to else None
-        self._sharded = True
         blocks = shard_model(pl_module, strategy.device_mesh["data_parallel"], strategy.root_device)
         rank_zero_info(
             f"bnb_lightning: sharded with FSDP2 over {strategy.world_size} devices: {blocks} blocks, each a unit of "
@@ -377,15 +376,15 @@ def _export(
     adapters_to: str | os.PathLike | None,
     merged_to: str | os.PathLike | None,
     tolerance: float | None,
-    tensors: dict[str, torch.Tensor] | None = None,
+    gathered: dict[str, torch.Tensor] | None = None,
     base: dict[str, Any] | None = None,
 ) -> MergedExport | None:
     """The exports asked for at the end of ``fit``; the merged one is checked on a training batch.
 
-    ``tensors`` and ``base``: a sharded model's gathered adapters and the record of its base, taken before sharding.
+    ``gathered`` and ``base``: a sharded model's adapters, whole, and the record of its base, taken before sharding.
     """
     if adapters_to:
-        path = export_adapters(pl_module, adapters_to, gathered=tensors, base=base)
+        path = export_adapters(pl_module, adapters_to, gathered=gathered, base=base)
         rank_zero_info(f"bnb_lightning: adapters exported in PEFT's format to {path}")
     if not merged_to:
         return None

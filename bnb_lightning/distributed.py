@@ -399,8 +399,11 @@ def base_memory_for(strategy: Any, model: nn.Module) -> BaseMemory:
     """:func:`base_memory` of ``model`` under a Lightning ``strategy``."""
     kind = strategy_kind(strategy)
     devices = getattr(strategy, "world_size", 1)
-    shards = {FSDP: fsdp_shard_count, FSDP2: lambda strategy: strategy._data_parallel_size}
-    return base_memory(model, kind, devices, shards[kind](strategy) if kind in shards else 1)
+    if kind == FSDP:
+        shards = fsdp_shard_count(strategy)
+    else:
+        shards = strategy._data_parallel_size if kind == FSDP2 else 1
+    return base_memory(model, kind, devices, shards)
 
 
 def unwrapped_name(name: str) -> str:

@@ -146,6 +146,15 @@ def _convert(module: nn.Module, config: QuantizationConfig, upload: HostToDevice
     return layer
 
 
+def check_keep_on_host(config: QuantizationConfig, keep_on_host: bool) -> None:
+    """``keep_on_host`` is for 4-bit layers, which bitsandbytes moves to the CPU with their quant state."""
+    if keep_on_host and config.bits != 4:
+        raise ValueError(
+            f"keep_on_host=True keeps 4-bit layers in CPU memory for FSDP2 to shard; got bits={config.bits}. "
+            "Use bits=4, or keep_on_host=False to quantize onto the device."
+        )
+
+
 def quantized_with(model: nn.Module) -> QuantizationConfig | None:
     """The config ``quantize_model`` quantized ``model``'s layers with, or ``None`` if it quantized none."""
     return next(
@@ -265,17 +274,13 @@ def quantize_model(
         print(report)
     """
     config = as_quantization_config(config)
-    if keep_on_host and config.bits != 4:
-        raise ValueError(
-            f"keep_on_host=True keeps 4-bit layers in CPU memory for FSDP2 to shard; got bits={config.bits}. "
-            "Use bits=4, or keep_on_host=False to quantize onto the device."
-        )
     if weights is not None:
         from .io.loading import quantize_from_checkpoint  # imported here: io.loading builds on this module
 
         return quantize_from_checkpoint(
             model, weights, config, device, dry_run=dry_run, keep_on_host=keep_on_host
         )
+    check_keep_on_host(config, keep_on_host)
     target = check_device_supported(_model_device(model) if device is None else as_device(device))
     report = QuantizationReport(
         bits=config.bits,

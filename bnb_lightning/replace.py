@@ -20,6 +20,7 @@ from .backend import (
     conv1d_class,
     is_plain_linear,
     is_quantized_parameter,
+    layer_quant_state,
     linear_shape,
     require_bitsandbytes,
 )
@@ -97,11 +98,7 @@ def _meta_parameters(layer: nn.Module) -> list[str]:
 def _unquantized_4bit(layer: nn.Module) -> bool:
     # bitsandbytes' 4-bit forward needs a quant state, on the weight or on the layer (from which it restores
     # the one a wrapper dropped); its 8-bit forward quantizes a float weight itself.
-    return (
-        isinstance(layer, require_bitsandbytes().nn.Linear4bit)
-        and getattr(layer.weight, "quant_state", None) is None
-        and getattr(layer, "quant_state", None) is None
-    )
+    return isinstance(layer, require_bitsandbytes().nn.Linear4bit) and layer_quant_state(layer) is None
 
 
 def _is_filled(layer: nn.Module) -> bool:

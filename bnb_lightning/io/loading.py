@@ -53,6 +53,7 @@ from ..quantize import (
     QuantizationError,
     _convert,
     _warn_unmatched_patterns,
+    check_keep_on_host,
     estimated_nbytes,
 )
 from ..replace import new_bnb_linear
@@ -122,6 +123,7 @@ def quantize_from_checkpoint(
         report = quantize_model(model, QuantizationConfig(bits=4), "cuda", weights=path)
     """
     config = as_quantization_config(config)
+    check_keep_on_host(config, keep_on_host)
     target = check_device_supported(torch.device("cpu") if device is None else as_device(device))
     if any(is_bnb_linear(module) for module in model.modules()):
         raise ValueError(
@@ -241,13 +243,15 @@ def _read_and_build(
                     failing = key
                     try:
                         tensor = handle.get_tensor(checkpoint.key_in_file(key))
-                        if place.device.type == "cpu":
+                        layer = owners.get(key)
+                        kept_as_read = key in load_plan.sources or layer.prequantized or key == layer.bias_key
+                        if place.device.type == "cpu" and kept_as_read:
                             # safetensors maps the file: a tensor read to the CPU is a view of it, which
-                            # saving over the file later would change (or, cut short, crash on).
+                            # saving over the file later would change (or, cut short, crash on). A weight
+                            # to quantize needs no copy: quantizing makes new tensors.
                             tensor = tensor.clone()
                         if key in load_plan.sources:
                             values[load_plan.sources[key]] = place(tensor)
-                        layer = owners.get(key)
                         if layer is not None:
                             layer.received[key] = tensor
                             if len(layer.received) == len(layer.keys):

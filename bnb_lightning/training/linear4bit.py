@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backend import require_bitsandbytes
+from ..backend import layer_quant_state, require_bitsandbytes
 from ..config import matmul_dtype
 from .swap import find_layer_subclass, recomputed_weight, remove_layer_subclass, use_layer_subclass
 
@@ -79,9 +79,7 @@ class Fused:
     """Mixin for ``bnb.nn.Linear4bit``: under ``torch.compile``, dequantize in traceable torch ops."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A weight FSDP2 gathered is a plain tensor: its quant state stays on the layer, where
-        # bitsandbytes keeps a copy for such wrappers.
-        quant_state = getattr(self.weight, "quant_state", None) or getattr(self, "quant_state", None)
+        quant_state = layer_quant_state(self)  # a weight FSDP2 gathered is a plain tensor
         # Eager code keeps bitsandbytes' kernels (its forward restores a dropped state from the layer).
         if not torch.compiler.is_compiling() or quant_state is None:
             return super().forward(x)

@@ -498,9 +498,11 @@ class ActivationPlanner:
     def _embeddings_to_host(self) -> HostEmbedding | None:
         """When blocks are offloaded anyway, the frozen input embeddings go to CPU memory too (as Unsloth's do)."""
         reference = next((p for p in self.blocks[0].parameters() if p.device.type != "cpu"), None)
+        if reference is None:
+            return None
         for hf_model in self._hf_models:
             embedding = movable_embedding(self.model, hf_model.get_input_embeddings())
-            if embedding is not None and reference is not None:
+            if embedding is not None:
                 return HostEmbedding(embedding, reference)
         return None
 
