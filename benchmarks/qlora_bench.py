@@ -17,6 +17,7 @@ printed and written to ``--markdown``::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import shlex
@@ -147,6 +148,7 @@ class Measurement:
     seq: int | None = None  # tokens per sequence in its batches
     plan: str | None = None  # the activation plan bnb_lightning chose
     predicted_peak_bytes: int | None = None  # and the peak it predicted
+    plan_cost: dict | None = None  # what it measured: one block's BlockCost, and the static bytes
 
     def profile_name(self) -> str:
         return f"{self.recipe}-{self.bits or 'bf16'}bit-r{self.repeat}"
@@ -434,6 +436,8 @@ def run_bnb(
     if plan is not None:
         result.plan = plan.summary().removeprefix("bnb_lightning: ")
         result.predicted_peak_bytes = plan.predicted_peak
+        if plan.cost is not None:
+            result.plan_cost = {**dataclasses.asdict(plan.cost), "static": plan.static}
     hooks.clock.record(result, setup.batches[0].numel())
 
 

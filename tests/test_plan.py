@@ -241,6 +241,26 @@ def test_a_budget_plans_on_the_first_batch_trains_bitwise_as_recompute_and_plans
     assert planner.plans == 2
 
 
+@pytest.mark.parametrize("mode", ["recompute", "offload"])
+def test_a_block_is_recomputed_under_the_default_dtype_of_its_forward(tokens, mode):
+    # Lightning's "bf16-true" sets the default dtype for the forward pass only. Recomputed under
+    # another, a compiled block failed its guards and compiled again; past torch.compile's recompile
+    # limit it ran eagerly and checkpoint failed ("A different number of tensors was saved").
+    model, _ = prepared_llama(mode)
+    seen = []
+    for block in model.model.layers:
+        block.mlp.register_forward_pre_hook(lambda *_: seen.append(torch.get_default_dtype()))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        loss = model(input_ids=tokens, labels=tokens).loss
+    finally:
+        torch.set_default_dtype(previous)
+    loss.backward()
+    assert seen == [torch.float64] * 8  # 4 forwards, then 4 recomputes
+    assert torch.get_default_dtype() == previous
+
+
 def test_a_budget_with_no_room_for_recompute_offloads_and_tiles_within_float_tolerance(tokens, caplog):
     c, static = measured(tokens)
     reference, _ = prepared_llama("recompute")

@@ -13,6 +13,7 @@ planned again before it runs; a shorter one fits the plan it has.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -319,8 +320,34 @@ def choose_plan(
     return plan(0, most_offloaded, *variants[-1])
 
 
-# What transformers' own checkpointing of a block calls.
-_recompute = functools.partial(checkpoint, use_reentrant=False)
+def _recompute(function: Callable, *args: Any) -> Any:
+    """What transformers' own checkpointing of a block calls (inside a compiled block, when it is)."""
+    if torch.compiler.is_compiling():  # the recompute is part of the compiled graph's backward pass
+        return checkpoint(function, *args, use_reentrant=False)
+    return checkpoint(function, *args, use_reentrant=False, context_fn=_recompute_in_forward_default_dtype())
+
+
+def _recompute_in_forward_default_dtype() -> Callable[[], tuple[Any, Any]]:
+    """``checkpoint``'s ``context_fn``: the recompute runs under the default dtype its forward had.
+
+    Lightning's ``"bf16-true"`` sets the default dtype for the forward pass only. A compiled block
+    recomputed by an eager ``checkpoint`` (an offloaded block) under another default dtype failed its
+    guards and compiled again; past torch.compile's recompile limit it ran eagerly, saved other
+    tensors than its compiled forward had, and ``checkpoint`` failed ("A different number of tensors
+    was saved").
+    """
+    dtype = torch.get_default_dtype()
+    return lambda: (contextlib.nullcontext(), _default_dtype(dtype))
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 class ActivationPlanner:
@@ -548,7 +575,9 @@ def _avoid_fragmentation(device: torch.device, say: Callable[[str], None]) -> No
 def _offloaded_checkpoint(offload: _Offload, function: Callable, *args: Any) -> Any:
     """A checkpointed block whose saved input waits in CPU memory: ``checkpoint`` saves it as the hooks see it."""
     with offload:
-        return checkpoint(function, *args, use_reentrant=False)
+        return checkpoint(
+            function, *args, use_reentrant=False, context_fn=_recompute_in_forward_default_dtype()
+        )
 
 
 def resolve_setting(activation_memory: Any, blocks: int) -> str | int | tuple[str, ...]:
