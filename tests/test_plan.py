@@ -115,6 +115,12 @@ def test_a_tight_budget_offloads_the_first_blocks_and_then_tiles_the_mlp():
     assert (
         measured.count("offload") <= plan.count("offload") and measured.predicted_peak < plan.predicted_peak
     )
+    # With expandable segments the allocator needs room for one largest tensor, not two: a budget
+    # that made the MLP tile without them fits untiled, every block offloaded.
+    tight = budget_for(GIB + 2 * c.input + c.saved + 2 * c.input + 3 * c.largest + c.largest)
+    assert choose_plan(8, c, static=GIB, budget=tight, can_tile=True).mlp_tile_tokens
+    plan = choose_plan(8, c, static=GIB, budget=tight, can_tile=True, expandable_segments=True)
+    assert plan.modes == ("offload",) * 8 and plan.mlp_tile_tokens is None and plan.fits
     # Without offload (FSDP) every block is recomputed, over the budget (the planner warns).
     plan = choose_plan(8, c, static=GIB, budget=budget_for(GIB + transient), allow_offload=False)
     assert plan.modes == ("recompute",) * 8 and not plan.fits
@@ -353,3 +359,16 @@ def test_the_callback_exposes_and_logs_its_plan(tmp_path, caplog):
         fit(tmp_path, CausalLM(), [callback])
     assert callback.activation_plan.modes == ("keep", "keep") and callback.activation_plan.tokens == 32
     assert "activations: 2 blocks kept; predicted peak" in caplog.text
+
+
+def test_the_planner_knows_whether_the_allocator_expands_its_segments(monkeypatch):
+    from bnb_lightning.training.plan import _expandable_segments
+
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    assert not _expandable_segments(torch.device("cpu"))
+    assert _expandable_segments(torch.device("cuda"))  # the planner turns them on once blocks are recomputed
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:128")  # the user's choice is left alone
+    assert not _expandable_segments(torch.device("cuda"))
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:128, expandable_segments:True")
+    assert _expandable_segments(torch.device("cuda"))

@@ -262,6 +262,7 @@ def choose_plan(
     can_tile: bool = False,
     host_bytes: int | None = None,
     vocab: int = 0,
+    expandable_segments: bool = False,
 ) -> ActivationPlan:
     """The fastest modes for ``blocks`` blocks of ``cost`` each that fit ``budget`` above ``static`` bytes.
 
@@ -269,7 +270,8 @@ def choose_plan(
     its input; offload: nothing) + the largest transient: one block recomputed and its gradients
     (the largest saved tensor's three times: an MLP's backward holds that many at once), or the loss
     after the last block. With blocks recomputed, the budget also leaves the allocator room for two
-    of the largest tensors, which it cannot always fit in the gaps between others. Keep the last
+    of the largest tensors, which it cannot always fit in the gaps between others (one with CUDA's
+    ``expandable_segments``, which maps freed memory where the next tensor needs it). Keep the last
     blocks, recompute the middle ones, offload the first ones (whose inputs wait longest, so their
     copies have the most time). If even offloading every block does not fit, MLPs run over sequence
     tiles. The plan still predicts its peak when nothing fits; the caller warns.
@@ -287,7 +289,7 @@ def choose_plan(
         return static + held + max(transient, loss)
 
     def fits(keep: int, recompute: int, offload: int, saved: int, largest: int) -> bool:
-        fragmentation = 2 * largest if keep < blocks else 0
+        fragmentation = (1 if expandable_segments else 2) * largest if keep < blocks else 0
         return peak(keep, recompute, offload, saved, largest) + fragmentation <= limit
 
     def plan(keep: int, offload: int, tile: int | None, saved: int, largest: int) -> ActivationPlan:
@@ -519,6 +521,7 @@ class ActivationPlanner:
             self.allow_offload,
             self._can_tile,
             vocab=self.vocab,
+            expandable_segments=_expandable_segments(self.device),
         )
         return dataclasses.replace(plan, host_embeddings=self._host_embedding is not None)
 
@@ -550,6 +553,25 @@ class ActivationPlanner:
             self._outside.pop().__exit__(None, None, None)
 
 
+_ALLOCATOR_SETTINGS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+
+
+def _allocator_setter() -> Callable[[str], None] | None:
+    return getattr(torch._C, "_accelerator_setAllocatorSettings", None) or getattr(
+        torch.cuda.memory, "_set_allocator_settings", None
+    )
+
+
+def _expandable_segments(device: torch.device) -> bool:
+    """Whether CUDA's allocator uses (or, once blocks are recomputed, will use) expandable segments."""
+    if device.type != "cuda":
+        return False
+    configured = [os.environ[name] for name in _ALLOCATOR_SETTINGS if os.environ.get(name)]
+    if configured:
+        return any("expandable_segments:true" in value.replace(" ", "").lower() for value in configured)
+    return _allocator_setter() is not None  # _avoid_fragmentation turns them on
+
+
 def _avoid_fragmentation(device: torch.device, say: Callable[[str], None]) -> None:
     """Let CUDA's caching allocator grow segments in place, unless the user configured it.
 
@@ -557,10 +579,8 @@ def _avoid_fragmentation(device: torch.device, say: Callable[[str], None]) -> No
     fixed segments the gaps between them add up to gigabytes the next large tensor cannot use (4.4 GiB
     at 65,536 tokens on an 8B shape). Expandable segments (what Unsloth sets on import) avoid it.
     """
-    configured = any(os.environ.get(name) for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"))
-    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or getattr(
-        torch.cuda.memory, "_set_allocator_settings", None
-    )
+    configured = any(os.environ.get(name) for name in _ALLOCATOR_SETTINGS)
+    setter = _allocator_setter()
     if device.type != "cuda" or configured or setter is None or getattr(_avoid_fragmentation, "done", False):
         return
     setter("expandable_segments:True")
