@@ -299,8 +299,9 @@ class BnbQuantization(Callback):
         self.activations = prepared.activations
         if self.activations is not None:
             self.activations.on_plan = rank_zero_info
-            # Sharded parameters are gathered and freed around each block, which the offload was not checked with.
-            self.activations.allow_offload = kind not in (FSDP, FSDP2)
+            # FSDP1's flat parameters are gathered and freed around each block, which the offload was not checked
+            # with; FSDP2 gathers per parameter and trains offloaded blocks exactly as DDP does.
+            self.activations.allow_offload = kind != FSDP
         self._base = BaseRecord(
             prepared.config, prepared.fingerprint, frozenset(prepared.frozen_keys), adapter_only
         )

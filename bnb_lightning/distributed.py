@@ -105,7 +105,7 @@ def check_strategy(
     """
     kind = strategy_kind(strategy)
     if kind == FSDP2:
-        _check_fsdp2(strategy, config, precision, adapter_only, merged_export, offload)
+        _check_fsdp2(strategy, config, precision, adapter_only, merged_export)
         return kind
     if kind != FSDP:
         return kind
@@ -160,7 +160,6 @@ def _check_fsdp2(
     precision: str,
     adapter_only: bool,
     merged_export: bool,
-    offload: bool,
 ) -> None:
     sizes = {
         "tensor_parallel_size": strategy._tensor_parallel_size,
@@ -191,12 +190,6 @@ def _check_fsdp2(
             "export_merged_to is not supported under ModelParallelStrategy yet: merging needs the whole quantized "
             "base on one device, which FSDP2 keeps in shards. Export the adapters (export_adapters_to) and merge "
             "them on one device with bnb_lightning.export_merged."
-        )
-    if offload:
-        raise RuntimeError(
-            "activation_memory='offload' is not supported under ModelParallelStrategy yet (its sharded parameters "
-            "are gathered and freed around each block, which the offload has not been checked with). Use "
-            "'recompute', or strategy='ddp'."
         )
     if adapter_only and getattr(strategy, "_save_distributed_checkpoint", False):
         raise RuntimeError(
