@@ -79,6 +79,10 @@ class BnbQuantization(Callback):
         weights: a checkpoint to fill the model from while quantizing: a ``save_pretrained`` directory
             (full precision or bitsandbytes-quantized) or one ``.safetensors`` file. Weights the model
             already has are replaced; on a refused checkpoint the model stays as it was (on meta).
+        offload_params: under ``ModelParallelStrategy`` (FSDP2), keep each rank's shards of the
+            parameters in CPU memory (FSDP2's ``CPUOffloadPolicy``): a device then holds one block's
+            gathered weights at a time, and the adapters' optimizer step runs on the CPU. For a model
+            whose shards do not fit the devices; slower. Refused under other strategies.
 
     Example::
 
@@ -113,6 +117,7 @@ class BnbQuantization(Callback):
         fuse_4bit_dequantize: bool | None = None,
         activation_memory: str | int | list[str] | None = None,
         weights: str | None = None,
+        offload_params: bool = False,
     ) -> None:
         self.config = as_quantization_config(config)
         self.peft_config = require_peft_config(peft_config) if peft_config is not None else None
@@ -137,6 +142,7 @@ class BnbQuantization(Callback):
             )
         self.merge_tolerance = check_merge_tolerance(merge_tolerance)
         self.weights = check_weights(weights)
+        self.offload_params = check_flag("offload_params", offload_params)
         self._forget()
 
     def _forget(self) -> None:
@@ -168,7 +174,8 @@ class BnbQuantization(Callback):
             return
         # Another module than the one prepared before (or none yet): nothing of a previous one applies,
         # not even the adapter-only state an FSDP2 run gave the strategy (see `_shard`).
-        vars(trainer.strategy).pop("lightning_module_state_dict", None)
+        for name in ("lightning_module_state_dict", "model_to_device"):
+            vars(trainer.strategy).pop(name, None)
         self._forget()
         kind = check_trainer(
             trainer,
@@ -178,6 +185,12 @@ class BnbQuantization(Callback):
             offload=asks_offload(self.options.activation_memory),
             merged_export=bool(self.export_merged_to),
         )
+        if self.offload_params and kind != FSDP2:
+            raise RuntimeError(
+                f"offload_params=True keeps FSDP2's parameter shards in CPU memory, but the strategy is "
+                f"{type(trainer.strategy).__name__}. Use ModelParallelStrategy(data_parallel_size=N, "
+                "tensor_parallel_size=1, save_distributed_checkpoint=False), or drop offload_params."
+            )
         if any(is_plain_linear(m) or is_bnb_linear(m) for m in pl_module.modules()):
             self._prepare(trainer, pl_module, kind)
             return
@@ -313,11 +326,21 @@ class BnbQuantization(Callback):
         strategy = trainer.strategy
         # What an adapter export records of the base, which the sharded layers can no longer tell.
         self._sharded_base = base_record(pl_module) if self.export_adapters_to else None
-        blocks = shard_model(pl_module, strategy.device_mesh["data_parallel"], strategy.root_device)
+        blocks = shard_model(
+            pl_module,
+            strategy.device_mesh["data_parallel"],
+            strategy.root_device,
+            offload_params=self.offload_params,
+        )
+        where = "only its shards"
+        if self.offload_params:
+            # The strategy moves the whole module to the device after this hook; the shards stay where FSDP2 keeps them.
+            strategy.model_to_device = _shards_stay
+            where = "no shards: they stay in CPU memory (offload_params), gathered to the device unit by unit"
         rank_zero_info(
             f"bnb_lightning: sharded with FSDP2 over {strategy.world_size} devices: {blocks} blocks, each a unit of "
             "its own, and the model around them; quantized layer by layer on the device and kept in CPU memory "
-            "until then, so each device holds only its shards."
+            f"until then, so each device holds {where}."
         )
         if adapter_only:
             # The strategy loads a checkpoint into the module itself, before any hook, with the module's
@@ -325,6 +348,10 @@ class BnbQuantization(Callback):
             # checked by its fingerprint). Its state for a checkpoint: the adapters, gathered without the base.
             pl_module.strict_loading = False
             strategy.lightning_module_state_dict = functools.partial(adapter_state_dict, pl_module)
+
+
+def _shards_stay() -> None:
+    """``ModelParallelStrategy.model_to_device`` for a model FSDP2 sharded with CPU offload: nothing to move."""
 
 
 def _call_after(module: pl.LightningModule, hook: str, then: Callable[..., Any], once: bool) -> None:

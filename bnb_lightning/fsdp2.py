@@ -36,7 +36,11 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def shard_model(
-    model: nn.Module, mesh: Any, device: torch.device | None = None, reshard_after_forward: bool = True
+    model: nn.Module,
+    mesh: Any,
+    device: torch.device | None = None,
+    reshard_after_forward: bool = True,
+    offload_params: bool = False,
 ) -> int:
     """``fully_shard`` each transformer block of ``model``, then each outermost model around them; returns
     how many blocks became units.
@@ -47,14 +51,20 @@ def shard_model(
     (``quantize_model(..., keep_on_host=True)``) reaches ``device`` this way: ``fully_shard`` moves each
     unit's parameters and buffers to the mesh's device and keeps this rank's shard of them; the 4-bit
     statistics, outside any parameter, are moved to ``device`` after.
-    """
-    from torch.distributed.fsdp import fully_shard
 
+    ``offload_params``: each rank's shards stay in (pinned) CPU memory instead (FSDP2's
+    ``CPUOffloadPolicy``), copied to the device for each unit's all-gather; the adapters' gradients
+    and optimizer step are then on the CPU too. For when the shards do not fit the devices.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    pinned = device is not None and device.type == "cuda"
+    policy = CPUOffloadPolicy(pin_memory=pinned) if offload_params else OffloadPolicy()
     blocks = checkpointable_blocks(model) or transformer_blocks(model)
     for block in blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, offload_policy=policy)
     for outer in transformers_models(model) or [model]:
-        fully_shard(outer, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(outer, mesh=mesh, reshard_after_forward=reshard_after_forward, offload_policy=policy)
     if device is not None:
         for module in model.modules():
             quant_state = getattr(module, "quant_state", None)

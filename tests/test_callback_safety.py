@@ -153,6 +153,17 @@ def test_gradient_checkpointing_on_a_model_without_it_is_refused_before_quantizi
     assert_unchanged(module, before)
 
 
+def test_offload_params_outside_fsdp2_is_refused_before_quantizing(tmp_path):
+    module = PlainLM()
+    before = snapshot(module)
+    callback = BnbQuantization(offload_params=True, peft_config=LoraConfig(r=2, target_modules=["up"]))
+    with pytest.raises(
+        RuntimeError, match=r"offload_params=True .* SingleDeviceStrategy\. Use ModelParallelStrategy"
+    ):
+        fit(tmp_path, module, [callback], max_steps=2)
+    assert_unchanged(module, before)
+
+
 def test_a_model_on_the_meta_device_gets_our_error_not_lightnings_teardown(tmp_path):
     with torch.device("meta"):
         module = PlainLM()
@@ -202,6 +213,7 @@ def test_a_failed_fit_takes_its_wrappers_off_the_module(tmp_path):
             r"QuantizationConfig\(\*\*init_args\)",
         ),
         ({"config": {"bits": 8, "double_quant": True}}, ValueError, "double_quant=True applies to 4-bit"),
+        ({"offload_params": "yes"}, TypeError, "offload_params"),
     ],
 )
 def test_arguments_of_the_wrong_kind_are_refused_with_the_fix(kwargs, error, message):

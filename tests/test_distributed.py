@@ -134,6 +134,7 @@ def test_fsdp2_fit_on_two_cpu_processes_trains_exactly_as_ddp_and_resumes(tmp_pa
     assert all(torch.equal(ranks[0]["adapters"][n], a) for n, a in ddp[0]["adapters"].items())
     logs = ranks[0]["logs"]
     assert any("sharded with FSDP2 over 2 devices: 2 blocks" in line for line in logs)
+    assert ranks[0]["offload_policies"] == ["OffloadPolicy"]  # the shards on the device
     assert any("under FSDP2 over 2 devices" in line and "sharded 2 ways" in line for line in logs)
     assert ranks[1]["logs"] == [] or not any("FSDP2" in line for line in ranks[1]["logs"])
     # Rank zero writes an adapter-only checkpoint, gathered without the frozen base.
@@ -182,6 +183,19 @@ def test_fsdp2_offloads_block_activations_exactly_as_ddp_and_resumes(tmp_path):
         assert rank["losses"][-1] < rank["losses"][0] - 0.5, rank["losses"]
     assert all(torch.equal(ranks[0]["adapters"][n], a) for n, a in ddp[0]["adapters"].items())
     assert all(torch.equal(ranks[1]["resumed_adapters"][n], a) for n, a in ddp[1]["resumed_adapters"].items())
+
+
+def test_fsdp2_with_its_shards_in_cpu_memory_trains_exactly_as_ddp(tmp_path):
+    """offload_params: FSDP2's CPUOffloadPolicy (unpinned here: on CPU processes the device is the CPU),
+    and the strategy leaves the shards where FSDP2 keeps them."""
+    ddp = fit_on_ranks(tmp_path / "ddp", "--strategy", "ddp", "--bits", "4")
+    ranks = fit_on_ranks(tmp_path / "fsdp2", "--strategy", "fsdp2", "--bits", "4", "--offload-params")
+
+    assert any("they stay in CPU memory (offload_params)" in line for line in ranks[0]["logs"])
+    assert ranks[0]["offload_policies"] == ["CPUOffloadPolicy"] and ddp[0]["offload_policies"] == []
+    for rank, reference in zip(ranks, ddp, strict=True):
+        assert rank["losses"] == reference["losses"] and rank["resumed_losses"] == reference["resumed_losses"]
+    assert all(torch.equal(ranks[0]["adapters"][n], a) for n, a in ddp[0]["adapters"].items())
 
 
 @pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])

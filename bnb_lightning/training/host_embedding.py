@@ -21,10 +21,16 @@ def movable_embedding(model: nn.Module, embedding: nn.Module | None) -> nn.Embed
     if type(embedding) is not nn.Embedding or embedding.max_norm is not None:
         return None  # subclasses may scale on the device (Gemma); max_norm rewrites the weight
     weight = embedding.weight
-    if weight.requires_grad or not weight.is_cuda:
-        return None
+    if weight.requires_grad or not weight.is_cuda or _is_sharded(weight):
+        return None  # a sharded weight (FSDP2) is gathered where it is needed, by FSDP2
     users = sum(1 for _, parameter in model.named_parameters(remove_duplicate=False) if parameter is weight)
     return embedding if users == 1 else None
+
+
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 class HostEmbedding:

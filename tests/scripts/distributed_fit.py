@@ -111,6 +111,7 @@ def make_trainer(
         activation_memory="offload" if args.offload else None,
         # Under FSDP exports are refused (rank zero holds only a shard of the adapters).
         export_adapters_to=None if args.strategy == "fsdp" else str(out / "adapters"),
+        offload_params=args.offload_params,
     )
     strategy = args.strategy
     if strategy == "fsdp2":
@@ -135,6 +136,12 @@ def make_trainer(
     return trainer, callback
 
 
+def fsdp2_units(module: torch.nn.Module) -> list[torch.nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in module.modules() if isinstance(m, FSDPModule) and m._get_fsdp_state()._fsdp_param_group]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -148,6 +155,7 @@ def main() -> None:
     parser.add_argument("--seed-per-rank", action="store_true", help="a different base on each rank")
     parser.add_argument("--compile", action="store_true", help="compile the blocks, checkpointed")
     parser.add_argument("--offload", action="store_true", help="activation_memory='offload'")
+    parser.add_argument("--offload-params", action="store_true", help="FSDP2's shards in CPU memory")
     parser.add_argument(
         "--straight", action="store_true", help="also fit all the steps in one run, for comparison"
     )
@@ -186,6 +194,10 @@ def main() -> None:
         # What DDP synchronizes gradients of: the parameters that require grad.
         "trainable": sorted(n for n, p in module.named_parameters() if p.requires_grad),
         "trainable_dtypes": {n: p.dtype for n, p in module.named_parameters() if p.requires_grad},
+        # FSDP2's offload policy of each unit (its modules' state), by class name.
+        "offload_policies": sorted(
+            {type(m._get_fsdp_state()._fsdp_param_group.offload_policy).__name__ for m in fsdp2_units(module)}
+        ),
     }
 
     # Resume in a new Trainer and a new model from the checkpoint the first fit wrote.
