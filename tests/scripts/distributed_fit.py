@@ -139,7 +139,9 @@ def make_trainer(
 def fsdp2_units(module: torch.nn.Module) -> list[torch.nn.Module]:
     from torch.distributed.fsdp import FSDPModule
 
-    return [m for m in module.modules() if isinstance(m, FSDPModule) and m._get_fsdp_state()._fsdp_param_group]
+    return [
+        m for m in module.modules() if isinstance(m, FSDPModule) and m._get_fsdp_state()._fsdp_param_group
+    ]
 
 
 def main() -> None:
