@@ -1,5 +1,5 @@
 """Input embeddings in CPU memory (bnb_lightning.training.host_embedding): which embeddings may move, and
-that a model looking tokens up through the hooks computes what it did, on CPU. The move to host memory
+that a model looking tokens up on the host computes what it did, on CPU. The move to host memory
 itself, from a CUDA device, is tested in tests/test_gpu.py."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def test_embeddings_that_must_stay_are_not_moved():
     assert movable_embedding(untied, nn.Embedding(4, 2, max_norm=1.0)) is None  # max_norm rewrites the weight
 
 
-def test_lookups_through_the_hooks_give_the_same_outputs_and_the_weight_keeps_its_parameter():
+def test_lookups_on_the_host_give_the_same_outputs_and_the_weight_keeps_its_parameter():
     model = tiny_llama(tie=False).requires_grad_(False)
     embedding = model.get_input_embeddings()
     weight = embedding.weight
@@ -30,10 +30,8 @@ def test_lookups_through_the_hooks_give_the_same_outputs_and_the_weight_keeps_it
     reference = model.model.layers[0].self_attn.q_proj.weight
     host = HostEmbedding(embedding, reference)
     assert host.nbytes == weight.numel() * weight.element_size()
-    assert (
-        embedding.weight is weight and len(embedding._forward_pre_hooks) == len(embedding._forward_hooks) == 1
-    )
+    assert embedding.weight is weight and "forward" in vars(embedding)
     assert torch.equal(model(input_ids=ids).logits, expected)
     host.remove()
-    assert embedding.weight is weight and not embedding._forward_pre_hooks and not embedding._forward_hooks
+    assert embedding.weight is weight and "forward" not in vars(embedding)
     assert torch.equal(model(input_ids=ids).logits, expected)

@@ -9,8 +9,6 @@ planner moves them when a plan offloads blocks (``training/plan.py``).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -48,22 +46,18 @@ class HostEmbedding:
             pass
         # The same Parameter object, so an optimizer or a state dict holding it still does.
         weight.data = host
-        self._handles = [
-            embedding.register_forward_pre_hook(self._ids_to_host),
-            embedding.register_forward_hook(self._rows_to_device),
-        ]
+        embedding.forward = self._lookup  # on this instance only; `remove` deletes it
 
-    def _ids_to_host(self, module: nn.Module, args: tuple) -> tuple:
-        ids, *rest = args
-        return (ids.to(module.weight.device), *rest)
-
-    def _rows_to_device(self, module: nn.Module, args: tuple, output: torch.Tensor) -> Any:
-        return output.to(self.reference.device, non_blocking=output.is_pinned())
+    def _lookup(self, input: torch.Tensor) -> torch.Tensor:  # nn.Embedding.forward's signature
+        """The rows of ``input``, gathered on the host into pinned memory and copied to the device without waiting."""
+        weight = self.embedding.weight
+        ids = input.to(weight.device)
+        rows = torch.empty((*ids.shape, weight.shape[1]), dtype=weight.dtype, pin_memory=weight.is_pinned())
+        torch.index_select(weight, 0, ids.reshape(-1), out=rows.view(-1, weight.shape[1]))
+        return rows.to(self.reference.device, non_blocking=rows.is_pinned())
 
     def remove(self) -> None:
         """Put the weight back beside the first block and look tokens up there again."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        vars(self.embedding).pop("forward", None)
         weight = self.embedding.weight
         weight.data = weight.data.to(self.reference.device)
