@@ -17,14 +17,23 @@ Two modes:
   memory, an error, or a loss that is not finite). The recipes that ``qlora_bench.py`` runs load
   the model again at every length (their Trainer owns it); the peers load it once per ladder.
 
+``--precision bf16-true`` (default) runs the ``bnb`` recipes under ``Trainer(precision="bf16-true")``:
+bfloat16 adapters, no autocast. ``bf16-mixed`` gives every recipe the numerics of transformers'
+``Trainer(bf16=True)``: adapters in float32, the frozen base in bfloat16 as loaded, bf16 autocast
+(``Trainer(precision="bf16-mixed")`` for the ``bnb`` recipes). The others train float32 adapters under
+bf16 autocast whatever the flag: PEFT makes its adapters float32, and so does Unsloth's
+``get_peft_model``, which has no switch for bfloat16 ones.
+
 One JSON line per recipe and length (or repeat) goes to ``--out``, each with the recipe, seq,
-batch, status (``ok``, ``oom``, ``error`` or ``skipped``), tok/s, peak bytes, loss, library
-versions and GPU name; the Markdown tables are printed and written to ``--markdown``. A recipe
-whose library is not installed is recorded as skipped, not run. Each child's log goes to the
-folder next to ``--out`` (``<out>_logs``)::
+batch, status (``ok``, ``oom``, ``error`` or ``skipped``), tok/s, peak bytes, loss, ``precision``,
+``numerics`` (measured in training: the adapters' dtype, that of the base's unquantized rest, and
+autocast's), library versions and GPU name; the Markdown tables are printed and written to
+``--markdown``. A recipe whose library is not installed is recorded as skipped, not run. Each
+child's log goes to the folder next to ``--out`` (``<out>_logs``)::
 
     python benchmarks/peers.py --shape 8b --long-context --cap-gb 24 --budget-s 540
     python benchmarks/peers.py --shape 8b --recipes bnb_lightning unsloth liger hf_compile
+    python benchmarks/peers.py --shape 8b --recipes bnb_lightning unsloth hf_compile --precision bf16-mixed
     python benchmarks/peers.py --dry-cpu --long-context        # tiny model on the CPU, seconds
     python benchmarks/peers.py --report a.jsonl b.jsonl          # the tables of earlier runs
 """
@@ -56,7 +65,8 @@ HERE = Path(__file__).resolve().parent
 
 # Recipe name -> what it is, one line of Markdown; benchmarks/README.md's table gives the same (tested).
 RECIPES: dict[str, str] = {
-    "bnb_lightning": "`qlora_bench`'s `bnb`: the package's defaults under `Trainer(precision=\"bf16-true\")`",
+    "bnb_lightning": "`qlora_bench`'s `bnb`: the package's defaults under `Trainer(precision=\"bf16-true\")` "
+    '(`--precision bf16-mixed`: `"bf16-mixed"`)',
     "bnb_offload": '`qlora_bench`\'s `bnb_offload`: `bnb` with `activation_memory="offload"`',
     "bnb_recompute": '`qlora_bench`\'s `bnb_recompute`: `bnb` with `activation_memory="recompute"`',
     "hf_noupcast": "`qlora_bench`'s `hf_noupcast`: transformers 4-bit + PEFT, no float32 upcast, gradient "
@@ -64,7 +74,7 @@ RECIPES: dict[str, str] = {
     "hf_compile": "`qlora_bench`'s `hf_compile`: `hf_noupcast` with each decoder layer compiled",
     "hf_lora": "`qlora_bench`'s `bf16_lora`: a bfloat16 base (no quantization) with the same LoRA",
     "unsloth": '`FastLanguageModel` 4-bit + `get_peft_model(use_gradient_checkpointing="unsloth")`, '
-    "bf16 autocast",
+    "float32 LoRA (Unsloth's own), bf16 autocast",
     "liger": "`hf_noupcast` with `apply_liger_kernel_to_llama` (RoPE, RMSNorm, SwiGLU, fused linear "
     "cross-entropy)",
 }
@@ -89,6 +99,7 @@ LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 TOKENIZER_WORDS = 256
 MARKER = "peers_model.json"
 RESULT = "RESULT "
+PRECISIONS = ("bf16-true", "bf16-mixed")
 GIB = 1024**3
 VERSIONS = (
     "torch",
@@ -315,6 +326,20 @@ def device_name(device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+def recipe_setup(spec: dict[str, Any], device, batches: list, warmup: int, steps: int):
+    """qlora_bench's ``Setup`` for a child's recipe; ``precision`` is the bnb recipes' Trainer's, and
+    under ``bf16-mixed`` its ``train_loop`` makes sure the adapters are float32."""
+    return qlora_bench().Setup(
+        spec["model_dir"],
+        device,
+        batches,
+        warmup,
+        steps,
+        spec["lora_r"],
+        precision=spec.get("precision", PRECISIONS[0]),
+    )
+
+
 def run_throughput(spec: dict[str, Any], device) -> None:
     """One measurement of one recipe at ``seq`` x ``batch``, as qlora_bench measures its own recipes."""
     bench = qlora_bench()
@@ -326,7 +351,7 @@ def run_throughput(spec: dict[str, Any], device) -> None:
     vocab = bench.SHAPES[spec["shape"]]["vocab_size"]
     steps = spec["warmup"] + spec["steps"]
     batches = bench.random_batches(vocab, steps, spec["batch"], spec["seq"], device, spec["seed"])
-    setup = bench.Setup(spec["model_dir"], device, batches, spec["warmup"], spec["steps"], spec["lora_r"])
+    setup = recipe_setup(spec, device, batches, spec["warmup"], spec["steps"])
     result = bench.measure(QLORA_BENCH.get(recipe, recipe), spec["bits"], spec["repeat"], setup)
     emit(measured(result, recipe, spec["seq"], spec["batch"], device_name(device)))
 
@@ -349,9 +374,7 @@ def climb(spec: dict[str, Any], device, runner: str) -> None:
                 runner, spec["bits"], spec["repeat"], status="failed", reason=describe(error)
             )
         else:
-            setup = bench.Setup(
-                spec["model_dir"], device, batches, spec["warmup"], spec["steps"], spec["lora_r"]
-            )
+            setup = recipe_setup(spec, device, batches, spec["warmup"], spec["steps"])
             result = bench.measure(runner, spec["bits"], spec["repeat"], setup)
             del batches, setup
         record = measured(result, spec["recipe"], seq, 1, gpu)
@@ -369,7 +392,7 @@ def run_long_context(spec: dict[str, Any], device) -> None:
     if recipe not in PEERS:
         climb(spec, device, QLORA_BENCH[recipe])
         return
-    setup = bench.Setup(spec["model_dir"], device, [], 0, 0, spec["lora_r"])
+    setup = recipe_setup(spec, device, [], 0, 0)
     result = bench.Measurement(recipe, spec["bits"], spec["repeat"])
     start = time.perf_counter()
     try:
@@ -538,6 +561,7 @@ def run_parent(args: argparse.Namespace) -> list[dict[str, Any]]:
     common = {
         "mode": "long_context" if args.long_context else "throughput",
         "shape": args.shape,
+        "precision": args.precision,
         "lora_r": args.lora_r,
         "cap_gb": args.cap_gb,
         "warmup": args.lc_warmup if args.long_context else args.warmup,
@@ -550,6 +574,7 @@ def run_parent(args: argparse.Namespace) -> list[dict[str, Any]]:
         "shape": args.shape,
         "seed": args.seed,
         "device": args.device,
+        "precision": args.precision,
         "lora_r": args.lora_r,
         "cap_gb": args.cap_gb,
         "long_context": args.long_context,
@@ -731,6 +756,27 @@ def throughput_table(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def precision_lines(records: list[dict[str, Any]]) -> list[str]:
+    """The ``--precision`` of the records' runs, and what each recipe trained with (``numerics``,
+    measured in its first step), recipes alike in one line. Runs before the flag recorded neither."""
+    precisions = list(dict.fromkeys(r.get("precision") for r in records))
+    named = ", ".join(f"`{p}`" for p in precisions if p)
+    if None in precisions:
+        named += (", and " if named else "") + "not recorded (runs before `--precision`: `bf16-true`)"
+    lines = [f"- precision: {named}"]
+    alike: dict[str, list[str]] = {}
+    for record in records:
+        found = record.get("numerics")
+        if record.get("status") == "ok" and found:
+            autocast = f"{found['autocast']} autocast" if found.get("autocast") else "no autocast"
+            what = f"{found.get('adapters')} adapters, {found.get('frozen')} rest of the base, {autocast}"
+            recipes = alike.setdefault(what, [])
+            if record["recipe"] not in recipes:
+                recipes.append(record["recipe"])
+    lines += [f"- trained with {what}: {', '.join(recipes)}" for what, recipes in alike.items()]
+    return lines
+
+
 def markdown(records: list[dict[str, Any]]) -> str:
     """The Markdown report of a run's records, or of several runs' of the same mode (``--report``)."""
     if not records:
@@ -754,6 +800,7 @@ def markdown(records: list[dict[str, Any]]) -> str:
         f"LoRA r {first['lora_r']}, {steps}",
         "",
         f"- device: {gpus or 'unknown'}",
+        *precision_lines(records),
         "- " + ", ".join(f"{name} {v}" for name, v in found.items()),
         f"- command: {commands}",
         "- peak: torch's peak allocated memory while training (after loading), GiB",
@@ -782,6 +829,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         choices=RECIPES,
         help=f"default: {' '.join(DEFAULT_RECIPES)}; "
         f"with --long-context {' '.join(DEFAULT_LONG_CONTEXT_RECIPES)}",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=PRECISIONS[0],
+        help="bf16-true: the bnb recipes under Trainer(precision='bf16-true'), bfloat16 adapters; "
+        "bf16-mixed: every recipe with float32 adapters, the bfloat16 base and bf16 autocast, as "
+        "transformers' Trainer(bf16=True) (the peers run so either way)",
     )
     parser.add_argument("--seq", type=int, default=2048, help="throughput: tokens per sequence")
     parser.add_argument("--batch", type=int, default=2, help="throughput: sequences per batch")

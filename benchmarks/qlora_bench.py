@@ -149,6 +149,7 @@ class Measurement:
     plan: str | None = None  # the activation plan bnb_lightning chose
     predicted_peak_bytes: int | None = None  # and the peak it predicted
     plan_cost: dict | None = None  # what it measured: one block's BlockCost, and the static bytes
+    numerics: dict | None = None  # what trained: the dtypes of the adapters, of the rest, and autocast's
 
     def profile_name(self) -> str:
         return f"{self.recipe}-{self.bits or 'bf16'}bit-r{self.repeat}"
@@ -166,6 +167,9 @@ class Setup:
     lora_r: int
     uncheckpointed_blocks: int = 1
     profile_dir: str | None = None  # profile PROFILE_STEPS extra steps after the timed ones
+    # The bnb recipes' Trainer precision. Under "bf16-mixed", train_loop also puts what trains in
+    # float32 (PEFT's adapters already are): transformers' Trainer(bf16=True) numerics.
+    precision: str = "bf16-true"
 
 
 PROFILE_STEPS = 2
@@ -310,9 +314,35 @@ def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def dtype_names(parameters: list[torch.nn.Parameter]) -> str | None:
+    """The floating dtypes of ``parameters``, e.g. ``"bfloat16"`` (quantized storage left out)."""
+    names = sorted({str(p.dtype).removeprefix("torch.") for p in parameters if p.is_floating_point()})
+    return "+".join(names) or None
+
+
+def numerics(model: torch.nn.Module, autocast: torch.dtype | None) -> dict[str, str | None]:
+    """What a recipe trains with: its adapters' dtype, the rest's (the frozen base that is not
+    quantized: embeddings, norms, lm_head), and autocast's dtype (None: off)."""
+    parameters = list(model.parameters())
+    return {
+        "adapters": dtype_names([p for p in parameters if p.requires_grad]),
+        "frozen": dtype_names([p for p in parameters if not p.requires_grad]),
+        "autocast": None if autocast is None else str(autocast).removeprefix("torch."),
+    }
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 def train_loop(model: torch.nn.Module, setup: Setup, result: Measurement, autocast: bool = True) -> None:
     """A plain torch loop, by default under bfloat16 autocast as transformers' Trainer(bf16=True) runs it."""
+    if setup.precision == "bf16-mixed":
+        for parameter in trainable(model):
+            if parameter.dtype in (torch.float16, torch.bfloat16):
+                parameter.data = parameter.data.float()
     optimizer = torch.optim.AdamW(trainable(model), lr=1e-4, weight_decay=0.0)
+    result.numerics = numerics(model, torch.bfloat16 if autocast else None)
     clock = StepClock(setup, result.profile_name())
     model.train()
     reset_peak(setup.device)
@@ -371,8 +401,10 @@ class CausalLMModule(pl.LightningModule):
         # from_pretrained returns eval mode, which Lightning keeps; transformers checkpoints only in training.
         self.model = model.train()
         self.optimizer = optimizer
+        self.autocast: torch.dtype | None = None  # the precision plugin's, seen by the last step
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        self.autocast = autocast_dtype(batch.device.type)
         return self.model(input_ids=batch, labels=batch).loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -398,6 +430,8 @@ class BenchmarkHooks(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.clock.end(batch_idx)
         self.result.final_loss = float(outputs["loss"])
+        if batch_idx == 0:
+            self.result.numerics = numerics(pl_module, pl_module.autocast)
 
 
 def run_bnb(
@@ -419,7 +453,7 @@ def run_bnb(
     trainer = pl.Trainer(
         accelerator=setup.device.type,
         devices=1,
-        precision="bf16-true",
+        precision=setup.precision,
         max_steps=len(setup.batches),
         callbacks=[quantization, hooks],
         logger=False,

@@ -19,6 +19,9 @@ PEERS = ["unsloth", "liger"]
 # it and the CPU allocator refuses, a real out of memory at that length. The next length is longer.
 TOO_LONG = 2**50
 LENGTHS = [32, 64, TOO_LONG, 2 * TOO_LONG]
+# What a recipe trains with (its adapters' dtype, the rest's, autocast's) under each --precision.
+BF16_TRUE = {"adapters": "bfloat16", "frozen": "bfloat16", "autocast": None}
+BF16_MIXED = {"adapters": "float32", "frozen": "bfloat16", "autocast": "bfloat16"}
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +79,10 @@ def test_ladder_trains_until_out_of_memory_then_stops(ladder):
             assert row["tokens_per_s"] > 0 and len(row["step_s"]) == 1 and math.isfinite(row["final_loss"])
             assert row["gpu"] == "cpu" and row["versions"]["torch"] and row["versions"]["bitsandbytes"]
             assert "train_peak_bytes" in row  # None on the CPU
+            # The default --precision: the bnb recipes in bfloat16 without autocast; PEFT's float32
+            # adapters under bf16 autocast, as before the flag.
+            assert row["precision"] == "bf16-true"
+            assert row["numerics"] == (BF16_MIXED if recipe == "hf_noupcast" else BF16_TRUE), row
         assert "can't allocate memory" in rows[2]["reason"], rows[2]
         assert rows[3]["reason"] == f"not tried: seq {TOO_LONG} ended oom"
 
@@ -118,19 +125,32 @@ def test_ladder_table_gives_the_longest_length_and_each_length(ladder):
     assert row_too_long.count("out of memory") == len(INSTALLED)
 
 
-def test_throughput_mode_measures_and_compares(peers, folder, ladder):
-    records, _, table = run(peers, folder, "speed", "--recipes", "bnb_lightning", "hf_noupcast", "unsloth")
+def test_throughput_mode_measures_and_compares_under_bf16_mixed(peers, folder, ladder):
+    """Also --precision bf16-mixed: the bnb recipes under Trainer(precision="bf16-mixed") (on the
+    CPU, bf16 autocast is torch.autocast("cpu")) train float32 adapters on the bfloat16 base, as the
+    transformers + PEFT recipe does under either flag (the ladder's hf_noupcast)."""
+    trained = ["bnb_lightning", "bnb_offload"]
+    records, _, table = run(
+        peers, folder, "speed", "--precision", "bf16-mixed", "--recipes", *trained, "unsloth"
+    )
 
     grouped = by_recipe(records)
-    assert [r["recipe"] for r in records if r["recipe"] != "unsloth"] == ["bnb_lightning", "hf_noupcast"]
-    for recipe in ("bnb_lightning", "hf_noupcast"):
+    assert [r["recipe"] for r in records if r["recipe"] != "unsloth"] == trained
+    assert {r["precision"] for r in records} == {"bf16-mixed"}
+    for recipe in trained:
         (row,) = grouped[recipe]
         assert row["status"] == "ok" and row["mode"] == "throughput", row
         assert (row["seq"], row["batch"], row["repeat"]) == (32, 2, 0)
         assert row["tokens_per_s"] > 0 and math.isfinite(row["final_loss"]) and row["load_s"] > 0
+        assert row["numerics"] == BF16_MIXED, row
     assert grouped["unsloth"][0]["status"] == "skipped"
     assert "| recipe | status | tok/s | train peak GiB | load s | tok/s ÷ bnb_lightning |" in table
     assert "| bnb_lightning | 1 of 1 ok | " in table and " | 1.00× |" in table
+    assert "\n- precision: `bf16-mixed`\n" in table
+    assert (
+        "\n- trained with float32 adapters, bfloat16 rest of the base, bfloat16 autocast: "
+        "bnb_lightning, bnb_offload\n"
+    ) in table
 
 
 def test_report_prints_the_tables_of_earlier_runs(peers, ladder, capsys):
@@ -139,6 +159,36 @@ def test_report_prints_the_tables_of_earlier_runs(peers, ladder, capsys):
 
     assert peers.main(["--report", str(out)]) == records
     assert capsys.readouterr().out.strip() == table.strip()
+
+
+def test_report_reads_runs_made_before_the_precision_flag(peers, ladder, tmp_path, capsys):
+    records, out, table = ladder
+    old = tmp_path / "old.jsonl"
+    old.write_text(
+        "".join(
+            json.dumps({k: v for k, v in r.items() if k not in ("precision", "numerics")}) + "\n"
+            for r in records
+        )
+    )
+    capsys.readouterr()
+
+    peers.main(["--report", str(old)])
+
+    printed = capsys.readouterr().out
+    assert "\n- precision: not recorded (runs before `--precision`: `bf16-true`)\n" in printed
+    assert "trained with" not in printed
+    new_only = ("- precision: ", "- trained with ")
+    assert [line for line in printed.strip().splitlines() if not line.startswith(new_only)] == [
+        line for line in table.strip().splitlines() if not line.startswith(new_only)
+    ]
+
+
+def test_precision_defaults_to_bf16_true_and_takes_bf16_mixed(peers, capsys):
+    assert peers.parse_args([]).precision == "bf16-true"
+    assert peers.parse_args(["--precision", "bf16-mixed"]).precision == "bf16-mixed"
+    with pytest.raises(SystemExit):
+        peers.parse_args(["--precision", "16-mixed"])
+    assert "invalid choice" in capsys.readouterr().err
 
 
 def test_a_child_that_dies_mid_ladder_leaves_an_error_then_skips(peers):
