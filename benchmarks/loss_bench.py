@@ -22,7 +22,6 @@ ran). One JSON line per (implementation, length) goes to ``--out``; a Markdown t
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import shlex
 import statistics
@@ -41,6 +40,9 @@ import torch.nn.functional as F
 if str(Path(__file__).parent.parent) not in sys.path:
     sys.path.append(str(Path(__file__).parent.parent))
 from bnb_lightning.training.loss import linear_cross_entropy  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from qlora_bench import cuda, free_memory, synchronize  # noqa: E402
 
 IGNORE_INDEX = -100
 # Share of targets set to IGNORE_INDEX (padding, prompt tokens).
@@ -121,22 +123,6 @@ CUDA_ONLY = ("liger", "cce")
 
 
 # ---------------------------------------------------------------- measuring
-
-
-def cuda(device: torch.device) -> bool:
-    return device.type == "cuda"
-
-
-def synchronize(device: torch.device) -> None:
-    if cuda(device):
-        torch.cuda.synchronize(device)
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if cuda(device):
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
 
 
 def make_weight(args: argparse.Namespace, device: torch.device) -> torch.Tensor:
