@@ -161,14 +161,10 @@ def _check_fsdp2(
     adapter_only: bool,
     merged_export: bool,
 ) -> None:
-    sizes = {
-        "tensor_parallel_size": strategy._tensor_parallel_size,
-        "data_parallel_size": strategy._data_parallel_size,
-    }
-    if sizes["tensor_parallel_size"] != 1:
+    if strategy._tensor_parallel_size != 1:
         raise RuntimeError(
             f"BnbQuantization under ModelParallelStrategy shards data-parallel only (FSDP2): got "
-            f"tensor_parallel_size={sizes['tensor_parallel_size']!r}. Tensor parallelism would split the packed "
+            f"tensor_parallel_size={strategy._tensor_parallel_size!r}. Tensor parallelism would split the packed "
             "4-bit weights along the unpacked matrix's rows and columns. Use ModelParallelStrategy("
             "data_parallel_size=<devices>, tensor_parallel_size=1)."
         )
@@ -392,10 +388,11 @@ def base_memory_for(strategy: Any, model: nn.Module) -> BaseMemory:
     """:func:`base_memory` of ``model`` under a Lightning ``strategy``."""
     kind = strategy_kind(strategy)
     devices = getattr(strategy, "world_size", 1)
+    shards = 1
     if kind == FSDP:
         shards = fsdp_shard_count(strategy)
-    else:
-        shards = strategy._data_parallel_size if kind == FSDP2 else 1
+    elif kind == FSDP2:
+        shards = strategy._data_parallel_size
     return base_memory(model, kind, devices, shards)
 
 

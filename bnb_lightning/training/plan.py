@@ -595,6 +595,8 @@ def _avoid_fragmentation(device: torch.device, say: Callable[[str], None]) -> No
 def _offloaded_checkpoint(offload: _Offload, function: Callable, *args: Any) -> Any:
     """A checkpointed block whose saved input waits in CPU memory: ``checkpoint`` saves it as the hooks see it."""
     with offload:
+        # `checkpoint` itself, not `_recompute`: dynamo compiles a frame of ours called from here, the
+        # checkpoint with it, which is not how offloaded blocks were measured and tested.
         return checkpoint(
             function, *args, use_reentrant=False, context_fn=_recompute_in_forward_default_dtype()
         )
