@@ -70,7 +70,7 @@ from peft import LoraConfig
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from qlora_bench import SHAPES  # noqa: E402
+from qlora_bench import SHAPES, free_memory  # noqa: E402
 
 from bnb_lightning import BnbQuantization, QuantizationConfig  # noqa: E402
 from bnb_lightning.backend import is_bnb_linear, layer_quant_state  # noqa: E402
@@ -337,14 +337,6 @@ def host_peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def free_memory(device: torch.device) -> None:
-    import gc
-
-    gc.collect()  # the module's quantized base sits in reference cycles (hooks, the trainer's references)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def run_rank(args) -> None:
     """One rank of one strategy: fit, resume, and this rank's figures to ``--work``/rank<N>.json.
 
@@ -400,6 +392,7 @@ def fit_and_resume(args, device: torch.device, out: Path, save: Callable[..., No
     # Lightning gives each callback the module's `log` (bound methods): the callbacks go too, or they keep
     # the first model, under FSDP2 its shards on the device (ModelParallelStrategy leaves them there).
     del module, trainer, data, started, measure, losses
+    # The module's quantized base sits in reference cycles (hooks, the trainer's references).
     free_memory(device)
 
     io, losses = RecordingCheckpointIO(), Losses()
