@@ -372,6 +372,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         for name, value in SMOKE.items():
             if getattr(args, name) == parser.get_default(name):  # what was given stays
                 setattr(args, name, value)
+    if min(args.tokens) < 1 or args.steps < 1:
+        parser.error(
+            f"--tokens and --steps must be at least 1, got --tokens {args.tokens} --steps {args.steps}."
+        )
     args.tokens = sorted(args.tokens)
     return args
 

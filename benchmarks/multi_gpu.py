@@ -75,6 +75,7 @@ from qlora_bench import SHAPES, free_memory  # noqa: E402
 from bnb_lightning import BnbQuantization, QuantizationConfig  # noqa: E402
 from bnb_lightning.backend import is_bnb_linear, layer_quant_state  # noqa: E402
 from bnb_lightning.distributed import base_memory_for, is_fsdp_wrapped, unwrapped_name  # noqa: E402
+from bnb_lightning.io.shards import check_weights  # noqa: E402
 
 STRATEGIES = ("ddp", "fsdp", "fsdp2")
 
@@ -588,6 +589,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.weights_format = None
     if args.weights is not None:
+        try:
+            check_weights(args.weights)  # the package's own check, before any rank starts
+        except (OSError, ValueError) as error:
+            parser.error(f"--weights: {error}")
         config = checkpoint_config(args.weights)
         args.weights_format = weights_format(config)
         shape = shape_of(config)

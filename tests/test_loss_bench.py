@@ -48,3 +48,13 @@ def test_smoke_run_on_cpu(tmp_path):
             assert sum(line.startswith(f"| {tokens} | {impl} |") for line in table.splitlines()) == 1
         assert f"| {tokens} | bnb | ok |" in table and f"| {tokens} | liger | skipped |" in table
     assert "liger at 64, 128 tokens, skipped: liger needs a CUDA device" in table
+
+
+def test_lengths_and_steps_below_one_are_refused():
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--tokens", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "--tokens and --steps must be at least 1" in done.stderr

@@ -159,6 +159,13 @@ def test_refuses_a_checkpoint_it_cannot_train(multi_gpu, tmp_path):
         multi_gpu.parse_args(["--weights", str(tmp_path / "int8")])
 
 
+def test_a_missing_checkpoint_is_named_before_any_rank_starts(multi_gpu, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        multi_gpu.parse_args(["--weights", str(tmp_path / "missing")])
+    error = capsys.readouterr().err
+    assert "--weights: weights=" in error and "does not exist" in error
+
+
 def test_a_failed_run_still_gives_its_row(checkpoints, tmp_path):
     """A checkpoint that does not fit the model fails on every rank: the row says so, with each rank's
     error and what it reached, and the command ends (no rank is left waiting for the others)."""
