@@ -336,8 +336,14 @@ def recipe_setup(spec: dict[str, Any], device, batches: list, warmup: int, steps
         warmup,
         steps,
         spec["lora_r"],
+        profile_dir=spec.get("profile_dir"),
         precision=spec.get("precision", PRECISIONS[0]),
     )
+
+
+def profiled_steps(spec: dict[str, Any]) -> int:
+    """Steps after the timed ones that qlora_bench's ``StepClock`` profiles (``--profile``)."""
+    return qlora_bench().PROFILE_STEPS if spec.get("profile_dir") else 0
 
 
 def run_throughput(spec: dict[str, Any], device) -> None:
@@ -349,7 +355,7 @@ def run_throughput(spec: dict[str, Any], device) -> None:
         # child, so it is measured as qlora_bench's recipes are (errors recorded, memory freed).
         bench.RUNNERS[recipe] = partial(run_peer, recipe, spec["seq"])
     vocab = bench.SHAPES[spec["shape"]]["vocab_size"]
-    steps = spec["warmup"] + spec["steps"]
+    steps = spec["warmup"] + spec["steps"] + profiled_steps(spec)
     batches = bench.random_batches(vocab, steps, spec["batch"], spec["seq"], device, spec["seed"])
     setup = recipe_setup(spec, device, batches, spec["warmup"], spec["steps"])
     result = bench.measure(QLORA_BENCH.get(recipe, recipe), spec["bits"], spec["repeat"], setup)
@@ -364,7 +370,7 @@ def climb(spec: dict[str, Any], device, runner: str) -> None:
     """
     bench = qlora_bench()
     vocab = bench.SHAPES[spec["shape"]]["vocab_size"]
-    steps = spec["warmup"] + spec["steps"]
+    steps = spec["warmup"] + spec["steps"] + profiled_steps(spec)
     gpu = device_name(device)
     for seq in spec["lengths"]:
         try:
@@ -583,6 +589,7 @@ def run_parent(args: argparse.Namespace) -> list[dict[str, Any]]:
         "batch": args.batch,
         "warmup": common["warmup"],
         "steps": common["steps"],
+        "profile_dir": args.profile,
     }
     records: list[dict[str, Any]] = []
 
@@ -896,6 +903,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="JSON lines, one per recipe and length (or repeat)",
     )
     parser.add_argument("--markdown", default="benchmarks/results/peers.md", help="the Markdown tables")
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="also profile 2 steps after the timed ones of every recipe and length (torch.profiler "
+        "tables in DIR, one file per recipe, length and repeat)",
+    )
     parser.add_argument(
         "--dry-cpu",
         action="store_true",

@@ -226,7 +226,10 @@ class StepClock:
         self.device = setup.device
         self.warmup = setup.warmup
         self.timed_end = setup.warmup + setup.steps
-        self.profile_path = Path(setup.profile_dir, profile_name) if setup.profile_dir else None
+        self.profile_path = None
+        if setup.profile_dir:
+            shape = "x".join(map(str, setup.batches[0].shape)) if setup.batches else "none"
+            self.profile_path = Path(setup.profile_dir, f"{profile_name}-{shape}")  # one per batch shape
         self.lora_r = setup.lora_r
         self.step_s: list[float] = []
         self._start = 0.0
@@ -300,6 +303,8 @@ def write_profile(profiler: torch.profiler.profile, path: Path, device: torch.de
         *matmul_split(profiler, device, lora_r),
         f"## by {time_key}",
         events.table(sort_by=time_key, row_limit=40, max_name_column_width=90),
+        f"## by self_{time_key} (kernels and operators on their own)",
+        events.table(sort_by=f"self_{time_key}", row_limit=40, max_name_column_width=90),
         f"## by {memory_key}",
         events.table(sort_by=memory_key, row_limit=25, max_name_column_width=90),
     ]

@@ -63,9 +63,10 @@ def test_profile_covers_extra_steps_and_keeps_timing_apart(bench, tmp_path):
     assert [r.status for r in results] == ["measured", "measured"]
     assert all(len(r.step_s) == 2 for r in results)  # the profiled steps are not timed
     written = sorted(p.name for p in profiles.iterdir())
-    assert written == ["bnb-4bit-r0.txt", "hf_noupcast-4bit-r0.txt"]
-    text = (profiles / "bnb-4bit-r0.txt").read_text()
+    assert written == ["bnb-4bit-r0-2x32.txt", "hf_noupcast-4bit-r0-2x32.txt"]  # one per batch shape
+    text = (profiles / "bnb-4bit-r0-2x32.txt").read_text()
     assert "cpu_time_total" in text and "aten::" in text
+    assert "## by self_cpu_time_total" in text
     # LoRA r=16 on the tiny model's linears: the adapters' matmuls are found by their rank.
     adapters = next(line for line in text.splitlines() if line.startswith("adapters: "))
     assert int(adapters.split(" in ")[1].split()[0]) > 0, adapters

@@ -208,3 +208,27 @@ def test_a_child_that_dies_mid_ladder_leaves_an_error_then_skips(peers):
 def test_readme_lists_the_recipes_of_the_code(peers):
     rows = markdown_rows(SCRIPT.parent / "README.md", "| peers.py recipe | what it is |")
     assert rows == list(peers.RECIPES.items())
+
+
+def test_profile_writes_one_table_file_per_recipe_and_length(peers, folder):
+    """--profile: 2 steps after the timed ones of each length, profiled; the timed steps stay apart."""
+    profiles = folder / "profiles"
+    records, _, _ = run(
+        peers,
+        folder,
+        "profiled",
+        "--long-context",
+        "--recipes",
+        "bnb_lightning",
+        "--lengths",
+        "32",
+        "64",
+        "--profile",
+        str(profiles),
+    )
+
+    assert [(r["seq"], r["status"]) for r in records] == [(32, "ok"), (64, "ok")]
+    assert all(len(r["step_s"]) == 1 for r in records)  # --lc-steps 1: the profiled steps are not timed
+    assert sorted(p.name for p in profiles.iterdir()) == ["bnb-4bit-r0-1x32.txt", "bnb-4bit-r0-1x64.txt"]
+    text = (profiles / "bnb-4bit-r0-1x64.txt").read_text()
+    assert text.startswith("# bnb-4bit-r0-1x64: 2 training steps") and "## by self_cpu_time_total" in text
