@@ -101,7 +101,9 @@ def run(args: argparse.Namespace, seq: int) -> list[dict]:
             outputs = [out.float()] + [leaf.grad.float() for leaf in leaves]
             reference = reference or outputs
             row["status"] = "ok"
-            row["max_abs_diff"] = max((a - b).abs().max().item() for a, b in zip(outputs, reference, strict=True))
+            row["max_abs_diff"] = max(
+                (a - b).abs().max().item() for a, b in zip(outputs, reference, strict=True)
+            )
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
