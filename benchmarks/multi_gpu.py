@@ -15,7 +15,9 @@ strategy goes to stdout and is appended to ``--out`` (default ``benchmarks/resul
   and loading), ``tokens_per_s`` in all and per device;
 - per rank, ``setup_s`` (the first run's quantization, loading from ``--weights`` included, and FSDP2's
   sharding), ``host_peak_fit_gib`` (peak RSS to the end of the first run) and ``host_peak_gib`` (peak
-  RSS of the whole process, the resumed run included);
+  RSS of the whole process, the resumed run included), ``host_private_peak_gib`` (peak of the
+  process's own memory, ``RssAnon``, sampled: RSS also counts the pages of a mapped checkpoint, which
+  the ranks of a host share, in each rank);
 - ``cap_gb``: with ``--cap-gb``, each rank's device memory capped to that many GB (10**9 bytes) by
   ``torch.cuda.set_per_process_memory_fraction`` before anything is allocated on it;
 - ``losses`` (rank zero's, per step of the first run), ``losses_per_rank``, ``resumed_losses`` and
@@ -338,6 +340,41 @@ def host_peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def private_host_bytes() -> int | None:
+    """This process's anonymous resident memory (Linux's ``RssAnon``): what it holds on its own, not
+    the pages of mapped files, which the processes of a host share; ``None`` where it is not known."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class PrivateHostPeak:
+    """The peak of :func:`private_host_bytes`, sampled every ``interval`` seconds by a daemon thread
+    (the kernel keeps no peak of it): with ranks sharing a mapped checkpoint, ``ru_maxrss`` counts
+    its pages in every rank, this counts what each rank adds."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.peak = private_host_bytes()
+        if self.peak is not None:
+            threading.Thread(target=self._sample, args=(interval,), daemon=True).start()
+
+    def _sample(self, interval: float) -> None:
+        while True:
+            self.peak = max(self.peak, private_host_bytes() or 0)
+            time.sleep(interval)
+
+    def gib(self) -> float | None:
+        if self.peak is None:
+            return None
+        self.peak = max(self.peak, private_host_bytes() or 0)
+        return self.peak / 2**30
+
+
 def run_rank(args) -> None:
     """One rank of one strategy: fit, resume, and this rank's figures to ``--work``/rank<N>.json.
 
@@ -353,9 +390,10 @@ def run_rank(args) -> None:
     device = torch.device("cuda", local_rank) if args.accelerator == "cuda" else torch.device("cpu")
     out = Path(args.work)
     result: dict[str, Any] = {"rank": local_rank}
+    private = PrivateHostPeak()
 
     def save(**figures: Any) -> None:
-        result.update(figures, host_peak_gib=host_peak_gib())
+        result.update(figures, host_peak_gib=host_peak_gib(), host_private_peak_gib=private.gib())
         (out / f"rank{local_rank}.json").write_text(json.dumps(result))
 
     try:
@@ -454,6 +492,7 @@ def summarize(strategy: str, args, ranks: list[dict[str, Any]], seconds: float) 
         "setup_s": [r.get("setup_s") for r in ranks],
         "host_peak_gib": [r.get("host_peak_gib") for r in ranks],
         "host_peak_fit_gib": [r.get("host_peak_fit_gib") for r in ranks],
+        "host_private_peak_gib": [r.get("host_private_peak_gib") for r in ranks],
         "setup_peak_memory_gib": [r.get("setup_peak_memory_gib") for r in ranks],
         "peak_memory_gib": [r.get("peak_memory_gib") for r in ranks],
         "tokens_per_s_per_device": per_device,

@@ -292,8 +292,10 @@ class BnbQuantization(Callback):
             check_base=functools.partial(check_same_base_on_all_ranks, trainer.strategy),
             weights=self.weights,
             # Under FSDP2 no rank holds the whole quantized model on its device: the model waits in CPU
-            # memory, and sharding puts each rank's shard on its device.
+            # memory, and sharding puts each rank's shard on its device. Pre-quantized weights wait as
+            # views of the checkpoint's files, which the ranks of a host share; sharding copies them.
             keep_on_host=kind == FSDP2,
+            mapped_weights=kind == FSDP2 and self.weights is not None,
         )
         adapter_only = not self.save_base_weights
         if kind == FSDP:

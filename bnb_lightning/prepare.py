@@ -210,6 +210,7 @@ def prepare_model(
     check_base: Callable[[str], None] | None = None,
     weights: str | os.PathLike | None = None,
     keep_on_host: bool = False,
+    mapped_weights: bool = False,
 ) -> PreparedModel:
     """Quantize ``model`` and get it ready to train adapters, in place: the whole setup, in its order.
 
@@ -253,6 +254,9 @@ def prepare_model(
             earlier call that failed later on) continues from its quantized layers, as without ``weights``.
         keep_on_host: quantize on ``device`` but keep the model in CPU memory, for a strategy that puts
             each rank's shard on the device itself (FSDP2); activations are still planned for ``device``.
+        mapped_weights: with ``keep_on_host``, a pre-quantized checkpoint's packed weights stay views of
+            its files, shared by the processes of a host (:func:`quantize_model`'s), until the strategy
+            copies each rank's shard.
 
     Returns:
         A :class:`PreparedModel`: the report and every decision taken.
@@ -293,8 +297,10 @@ def prepare_model(
 
     # A model quantized by an earlier call continues from its layers; its full-precision weights are gone.
     if quantized_with(model) is not None:
-        weights = None
-    report = quantize_model(model, config, device, weights=weights, keep_on_host=keep_on_host)
+        weights, mapped_weights = None, False
+    report = quantize_model(
+        model, config, device, weights=weights, keep_on_host=keep_on_host, mapped_weights=mapped_weights
+    )
     prepared = PreparedModel(model, config, options, report)
 
     restore = restore_point(model)

@@ -146,8 +146,14 @@ def _convert(module: nn.Module, config: QuantizationConfig, upload: HostToDevice
     return layer
 
 
-def check_keep_on_host(config: QuantizationConfig, keep_on_host: bool) -> None:
-    """``keep_on_host`` is for 4-bit layers, which bitsandbytes moves to the CPU with their quant state."""
+def check_keep_on_host(config: QuantizationConfig, keep_on_host: bool, mapped_weights: bool = False) -> None:
+    """``keep_on_host`` is for 4-bit layers, which bitsandbytes moves to the CPU with their quant state;
+    ``mapped_weights`` is a way of keeping them there."""
+    if mapped_weights and not keep_on_host:
+        raise ValueError(
+            "mapped_weights=True keeps pre-quantized weights on the host as views of the checkpoint's files; "
+            "it needs keep_on_host=True (and weights=...). Pass both, or mapped_weights=False."
+        )
     if keep_on_host and config.bits != 4:
         raise ValueError(
             f"keep_on_host=True keeps 4-bit layers in CPU memory for FSDP2 to shard; got bits={config.bits}. "
@@ -229,6 +235,7 @@ def quantize_model(
     dry_run: bool = False,
     weights: str | os.PathLike | None = None,
     keep_on_host: bool = False,
+    mapped_weights: bool = False,
 ) -> QuantizationReport:
     """Quantize the linear layers of ``model`` in place, one layer at a time, onto ``device``.
 
@@ -251,6 +258,11 @@ def quantize_model(
         keep_on_host: quantize each layer on ``device``, then keep it (and the rest of the model) in CPU
             memory, for a strategy that puts only each rank's shard on the device (FSDP2): the device
             then never holds more than one layer. 4-bit only.
+        mapped_weights: with ``keep_on_host`` and a pre-quantized checkpoint in ``weights``, the packed
+            weights stay views of the checkpoint's memory-mapped files instead of copies: the processes
+            of one host (the ranks of a distributed run) then share one copy of them in memory, the
+            file's pages, instead of one each. Only for a caller that moves them off the host before
+            anything writes those files again (FSDP2's sharding copies each rank's shard).
         weights: a checkpoint (transformers' layout: a directory with ``model.safetensors`` or sharded
             ``model-*.safetensors`` with their index, or one ``.safetensors`` file) to fill ``model``
             from, read tensor by tensor and quantized on the way; ``model`` may then be on the meta
@@ -274,13 +286,24 @@ def quantize_model(
         print(report)
     """
     config = as_quantization_config(config)
+    if mapped_weights and weights is None:
+        raise ValueError(
+            "mapped_weights=True keeps a checkpoint's pre-quantized weights as views of its files; without "
+            "weights=... there is no file. Pass weights=PATH, or mapped_weights=False."
+        )
     if weights is not None:
         from .io.loading import quantize_from_checkpoint  # imported here: io.loading builds on this module
 
         return quantize_from_checkpoint(
-            model, weights, config, device, dry_run=dry_run, keep_on_host=keep_on_host
+            model,
+            weights,
+            config,
+            device,
+            dry_run=dry_run,
+            keep_on_host=keep_on_host,
+            mapped_weights=mapped_weights,
         )
-    check_keep_on_host(config, keep_on_host)
+    check_keep_on_host(config, keep_on_host, mapped_weights)
     target = check_device_supported(_model_device(model) if device is None else as_device(device))
     report = QuantizationReport(
         bits=config.bits,

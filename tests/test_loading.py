@@ -226,6 +226,61 @@ def test_a_model_loaded_to_the_cpu_owns_its_memory(checkpoints, tmp_path, source
         assert torch.isfinite(model(_tokens()).logits).all()
 
 
+def _packed_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: module.weight for name, module in model.named_modules() if is_bnb_linear(module)}
+
+
+def test_mapped_weights_stay_views_of_the_files_for_the_ranks_of_a_host_to_share(checkpoints):
+    """keep_on_host + mapped_weights (FSDP2's loading): a pre-quantized checkpoint's packed weights are the
+    files' mapped pages (storage the process did not allocate, which every process of the host maps
+    once), not copies; the model is the same. Statistics, norms and embeddings are still copies."""
+    _, config = PREQUANTIZED_SCHEMES["nf4-double-quant"]
+    directory = checkpoints["nf4-double-quant"]
+    copied, mapped = meta_llama(), meta_llama()
+
+    quantize_model(copied, config, "cpu", weights=directory, keep_on_host=True)
+    quantize_model(mapped, config, "cpu", weights=directory, keep_on_host=True, mapped_weights=True)
+
+    copied_weights, mapped_weights = _packed_weights(copied), _packed_weights(mapped)
+    assert len(mapped_weights) == 14
+    # A copy owns (resizable) storage; a view of safetensors' memory map does not.
+    assert all(weight.untyped_storage().resizable() for weight in copied_weights.values())
+    assert not any(weight.untyped_storage().resizable() for weight in mapped_weights.values())
+    for name, module in mapped.named_modules():
+        if is_bnb_linear(module):
+            assert module.weight.quant_state.absmax.untyped_storage().resizable(), name
+    assert mapped.model.embed_tokens.weight.untyped_storage().resizable()
+    reference, loaded = copied.state_dict(), mapped.state_dict()
+    assert [key for key in reference if not torch.equal(loaded[key], reference[key])] == []
+    with torch.no_grad():
+        assert torch.equal(mapped(_tokens()).logits, copied(_tokens()).logits)
+
+
+def test_mapped_weights_only_change_what_a_prequantized_checkpoint_holds(checkpoints):
+    """From full-precision weights, quantizing makes new tensors: mapped_weights changes nothing there."""
+    model = meta_llama()
+    quantize_model(
+        model,
+        SCHEMES["nf4-double-quant"],
+        "cpu",
+        weights=checkpoints["sharded"],
+        keep_on_host=True,
+        mapped_weights=True,
+    )
+    assert all(weight.untyped_storage().resizable() for weight in _packed_weights(model).values())
+
+
+def test_mapped_weights_without_keep_on_host_or_a_checkpoint_is_refused(checkpoints):
+    config = PREQUANTIZED_SCHEMES["nf4-double-quant"][1]
+    model = meta_llama()
+    before = _everything(model)
+    with pytest.raises(ValueError, match="mapped_weights=True .* needs keep_on_host=True"):
+        quantize_model(model, config, "cpu", weights=checkpoints["nf4-double-quant"], mapped_weights=True)
+    _assert_unchanged(model, before)
+    with pytest.raises(ValueError, match="without weights=... there is no file"):
+        quantize_model(bf16_llama(), config, "cpu", keep_on_host=True, mapped_weights=True)
+
+
 @pytest.mark.parametrize("scheme", ["nf4-double-quant", "int8"])
 @pytest.mark.parametrize("build", [tiny_gpt2, tiny_opt], ids=["gpt2-conv1d", "opt-biases"])
 def test_conv1d_and_biases(tmp_path, build, scheme):

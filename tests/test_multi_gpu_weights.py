@@ -98,6 +98,11 @@ def test_trains_from_the_checkpoint_and_resumes(rows, checkpoints, name, strateg
     assert all(
         fit <= whole < 64 for fit, whole in zip(row["host_peak_fit_gib"], row["host_peak_gib"], strict=True)
     )
+    # The process's own memory: part of its RSS (which also counts mapped files' pages).
+    assert all(
+        0 < private <= whole
+        for private, whole in zip(row["host_private_peak_gib"], row["host_peak_gib"], strict=True)
+    )
     assert row["base_bytes_per_device"] == [row["base_bytes_expected"]] * 2
 
 

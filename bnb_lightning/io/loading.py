@@ -88,6 +88,7 @@ def quantize_from_checkpoint(
     dry_run: bool = False,
     progress: bool | None = None,
     keep_on_host: bool = False,
+    mapped_weights: bool = False,
 ) -> QuantizationReport:
     """Fill ``model`` (built on meta) from the checkpoint ``weights``, quantizing its linear layers on the way.
 
@@ -106,6 +107,8 @@ def quantize_from_checkpoint(
             run only on rank zero.
         keep_on_host: quantize on ``device`` but keep the loaded model in CPU memory (for FSDP2, which then
             puts each rank's shard on the device), as :func:`~bnb_lightning.quantize_model`'s.
+        mapped_weights: with ``keep_on_host``, pre-quantized weights stay views of the checkpoint's
+            memory-mapped files instead of copies, as :func:`~bnb_lightning.quantize_model`'s.
 
     Returns:
         The :class:`QuantizationReport`; layers a pre-quantized checkpoint holds are "already quantized".
@@ -123,7 +126,7 @@ def quantize_from_checkpoint(
         report = quantize_model(model, QuantizationConfig(bits=4), "cuda", weights=path)
     """
     config = as_quantization_config(config)
-    check_keep_on_host(config, keep_on_host)
+    check_keep_on_host(config, keep_on_host, mapped_weights)
     target = check_device_supported(torch.device("cpu") if device is None else as_device(device))
     if any(is_bnb_linear(module) for module in model.modules()):
         raise ValueError(
@@ -145,7 +148,9 @@ def quantize_from_checkpoint(
         upload = HostToDevice(target)
         place = HostToDevice(torch.device("cpu")) if keep_on_host else upload  # where what is kept goes
         values = _buffers_aside(model, load_plan, place)
-        built = _read_and_build(checkpoint, load_plan, config, upload, place, values, progress)
+        built = _read_and_build(
+            checkpoint, load_plan, config, upload, place, values, progress, mapped_weights
+        )
         _swap_in(model, load_plan, values, built)
         if target.type == "cuda":
             torch.cuda.synchronize(target)  # the copies and kernels run ahead of the host
@@ -226,6 +231,7 @@ def _read_and_build(
     place: HostToDevice,
     values: dict[str, torch.Tensor],
     progress: bool | None,
+    mapped_weights: bool = False,
 ) -> dict[str, nn.Module]:
     """Read each needed tensor once: plain ones go to the device, a layer is built once its entries are in."""
     from safetensors import safe_open
@@ -245,10 +251,17 @@ def _read_and_build(
                         tensor = handle.get_tensor(checkpoint.key_in_file(key))
                         layer = owners.get(key)
                         kept_as_read = key in load_plan.sources or layer.prequantized or key == layer.bias_key
-                        if place.device.type == "cpu" and kept_as_read:
+                        mapped = (
+                            mapped_weights
+                            and layer is not None
+                            and layer.prequantized
+                            and key == layer.weight_key
+                        )
+                        if place.device.type == "cpu" and kept_as_read and not mapped:
                             # safetensors maps the file: a tensor read to the CPU is a view of it, which
                             # saving over the file later would change (or, cut short, crash on). A weight
-                            # to quantize needs no copy: quantizing makes new tensors.
+                            # to quantize needs no copy: quantizing makes new tensors. `mapped_weights`
+                            # keeps the packed weights as views, for a caller that moves them off the host.
                             tensor = tensor.clone()
                         if key in load_plan.sources:
                             values[load_plan.sources[key]] = place(tensor)
