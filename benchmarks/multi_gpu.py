@@ -17,7 +17,8 @@ strategy goes to stdout and is appended to ``--out`` (default ``benchmarks/resul
   sharding), ``host_peak_fit_gib`` (peak RSS to the end of the first run) and ``host_peak_gib`` (peak
   RSS of the whole process, the resumed run included), ``host_private_peak_gib`` (peak of the
   process's own memory, ``RssAnon``, sampled: RSS also counts the pages of a mapped checkpoint, which
-  the ranks of a host share, in each rank);
+  the ranks of a host share, in each rank) and ``host_private_setup_gib`` (the same, to the end of the
+  first run's setup: loading and sharding);
 - ``cap_gb``: with ``--cap-gb``, each rank's device memory capped to that many GB (10**9 bytes) by
   ``torch.cuda.set_per_process_memory_fraction`` before anything is allocated on it;
 - ``losses`` (rank zero's, per step of the first run), ``losses_per_rank``, ``resumed_losses`` and
@@ -393,6 +394,8 @@ def run_rank(args) -> None:
     private = PrivateHostPeak()
 
     def save(**figures: Any) -> None:
+        if "setup_s" in figures and "host_private_setup_gib" not in result:
+            result["host_private_setup_gib"] = private.gib()  # the first run's setup, loading included
         result.update(figures, host_peak_gib=host_peak_gib(), host_private_peak_gib=private.gib())
         (out / f"rank{local_rank}.json").write_text(json.dumps(result))
 
@@ -493,6 +496,7 @@ def summarize(strategy: str, args, ranks: list[dict[str, Any]], seconds: float) 
         "host_peak_gib": [r.get("host_peak_gib") for r in ranks],
         "host_peak_fit_gib": [r.get("host_peak_fit_gib") for r in ranks],
         "host_private_peak_gib": [r.get("host_private_peak_gib") for r in ranks],
+        "host_private_setup_gib": [r.get("host_private_setup_gib") for r in ranks],
         "setup_peak_memory_gib": [r.get("setup_peak_memory_gib") for r in ranks],
         "peak_memory_gib": [r.get("peak_memory_gib") for r in ranks],
         "tokens_per_s_per_device": per_device,

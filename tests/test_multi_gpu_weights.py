@@ -100,8 +100,10 @@ def test_trains_from_the_checkpoint_and_resumes(rows, checkpoints, name, strateg
     )
     # The process's own memory: part of its RSS (which also counts mapped files' pages).
     assert all(
-        0 < private <= whole
-        for private, whole in zip(row["host_private_peak_gib"], row["host_peak_gib"], strict=True)
+        0 < setup <= private <= whole
+        for setup, private, whole in zip(
+            row["host_private_setup_gib"], row["host_private_peak_gib"], row["host_peak_gib"], strict=True
+        )
     )
     assert row["base_bytes_per_device"] == [row["base_bytes_expected"]] * 2
 
