@@ -341,6 +341,15 @@ def recipe_setup(spec: dict[str, Any], device, batches: list, warmup: int, steps
     )
 
 
+def child_seconds(left: float | None, runs_left: int, child_timeout_s: float) -> float:
+    """How long the next recipe's run may take: ``--child-timeout-s``, and under ``--budget-s`` (``left``
+    seconds of it) no more than an equal share among the ``runs_left`` runs still to start, so one long
+    ladder cannot take the budget of the recipes after it; what a run leaves unused goes to the later ones."""
+    if left is None:
+        return child_timeout_s
+    return min(child_timeout_s, left / max(1, runs_left))
+
+
 def profiled_steps(spec: dict[str, Any]) -> int:
     """Steps after the timed ones that qlora_bench's ``StepClock`` profiles (``--profile``)."""
     return qlora_bench().PROFILE_STEPS if spec.get("profile_dir") else 0
@@ -623,6 +632,8 @@ def run_parent(args: argparse.Namespace) -> list[dict[str, Any]]:
             return records
         common.update(gpu=made[0]["gpu"], parameters=made[0]["model"]["parameters"])
         spec["model_dir"] = model_dir
+        runnable = [recipe for recipe in args.recipes if not_runnable(recipe, args.device) is None]
+        runs_left = args.repeats * len(runnable)
         for repeat in range(args.repeats):
             for recipe in args.recipes:
                 left = remaining()
@@ -641,9 +652,8 @@ def run_parent(args: argparse.Namespace) -> list[dict[str, Any]]:
                         Path(scratch, "work_" + recipe),  # Unsloth writes its compiled-module cache here
                         child_env(recipe, args.alloc_conf),
                     )
-                    results = child.run(
-                        args.child_timeout_s if left is None else min(args.child_timeout_s, left)
-                    )
+                    results = child.run(child_seconds(left, runs_left, args.child_timeout_s))
+                    runs_left -= 1
                     ended = child.failure() if child.timed_out or child.returncode or not results else None
                     for record in recipe_records(args, recipe, results, ended):
                         keep({**record, "repeat": repeat})
@@ -888,8 +898,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--budget-s",
         type=float,
         default=0.0,
-        help="wall-clock seconds for the whole run: no child starts with less than 30 s left, and a "
-        "running one is killed when it runs out (0: none)",
+        help="wall-clock seconds for the whole run: each recipe's run gets at most an equal share of "
+        "what is left when it starts, no child starts with less than 30 s left (0: none)",
     )
     parser.add_argument("--child-timeout-s", type=float, default=900.0)
     parser.add_argument(

@@ -232,3 +232,13 @@ def test_profile_writes_one_table_file_per_recipe_and_length(peers, folder):
     assert sorted(p.name for p in profiles.iterdir()) == ["bnb-4bit-r0-1x32.txt", "bnb-4bit-r0-1x64.txt"]
     text = (profiles / "bnb-4bit-r0-1x64.txt").read_text()
     assert text.startswith("# bnb-4bit-r0-1x64: 2 training steps") and "## by self_cpu_time_total" in text
+
+
+def test_a_budget_is_shared_among_the_runs_still_to_start(peers):
+    """--budget-s: the first of three runs may take a third of what is left, not all of it; the last
+    one what remains; --child-timeout-s still caps each; no budget, the timeout alone."""
+    assert peers.child_seconds(300.0, 3, 900.0) == 100.0
+    assert peers.child_seconds(250.0, 1, 900.0) == 250.0
+    assert peers.child_seconds(300.0, 2, 60.0) == 60.0
+    assert peers.child_seconds(None, 3, 900.0) == 900.0
+    assert peers.child_seconds(40.0, 0, 900.0) == 40.0
