@@ -296,6 +296,8 @@ class BnbQuantization(Callback):
             # views of the checkpoint's files, which the ranks of a host share; sharding copies them.
             keep_on_host=kind == FSDP2,
             mapped_weights=kind == FSDP2 and self.weights is not None,
+            # And of each layer it quantizes, a rank keeps only the rows its shard will hold.
+            host_shard=_data_parallel_rank(trainer.strategy) if kind == FSDP2 else None,
         )
         adapter_only = not self.save_base_weights
         if kind == FSDP:
@@ -350,6 +352,12 @@ class BnbQuantization(Callback):
             # checked by its fingerprint). Its state for a checkpoint: the adapters, gathered without the base.
             pl_module.strict_loading = False
             strategy.lightning_module_state_dict = functools.partial(adapter_state_dict, pl_module)
+
+
+def _data_parallel_rank(strategy: Any) -> tuple[int, int]:
+    """(rank, world) of this process in the data-parallel mesh FSDP2 shards over (see ``_shard``)."""
+    mesh = strategy.device_mesh["data_parallel"]
+    return mesh.get_local_rank(), mesh.size()
 
 
 def _shards_stay() -> None:

@@ -211,6 +211,7 @@ def prepare_model(
     weights: str | os.PathLike | None = None,
     keep_on_host: bool = False,
     mapped_weights: bool = False,
+    host_shard: tuple[int, int] | None = None,
 ) -> PreparedModel:
     """Quantize ``model`` and get it ready to train adapters, in place: the whole setup, in its order.
 
@@ -257,6 +258,9 @@ def prepare_model(
         mapped_weights: with ``keep_on_host``, a pre-quantized checkpoint's packed weights stay views of
             its files, shared by the processes of a host (:func:`quantize_model`'s), until the strategy
             copies each rank's shard.
+        host_shard: with ``keep_on_host``, ``(rank, world)``: each quantized layer keeps only the rows
+            FSDP2 will give ``rank`` in CPU memory (:func:`quantize_model`'s), for a strategy that
+            shards the model over ``world`` ranks right after.
 
     Returns:
         A :class:`PreparedModel`: the report and every decision taken.
@@ -299,7 +303,13 @@ def prepare_model(
     if quantized_with(model) is not None:
         weights, mapped_weights = None, False
     report = quantize_model(
-        model, config, device, weights=weights, keep_on_host=keep_on_host, mapped_weights=mapped_weights
+        model,
+        config,
+        device,
+        weights=weights,
+        keep_on_host=keep_on_host,
+        mapped_weights=mapped_weights,
+        host_shard=host_shard,
     )
     prepared = PreparedModel(model, config, options, report)
 

@@ -35,7 +35,7 @@ from .skip import (
     keep_in_fp32_patterns,
     matches_any,
 )
-from .transfer import HostToDevice
+from .transfer import HostToDevice, keep_rows_on_host
 
 # Set on each layer this package creates, holding the config it was quantized with, so a second call
 # knows the layer is its own and what it is.
@@ -161,6 +161,25 @@ def check_keep_on_host(config: QuantizationConfig, keep_on_host: bool, mapped_we
         )
 
 
+def check_host_shard(keep_on_host: bool, host_shard: Any) -> None:
+    """``host_shard`` is ``(rank, world)`` with ``0 <= rank < world``, and a way of keeping on the host."""
+    if host_shard is None:
+        return
+    valid = (
+        isinstance(host_shard, tuple)
+        and len(host_shard) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in host_shard)
+        and 0 <= host_shard[0] < host_shard[1]
+    )
+    if not valid:
+        raise ValueError(f"host_shard must be (rank, world) with 0 <= rank < world, got {host_shard!r}.")
+    if not keep_on_host:
+        raise ValueError(
+            "host_shard keeps each rank's FSDP2 rows of the layers in CPU memory; it needs keep_on_host=True. "
+            "Pass both, or host_shard=None."
+        )
+
+
 def quantized_with(model: nn.Module) -> QuantizationConfig | None:
     """The config ``quantize_model`` quantized ``model``'s layers with, or ``None`` if it quantized none."""
     return next(
@@ -236,6 +255,7 @@ def quantize_model(
     weights: str | os.PathLike | None = None,
     keep_on_host: bool = False,
     mapped_weights: bool = False,
+    host_shard: tuple[int, int] | None = None,
 ) -> QuantizationReport:
     """Quantize the linear layers of ``model`` in place, one layer at a time, onto ``device``.
 
@@ -263,6 +283,10 @@ def quantize_model(
             of one host (the ranks of a distributed run) then share one copy of them in memory, the
             file's pages, instead of one each. Only for a caller that moves them off the host before
             anything writes those files again (FSDP2's sharding copies each rank's shard).
+        host_shard: with ``keep_on_host``, ``(rank, world)``: each quantized layer keeps in CPU memory
+            only the rows of its packed weight that FSDP2 over ``world`` ranks gives ``rank``, so each
+            rank holds about 1/world of them; the other rows are never written. Only for a caller that
+            shards the model that way right after (the callback under FSDP2).
         weights: a checkpoint (transformers' layout: a directory with ``model.safetensors`` or sharded
             ``model-*.safetensors`` with their index, or one ``.safetensors`` file) to fill ``model``
             from, read tensor by tensor and quantized on the way; ``model`` may then be on the meta
@@ -286,6 +310,7 @@ def quantize_model(
         print(report)
     """
     config = as_quantization_config(config)
+    check_host_shard(keep_on_host, host_shard)
     if mapped_weights and weights is None:
         raise ValueError(
             "mapped_weights=True keeps a checkpoint's pre-quantized weights as views of its files; without "
@@ -302,6 +327,7 @@ def quantize_model(
             dry_run=dry_run,
             keep_on_host=keep_on_host,
             mapped_weights=mapped_weights,
+            host_shard=host_shard,
         )
     check_keep_on_host(config, keep_on_host, mapped_weights)
     target = check_device_supported(_model_device(model) if device is None else as_device(device))
@@ -365,7 +391,7 @@ def quantize_model(
             try:
                 layer = _convert(original, config, upload)
                 if keep_on_host:
-                    layer = layer.to("cpu")  # bitsandbytes moves the packed weight and its quant state
+                    layer = keep_rows_on_host(layer, host_shard)
             except Exception as error:
                 _rollback_or_explain(model, replaced, name, error, target)
             model.set_submodule(name, layer)

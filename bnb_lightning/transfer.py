@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -73,3 +74,53 @@ def _recorded_event(device: torch.device) -> torch.cuda.Event:
     event = torch.cuda.Event()
     event.record(torch.cuda.current_stream(device))
     return event
+
+
+# The attribute of a packed weight that holds only this rank's FSDP2 rows in CPU memory.
+PARTIAL_HOST_COPY = "_bnb_lightning_partial_host_copy"
+
+
+@dataclasses.dataclass(frozen=True)
+class PartialHostCopy:
+    """Which rows of a packed weight in CPU memory hold data (this rank's FSDP2 shard), and the
+    checksums of the whole weight, taken on the device before the other rows were dropped."""
+
+    start: int
+    end: int
+    checksums: torch.Tensor
+
+
+def shard_rows(length: int, rank: int, world: int) -> tuple[int, int]:
+    """The rows ``[start, end)`` of a ``length``-row tensor that FSDP2 gives ``rank`` of ``world``:
+    ``torch.chunk`` along the first dimension (chunks of ``ceil(length / world)``, the last ones
+    shorter or empty)."""
+    size = -(-length // world)
+    start = min(length, rank * size)
+    return start, min(length, start + size)
+
+
+def keep_rows_on_host(layer: torch.nn.Module, host_shard: tuple[int, int] | None) -> torch.nn.Module:
+    """Move a 4-bit ``layer`` quantized on a device to CPU memory; with ``host_shard`` (rank, world),
+    only the rows of its packed weight that FSDP2 will give that rank.
+
+    The other rows of the CPU tensor are allocated but never written: for a large layer the operating
+    system maps no memory for them, so each rank holds about 1/world of the packed weights until
+    FSDP2 copies its shard. Only for a caller that shards the layer that way right after; the
+    checksums of the whole weight are kept for the base's fingerprint.
+    """
+    if host_shard is None:
+        return layer.to("cpu")  # bitsandbytes moves the packed weight and its quant state
+    from .io.checkpoint import _checksums  # imported here: io builds on this module
+
+    weight = layer.weight
+    rank, world = host_shard
+    start, end = shard_rows(weight.shape[0], rank, world)
+    checksums = _checksums(weight.detach())
+    host = torch.empty(weight.shape, dtype=weight.dtype, device="cpu")
+    host[start:end].copy_(weight.data[start:end])
+    weight.quant_state.to("cpu")  # in place: the layer and its weight share it
+    weight.data = host
+    setattr(weight, PARTIAL_HOST_COPY, PartialHostCopy(start, end, checksums))
+    if layer.bias is not None:
+        layer.bias.data = layer.bias.data.cpu()
+    return layer

@@ -23,7 +23,9 @@ from transformers import (
 
 from bnb_lightning import QuantizationConfig, quantize_model
 from bnb_lightning.backend import is_bnb_linear
+from bnb_lightning.io.checkpoint import base_fingerprint
 from bnb_lightning.io.loading import PREQUANTIZED, CheckpointError
+from bnb_lightning.transfer import shard_rows
 
 VOCAB = 128
 SCHEMES = {
@@ -268,6 +270,24 @@ def test_mapped_weights_only_change_what_a_prequantized_checkpoint_holds(checkpo
         mapped_weights=True,
     )
     assert all(weight.untyped_storage().resizable() for weight in _packed_weights(model).values())
+
+
+def test_host_shard_loads_each_rank_its_rows_of_what_it_quantizes(checkpoints):
+    """From a bf16 checkpoint under FSDP2 (keep_on_host + host_shard): rank 1 of 2 keeps its rows of every
+    packed weight, as a whole load has them, and the same fingerprint; the rest is whole."""
+    config = SCHEMES["nf4-double-quant"]
+    whole, part = meta_llama(), meta_llama()
+    quantize_model(whole, config, "cpu", weights=checkpoints["sharded"], keep_on_host=True)
+    quantize_model(part, config, "cpu", weights=checkpoints["sharded"], keep_on_host=True, host_shard=(1, 2))
+
+    assert base_fingerprint(part) == base_fingerprint(whole)
+    weights = _packed_weights(whole)
+    for name, got in _packed_weights(part).items():
+        start, end = shard_rows(got.shape[0], 1, 2)
+        assert start < end and torch.equal(got.data[start:end], weights[name].data[start:end]), name
+    expected, loaded = whole.state_dict(), part.state_dict()
+    unpartitioned = [key for key in expected if not key.endswith(".weight") or "layers" not in key]
+    assert [key for key in unpartitioned if not torch.equal(loaded[key], expected[key])] == []
 
 
 def test_mapped_weights_without_keep_on_host_or_a_checkpoint_is_refused(checkpoints):

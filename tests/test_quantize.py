@@ -17,8 +17,10 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from bnb_lightning.adapters import inject_adapters
 from bnb_lightning.backend import check_device_supported, is_bnb_linear, is_plain_linear
 from bnb_lightning.config import QuantizationConfig
+from bnb_lightning.io.checkpoint import base_fingerprint
 from bnb_lightning.quantize import QuantizationError, quantize_model
 from bnb_lightning.skip import NOT_TARGETED, OUTPUT_EMBEDDINGS, TIED, USER_SKIP
+from bnb_lightning.transfer import PARTIAL_HOST_COPY, shard_rows
 
 ARCHITECTURES = {
     "llama-tied": lambda: tiny_llama(tie=True),
@@ -577,6 +579,55 @@ def test_unusable_device_fails_before_anything_changes(device, error, match):
     with pytest.raises(error, match=match):
         quantize_model(model, QuantizationConfig(), device=device)
     _assert_unchanged(model, snapshot)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_host_shard_keeps_the_rows_fsdp2_gives_each_rank_and_the_same_fingerprint(world):
+    """keep_on_host + host_shard (the callback under FSDP2): each rank keeps, of each packed weight, the
+    rows torch.chunk gives it (FSDP2's shard), whole statistics, and the whole model's fingerprint."""
+    whole = tiny_llama()
+    quantize_model(whole, QuantizationConfig(bits=4), "cpu", keep_on_host=True)
+    for rank in range(world):
+        part = tiny_llama()
+        quantize_model(part, QuantizationConfig(bits=4), "cpu", keep_on_host=True, host_shard=(rank, world))
+        assert base_fingerprint(part) == base_fingerprint(whole)
+        for name in bnb_layer_names(whole):
+            expected, got = whole.get_submodule(name).weight, part.get_submodule(name).weight
+            rows = torch.arange(expected.shape[0]).chunk(world)
+            start, end = (rows[rank][0].item(), rows[rank][-1].item() + 1) if rank < len(rows) else (0, 0)
+            assert (
+                getattr(got, PARTIAL_HOST_COPY).start == start and getattr(got, PARTIAL_HOST_COPY).end == end
+            )
+            assert torch.equal(got.data[start:end], expected.data[start:end]), name
+            assert got.device.type == "cpu" and got.shape == expected.shape
+            for key, value in expected.quant_state.as_dict(packed=True).items():
+                assert torch.equal(got.quant_state.as_dict(packed=True)[key], value), (name, key)
+    assert getattr(whole.model.layers[0].mlp.up_proj.weight, PARTIAL_HOST_COPY, None) is None
+
+
+def test_shard_rows_are_torch_chunks_the_last_ones_short_or_empty():
+    for length in (1, 2, 5, 7, 64, 65):
+        for world in (1, 2, 3, 4, 8):
+            chunks = torch.arange(length).chunk(world)
+            for rank in range(world):
+                start, end = shard_rows(length, rank, world)
+                expected = chunks[rank].tolist() if rank < len(chunks) else []
+                assert list(range(start, end)) == expected, (length, world, rank)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"host_shard": (0, 2)}, "needs keep_on_host=True"),
+        ({"keep_on_host": True, "host_shard": (2, 2)}, r"0 <= rank < world, got \(2, 2\)"),
+        ({"keep_on_host": True, "host_shard": [0, 2]}, r"got \[0, 2\]"),
+    ],
+)
+def test_host_shard_refusals_name_the_fix(kwargs, message):
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=message):
+        quantize_model(model, QuantizationConfig(bits=4), "cpu", **kwargs)
+    assert not any(is_bnb_linear(m) for m in model.modules())
 
 
 def test_keep_on_host_gives_the_same_model_in_cpu_memory_and_is_4bit_only():

@@ -27,6 +27,7 @@ from torch import nn
 from ..backend import flat_bytes, is_bnb_linear
 from ..config import QuantizationConfig
 from ..distributed import is_fsdp_wrapped, unwrapped_name
+from ..transfer import PARTIAL_HOST_COPY
 from .files import atomic_path
 
 RECORD_VERSION = 1
@@ -133,13 +134,18 @@ def base_fingerprint(module: nn.Module, frozen_keys: Iterable[str] | None = None
     statistics on the first eval-mode forward. ``frozen_keys``: the base's keys if already known
     (:func:`frozen_state_keys`).
     """
-    state = module.state_dict()
+    state = module.state_dict(keep_vars=True)
     keys = sorted(frozen_state_keys(module) if frozen_keys is None else frozen_keys)
     positions: dict[torch.device, torch.Tensor] = {}
     small: dict[torch.device, list[int]] = {}
     sums: list[torch.Tensor | None] = []
     for index, key in enumerate(keys):
         tensor = state[key]
+        partial = getattr(tensor, PARTIAL_HOST_COPY, None)
+        if partial is not None:  # only this rank's rows are here: the whole weight's sums, taken before
+            sums.append(partial.checksums)
+            continue
+        tensor = state[key] = tensor.detach()
         device = tensor.device
         if tensor.numel() * tensor.element_size() < _PERIOD:
             small.setdefault(device, []).append(index)
@@ -152,7 +158,7 @@ def base_fingerprint(module: nn.Module, frozen_keys: Iterable[str] | None = None
         for index, pair in zip(indices, _small_checksums([state[keys[i]] for i in indices]), strict=True):
             sums[index] = pair
     # One transfer when every tensor is on one device.
-    one_device = len({state[key].device for key in keys}) == 1
+    one_device = len({pair.device for pair in sums}) == 1
     values = torch.stack(sums).tolist() if one_device else [pair.tolist() for pair in sums]
     digest = hashlib.sha256()
     for key, (total, weighted) in zip(keys, values, strict=True):

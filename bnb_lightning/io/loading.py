@@ -53,12 +53,13 @@ from ..quantize import (
     QuantizationError,
     _convert,
     _warn_unmatched_patterns,
+    check_host_shard,
     check_keep_on_host,
     estimated_nbytes,
 )
 from ..replace import new_bnb_linear
 from ..report import ALREADY_QUANTIZED, CONVERTED, SKIPPED, ModuleReport, QuantizationReport
-from ..transfer import HostToDevice
+from ..transfer import HostToDevice, keep_rows_on_host
 from .layer_state import prequantized_weight
 from .load_plan import (
     UNCHANGED,
@@ -89,6 +90,7 @@ def quantize_from_checkpoint(
     progress: bool | None = None,
     keep_on_host: bool = False,
     mapped_weights: bool = False,
+    host_shard: tuple[int, int] | None = None,
 ) -> QuantizationReport:
     """Fill ``model`` (built on meta) from the checkpoint ``weights``, quantizing its linear layers on the way.
 
@@ -109,6 +111,8 @@ def quantize_from_checkpoint(
             puts each rank's shard on the device), as :func:`~bnb_lightning.quantize_model`'s.
         mapped_weights: with ``keep_on_host``, pre-quantized weights stay views of the checkpoint's
             memory-mapped files instead of copies, as :func:`~bnb_lightning.quantize_model`'s.
+        host_shard: with ``keep_on_host``, ``(rank, world)``: the layers quantized here keep only that
+            rank's FSDP2 rows in CPU memory, as :func:`~bnb_lightning.quantize_model`'s.
 
     Returns:
         The :class:`QuantizationReport`; layers a pre-quantized checkpoint holds are "already quantized".
@@ -127,6 +131,7 @@ def quantize_from_checkpoint(
     """
     config = as_quantization_config(config)
     check_keep_on_host(config, keep_on_host, mapped_weights)
+    check_host_shard(keep_on_host, host_shard)
     target = check_device_supported(torch.device("cpu") if device is None else as_device(device))
     if any(is_bnb_linear(module) for module in model.modules()):
         raise ValueError(
@@ -149,7 +154,7 @@ def quantize_from_checkpoint(
         place = HostToDevice(torch.device("cpu")) if keep_on_host else upload  # where what is kept goes
         values = _buffers_aside(model, load_plan, place)
         built = _read_and_build(
-            checkpoint, load_plan, config, upload, place, values, progress, mapped_weights
+            checkpoint, load_plan, config, upload, place, values, progress, mapped_weights, host_shard
         )
         _swap_in(model, load_plan, values, built)
         if target.type == "cuda":
@@ -232,6 +237,7 @@ def _read_and_build(
     values: dict[str, torch.Tensor],
     progress: bool | None,
     mapped_weights: bool = False,
+    host_shard: tuple[int, int] | None = None,
 ) -> dict[str, nn.Module]:
     """Read each needed tensor once: plain ones go to the device, a layer is built once its entries are in."""
     from safetensors import safe_open
@@ -269,7 +275,7 @@ def _read_and_build(
                             layer.received[key] = tensor
                             if len(layer.received) == len(layer.keys):
                                 failing = layer.weight_key
-                                built[layer.name] = _build(layer, config, upload, place)
+                                built[layer.name] = _build(layer, config, upload, place, host_shard)
                                 layer.received.clear()
                     except CheckpointError:
                         raise
@@ -302,7 +308,11 @@ def _stand_in(original: nn.Module, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def _build(
-    layer: LoadLayer, config: QuantizationConfig, upload: HostToDevice, place: HostToDevice
+    layer: LoadLayer,
+    config: QuantizationConfig,
+    upload: HostToDevice,
+    place: HostToDevice,
+    host_shard: tuple[int, int] | None = None,
 ) -> nn.Module:
     """The bnb layer where ``place`` puts it: quantized on ``upload``'s device from a full-precision weight, or
     the pre-quantized one as it is."""
@@ -311,7 +321,7 @@ def _build(
     if not layer.prequantized:
         # quantize_model's own step, on the checkpoint's tensors: the same layer, byte for byte.
         built = _convert(_stand_in(layer.original, entries[layer.weight_key], bias), config, upload)
-        return built if place is upload else built.to(place.device)
+        return built if place is upload else keep_rows_on_host(built, host_shard)
     statistics = {key: entries[key] for key in layer.statistics}
     shape = layer.original.weight.shape
     meta_weight = torch.empty(shape, dtype=_full_precision_dtype(layer, statistics), device="meta")
