@@ -310,12 +310,6 @@ def quantize_model(
         print(report)
     """
     config = as_quantization_config(config)
-    check_host_shard(keep_on_host, host_shard)
-    if mapped_weights and weights is None:
-        raise ValueError(
-            "mapped_weights=True keeps a checkpoint's pre-quantized weights as views of its files; without "
-            "weights=... there is no file. Pass weights=PATH, or mapped_weights=False."
-        )
     if weights is not None:
         from .io.loading import quantize_from_checkpoint  # imported here: io.loading builds on this module
 
@@ -329,7 +323,13 @@ def quantize_model(
             mapped_weights=mapped_weights,
             host_shard=host_shard,
         )
-    check_keep_on_host(config, keep_on_host, mapped_weights)
+    check_host_shard(keep_on_host, host_shard)
+    if mapped_weights:
+        raise ValueError(
+            "mapped_weights=True keeps a checkpoint's pre-quantized weights as views of its files; without "
+            "weights=... there is no file. Pass weights=PATH, or mapped_weights=False."
+        )
+    check_keep_on_host(config, keep_on_host)
     target = check_device_supported(_model_device(model) if device is None else as_device(device))
     report = QuantizationReport(
         bits=config.bits,

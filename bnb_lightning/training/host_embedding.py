@@ -18,17 +18,13 @@ def movable_embedding(model: nn.Module, embedding: nn.Module | None) -> nn.Embed
     not shared with another module (a tied output layer still needs the weight on the device)."""
     if type(embedding) is not nn.Embedding or embedding.max_norm is not None:
         return None  # subclasses may scale on the device (Gemma); max_norm rewrites the weight
+    from ..fsdp2 import is_sharded  # imported here: fsdp2 builds on this package
+
     weight = embedding.weight
-    if weight.requires_grad or not weight.is_cuda or _is_sharded(weight):
+    if weight.requires_grad or not weight.is_cuda or is_sharded(embedding):
         return None  # a sharded weight (FSDP2) is gathered where it is needed, by FSDP2
     users = sum(1 for _, parameter in model.named_parameters(remove_duplicate=False) if parameter is weight)
     return embedding if users == 1 else None
-
-
-def _is_sharded(tensor: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
 
 
 class HostEmbedding:
