@@ -78,6 +78,7 @@ from qlora_bench import SHAPES, free_memory  # noqa: E402
 from bnb_lightning import BnbQuantization, QuantizationConfig  # noqa: E402
 from bnb_lightning.backend import is_bnb_linear, layer_quant_state  # noqa: E402
 from bnb_lightning.distributed import base_memory_for, is_fsdp_wrapped, unwrapped_name  # noqa: E402
+from bnb_lightning.fsdp2 import is_sharded  # noqa: E402
 from bnb_lightning.io.shards import check_weights  # noqa: E402
 
 STRATEGIES = ("ddp", "fsdp", "fsdp2")
@@ -232,12 +233,14 @@ def adapter_hash(trainer: pl.Trainer, module: torch.nn.Module) -> str:
 
     from torch.distributed.tensor import DTensor
 
-    if any(isinstance(p, DTensor) for p in module.parameters()):  # FSDP2: gather each adapter
+    if is_sharded(module):  # FSDP2: gather each adapter
         sha = hashlib.sha256()
         for name, p in sorted((n, p) for n, p in module.named_parameters() if p.requires_grad):
-            whole = p.full_tensor() if isinstance(p, DTensor) else p
+            if isinstance(p, DTensor):
+                # Offloaded shards (offload_params) sit in CPU memory; the mesh gathers on its own device.
+                p = p.to(p.device_mesh.device_type).full_tensor()
             sha.update(name.encode())
-            sha.update(whole.detach().float().cpu().numpy().tobytes())
+            sha.update(p.detach().float().cpu().numpy().tobytes())
         return sha.hexdigest()[:16]
     if not is_fsdp_wrapped(module):
         return digest()
@@ -424,12 +427,13 @@ def fit_and_resume(args, device: torch.device, out: Path, save: Callable[..., No
     step_s = sorted(measure.step_s)
     save(
         step_s_median=step_s[len(step_s) // 2] if step_s else None,
+        step_s=measure.step_s,
         peak_memory_gib=device_peak_gib(device),  # training's: Measure reset the peak when it started
         host_peak_fit_gib=host_peak_gib(),
         losses=losses.losses,
-        adapters=adapter_hash(trainer, module),
         written=list(io.written),
     )
+    save(adapters=adapter_hash(trainer, module))
     checkpoints = sorted((out / "ckpt").glob("*.ckpt"))
     # Lightning gives each callback the module's `log` (bound methods): the callbacks go too, or they keep
     # the first model, under FSDP2 its shards on the device (ModelParallelStrategy leaves them there).
@@ -500,6 +504,7 @@ def summarize(strategy: str, args, ranks: list[dict[str, Any]], seconds: float) 
         "setup_peak_memory_gib": [r.get("setup_peak_memory_gib") for r in ranks],
         "peak_memory_gib": [r.get("peak_memory_gib") for r in ranks],
         "tokens_per_s_per_device": per_device,
+        "step_s": [r.get("step_s") for r in ranks],
         "tokens_per_s": sum(per_device) if per_device and all(per_device) else None,
         "adapters_equal": finished
         and len({r["adapters"] for r in ranks}) == 1

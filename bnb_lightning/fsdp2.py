@@ -19,6 +19,8 @@ LLM.int8 weights keep their row statistics on the parameter itself, which a gath
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -61,10 +63,11 @@ def shard_model(
     pinned = device is not None and device.type == "cuda"
     policy = CPUOffloadPolicy(pin_memory=pinned) if offload_params else OffloadPolicy()
     blocks = checkpointable_blocks(model) or transformer_blocks(model)
-    for block in blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, offload_policy=policy)
-    for outer in transformers_models(model) or [model]:
-        fully_shard(outer, mesh=mesh, reshard_after_forward=reshard_after_forward, offload_policy=policy)
+    with integer_parameters_shardable():
+        for block in blocks:
+            fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, offload_policy=policy)
+        for outer in transformers_models(model) or [model]:
+            fully_shard(outer, mesh=mesh, reshard_after_forward=reshard_after_forward, offload_policy=policy)
     if device is not None:
         for module in model.modules():
             quant_state = getattr(module, "quant_state", None)
@@ -73,9 +76,48 @@ def shard_model(
     return len(blocks)
 
 
+class _FrozenIntegerParameters:
+    """``torch.nn`` as FSDP2's parameter module sees it, except that ``Parameter(data)`` without
+    ``requires_grad`` makes an integer tensor a frozen parameter instead of failing."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(nn, name)
+
+    @staticmethod
+    def Parameter(data: torch.Tensor | None = None, requires_grad: bool | None = None) -> nn.Parameter:  # noqa: N802
+        if requires_grad is None:
+            requires_grad = data is None or data.is_floating_point() or data.is_complex()
+        return nn.Parameter(data, requires_grad=requires_grad)
+
+
+@contextlib.contextmanager
+def integer_parameters_shardable() -> Iterator[None]:
+    """Let ``fully_shard`` shard the packed ``uint8`` weights on every torch that has FSDP2.
+
+    Up to torch 2.11, ``fully_shard`` wraps each shard as ``nn.Parameter(shard)`` and sets its
+    ``requires_grad`` after, and ``nn.Parameter`` defaults to requiring gradients, which only floating
+    tensors can: every integer parameter fails with "only Tensors of floating point dtype can require
+    gradients" (pytorch/pytorch#177844; later versions pass the flag). While this context is open, that
+    call makes an integer shard a frozen parameter, which is what it was; nothing else changes.
+    """
+    try:
+        from torch.distributed.fsdp._fully_shard import _fsdp_param
+    except ImportError:  # a torch without this module: nothing to mend
+        yield
+        return
+    if getattr(_fsdp_param, "nn", None) is not nn:
+        yield
+        return
+    _fsdp_param.nn = _FrozenIntegerParameters()
+    try:
+        yield
+    finally:
+        _fsdp_param.nn = nn
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable parameters of a sharded ``model``, whole and in CPU memory (on rank zero; others get
-    theirs too), without gathering the frozen base: what an adapter-only checkpoint needs."""
+    """The trainable parameters of a sharded ``model``, whole and in CPU memory on rank zero (the other
+    ranks get an empty dict), without gathering the frozen base: what an adapter-only checkpoint needs."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)

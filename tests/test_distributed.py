@@ -553,3 +553,24 @@ def test_4bit_layers_keep_a_weight_view_that_lost_its_quant_state(tokens):
     assert torch.equal(actual, expected)
     modules = dict(model.named_modules())
     assert all(modules[name].weight is view for name, view in views.items())  # never re-registered
+
+
+def test_fsdp2_sharding_makes_integer_shards_frozen_parameters_on_torch_that_would_fail():
+    """torch up to 2.11 wraps each shard as ``nn.Parameter(shard)``, which fails for the packed uint8
+    weights; while ``shard_model`` shards, that call makes them frozen parameters instead."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param
+
+    from bnb_lightning.fsdp2 import integer_parameters_shardable
+
+    packed = torch.arange(6, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="floating point"):
+        _fsdp_param.nn.Parameter(packed)  # what torch 2.11's fully_shard calls
+    with integer_parameters_shardable():
+        frozen = _fsdp_param.nn.Parameter(packed)
+        floating = _fsdp_param.nn.Parameter(torch.ones(2))
+        explicit = _fsdp_param.nn.Parameter(torch.ones(2), requires_grad=False)
+        assert _fsdp_param.nn.Module is torch.nn.Module
+    assert type(frozen) is torch.nn.Parameter and not frozen.requires_grad
+    assert torch.equal(frozen, packed)
+    assert floating.requires_grad and not explicit.requires_grad
+    assert _fsdp_param.nn is torch.nn  # restored
