@@ -50,11 +50,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gzip
 import hashlib
 import json
 import math
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,7 +75,7 @@ from peft import LoraConfig
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from qlora_bench import SHAPES, free_memory  # noqa: E402
+from qlora_bench import PROFILE_STEPS, SHAPES, free_memory, write_profile  # noqa: E402
 
 from bnb_lightning import BnbQuantization, QuantizationConfig  # noqa: E402
 from bnb_lightning.backend import is_bnb_linear, layer_quant_state  # noqa: E402
@@ -158,9 +160,16 @@ class Measure(pl.Callback):
     """Step times after ``warmup`` steps, peak device memory, the base's expected and actual bytes, and
     the seconds quantization (loading and FSDP2's sharding included) took after ``started.start``."""
 
-    def __init__(self, warmup: int, started: SetupStart, save: Callable[..., None] | None = None) -> None:
+    def __init__(
+        self,
+        warmup: int,
+        started: SetupStart,
+        save: Callable[..., None] | None = None,
+        profile: Path | None = None,
+    ) -> None:
         self.warmup, self.step_s, self.expected, self.actual = warmup, [], None, None
         self.started, self.setup_s, self.save = started, None, save
+        self.profile, self.profiler = profile, None
 
     def setup(self, trainer, pl_module, stage):
         # Runs after BnbQuantization (earlier in the callback list) quantized the model, before wrapping.
@@ -185,12 +194,28 @@ class Measure(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         synchronize(pl_module.device)
+        if self.profile is not None and trainer.global_step == self.warmup and self.profiler is None:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if pl_module.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
         self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         synchronize(pl_module.device)
         if trainer.global_step > self.warmup:
             self.step_s.append(time.perf_counter() - self.start)
+        if self.profiler is not None and trainer.global_step == self.warmup + PROFILE_STEPS:
+            self.profiler.__exit__(None, None, None)
+            # The first PROFILE_STEPS timed steps: this rank's operator tables and a compressed trace.
+            write_profile(self.profiler, self.profile.with_suffix(".txt"), pl_module.device, lora_r=16)
+            trace = self.profile.with_suffix(".json")
+            self.profiler.export_chrome_trace(str(trace))
+            with trace.open("rb") as raw, gzip.open(f"{trace}.gz", "wb") as packed:
+                shutil.copyfileobj(raw, packed)
+            trace.unlink()
+            self.profiler = None
 
 
 def synchronize(device: torch.device) -> None:
@@ -404,6 +429,10 @@ def run_rank(args) -> None:
 
     try:
         fit_and_resume(args, device, out, save)
+        # Lightning leaves the process group up; gloo's threads, left to the interpreter's exit, at times
+        # abort a process that has written everything.
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     except BaseException as error:
         import traceback
 
@@ -419,7 +448,9 @@ def fit_and_resume(args, device: torch.device, out: Path, save: Callable[..., No
     save(memory_fraction=cap_device_memory(device, args.cap_gb))
     ranks = args.devices if args.repeat_batch else 0  # --repeat-batch: each rank its own sequence
     started, losses = SetupStart(), Losses()
-    measure, io = Measure(args.warmup, started, save), RecordingCheckpointIO()
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    profile = None if args.profile is None else Path(args.profile, f"{args.run}-{args.shape}-rank{rank}")
+    measure, io = Measure(args.warmup, started, save, profile), RecordingCheckpointIO()
     trainer = make_trainer(args, args.steps, out, [started, measure, losses], io)
     module = RandomLlama(args.shape, device, weights=args.weights, lr=args.lr)
     data = random_tokens(module.vocab, args.steps * args.devices, args.seq, seed=1, ranks=ranks)
@@ -630,6 +661,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=("callback", "blocks"),
         default="callback",
         help="FSDP units: the callback's policy (a unit per block and per trainable leaf) or one per block",
+    )
+    parser.add_argument(
+        "--profile",
+        help=f"profile each rank's first {PROFILE_STEPS} timed steps: operator tables and a gzipped trace in DIR",
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/multi_gpu.jsonl"))
     parser.add_argument("--work", help=argparse.SUPPRESS)  # set for the per-strategy runs

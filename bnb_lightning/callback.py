@@ -271,8 +271,9 @@ class BnbQuantization(Callback):
         """:func:`~bnb_lightning.prepare_model` for this Trainer. Only once it returned does the module
         count as prepared: after a failure (which it takes back), the next ``fit`` prepares it again."""
         config, options = self.config, self.options
-        if options.compile_blocks is None and kind != SINGLE_DEVICE:
-            # A 1B-shape DDP run on one GPU once failed checkpoint recomputation; not measured faster there.
+        if options.compile_blocks is None and kind == FSDP:
+            # Not measured under FSDP1's flat parameters. DDP and FSDP2 compile as one device does: 1.7x as
+            # fast on two H200s at 8B (benchmarks/RESULTS.md, "Two GPUs").
             options = options.replace(compile_blocks=False)
         if kind == FSDP:
             config = config_for_fsdp(config, pl_module, str(trainer.precision))

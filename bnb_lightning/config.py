@@ -333,7 +333,7 @@ class TrainingOptions:
             and memory.
         compile_blocks: ``torch.compile`` each transformer block. ``None`` (default): on for a CUDA
             device, off on the CPU and for 8-bit with ``dequantize_int8=False`` (the callback also
-            turns it off under DDP and FSDP).
+            turns it off under FSDP; DDP and FSDP2 compile).
         chunked_loss: compute a transformers causal LM's training loss chunk by chunk, without
             materializing the logits (see :func:`bnb_lightning.use_chunked_loss`).
         dequantize_int8: train 8-bit layers through their dequantized weight in the compute dtype

@@ -47,9 +47,12 @@ def shard_model(
     """``fully_shard`` each transformer block of ``model``, then each outermost model around them; returns
     how many blocks became units.
 
-    The outer models (the transformers models inside ``model``, else ``model`` itself) hold what is
-    left: the embeddings, the final norm and the output layer, sharded too rather than copied on
-    every rank (4 GiB in bfloat16 for a 70B's, at a 128k vocabulary). A model kept in CPU memory
+    Frozen input embeddings and output layer that share no weight (not tied) are units too, gathered
+    only while they run: the embeddings for their lookup, the output layer while the chunked loss
+    computes the loss and its gradients (``training/loss.py``). Neither is whole on the device through
+    the forward and backward passes of the blocks (1 GiB each for an 8B, 2 GiB each for a 70B). The
+    outer models (the transformers models inside ``model``, else ``model`` itself) hold what is left:
+    the final norm, and tied embeddings, sharded too rather than copied on every rank. A model kept in CPU memory
     (``quantize_model(..., keep_on_host=True)``) reaches ``device`` this way: ``fully_shard`` moves each
     unit's parameters and buffers to the mesh's device and keeps this rank's shard of them; the 4-bit
     statistics, outside any parameter, are moved to ``device`` after.
@@ -64,8 +67,8 @@ def shard_model(
     policy = CPUOffloadPolicy(pin_memory=pinned) if offload_params else OffloadPolicy()
     blocks = checkpointable_blocks(model) or transformer_blocks(model)
     with integer_parameters_shardable():
-        for block in blocks:
-            fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, offload_policy=policy)
+        for unit in [*blocks, *frozen_ends(model)]:
+            fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward, offload_policy=policy)
         for outer in transformers_models(model) or [model]:
             fully_shard(outer, mesh=mesh, reshard_after_forward=reshard_after_forward, offload_policy=policy)
     if device is not None:
@@ -74,6 +77,30 @@ def shard_model(
             if is_bnb_linear(module) and quant_state is not None:
                 quant_state.to(device)  # in place: the layer and its weight share this object
     return len(blocks)
+
+
+def frozen_ends(model: nn.Module) -> list[nn.Module]:
+    """The input embeddings and output layers of the transformers models in ``model`` that can be FSDP2
+    units of their own: a plain ``nn.Embedding`` or ``nn.Linear``, frozen, its weight shared with no
+    other module (tied ones stay in the model's own unit)."""
+    ends = []
+    for hf_model in transformers_models(model):
+        for end, kind in (
+            (
+                hf_model.get_input_embeddings() if hasattr(hf_model, "get_input_embeddings") else None,
+                nn.Embedding,
+            ),
+            (
+                hf_model.get_output_embeddings() if hasattr(hf_model, "get_output_embeddings") else None,
+                nn.Linear,
+            ),
+        ):
+            if type(end) is not kind or any(p.requires_grad for p in end.parameters()):
+                continue
+            users = sum(1 for _, p in model.named_parameters(remove_duplicate=False) if p is end.weight)
+            if users == 1:
+                ends.append(end)
+    return ends
 
 
 class _FrozenIntegerParameters:

@@ -185,6 +185,29 @@ def test_fsdp2_offloads_block_activations_exactly_as_ddp_and_resumes(tmp_path):
     assert all(torch.equal(ranks[1]["resumed_adapters"][n], a) for n, a in ddp[1]["resumed_adapters"].items())
 
 
+def test_fsdp2_gathers_untied_embeddings_and_output_layer_only_where_used_and_trains_exactly_as_ddp(tmp_path):
+    """Untied, the input embeddings and the output layer are FSDP2 units of their own: gathered for the
+    lookup and while the chunked loss runs, sharded again before the blocks' backward pass. Tied, they
+    stay in the unit around the blocks, which FSDP2 gathers for the whole backward pass."""
+    ddp = fit_on_ranks(tmp_path / "ddp", "--strategy", "ddp", "--bits", "4", "--untied", "--offload")
+    ranks = fit_on_ranks(tmp_path / "fsdp2", "--strategy", "fsdp2", "--bits", "4", "--untied", "--offload")
+    tied = fit_on_ranks(tmp_path / "tied", "--strategy", "fsdp2", "--bits", "4", "--steps", "2", "--offload")
+
+    vocab = ddp[0]["head_rows"][0]
+    assert ddp[0]["head_rows"] == [vocab] * len(ddp[0]["losses"])
+    for rank, reference in zip(ranks, ddp, strict=True):
+        assert rank["head_rows"] == [vocab // 2] * len(rank["losses"])  # its shard only, in the backward
+        assert rank["embedding_rows"] == [vocab // 2] * len(rank["losses"])
+        assert rank["losses"] == reference["losses"] and rank["resumed_losses"] == reference["resumed_losses"]
+        assert rank["losses"][-1] < rank["losses"][0] - 0.5, rank["losses"]
+    assert all(torch.equal(ranks[0]["adapters"][n], a) for n, a in ddp[0]["adapters"].items())
+    assert tied[0]["head_rows"] == tied[0]["embedding_rows"] == [vocab] * len(tied[0]["losses"])
+    # The activation planner counts the rows the loss gathers from the other rank (float32 here), only for
+    # a layer of its own.
+    assert [rank["gathered_head_bytes"] for rank in ranks] == [vocab // 2 * 64 * 4] * 2
+    assert ddp[0]["gathered_head_bytes"] == tied[0]["gathered_head_bytes"] == 0
+
+
 def test_fsdp2_with_its_shards_in_cpu_memory_trains_exactly_as_ddp(tmp_path):
     """offload_params: FSDP2's CPUOffloadPolicy (unpinned here: on CPU processes the device is the CPU),
     and the strategy leaves the shards where FSDP2 keeps them."""

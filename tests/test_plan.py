@@ -86,6 +86,20 @@ def test_a_large_budget_keeps_every_block():
     assert plan.predicted_peak == GIB + 8 * cost().saved + 3 * cost().input + (768 << 20)
 
 
+def test_an_output_layer_gathered_for_the_loss_counts_in_the_peak_and_leaves_room_for_fewer_kept_blocks():
+    """FSDP2 gathers an output layer that is a unit of its own only for the loss, after every kept block saved
+    its activations, which then hold the most: the gathered layer comes on top of them (2 GiB for a 70B)."""
+    c, head = cost(), 256 << 20  # cost() is in MiB: a head 2.5 blocks of activations large
+    alone = choose_plan(8, c, static=GIB, budget=100 * GIB, vocab=128256)
+    gathered = choose_plan(8, c, static=GIB, budget=100 * GIB, vocab=128256, head_bytes=head)
+    assert gathered.predicted_peak == alone.predicted_peak + head
+    budget = budget_for(alone.predicted_peak)  # room for every block kept, not for the gathered layer too
+    assert choose_plan(8, c, static=GIB, budget=budget, vocab=128256).modes == ("keep",) * 8
+    tight = choose_plan(8, c, static=GIB, budget=budget, vocab=128256, head_bytes=head)
+    assert tight.count("keep") < 8 and tight.fits
+    assert tight.predicted_peak <= budget - margin_for(budget)
+
+
 def test_a_middle_budget_keeps_the_last_blocks_and_recomputes_the_others():
     c = cost()
     # Room for 3 kept blocks and 5 inputs, with a recomputed block's transient.

@@ -8,8 +8,10 @@ hidden states in the same pass, so at most one chunk of logits exists at a time.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -116,6 +118,29 @@ def linear_cross_entropy(
         )
 
 
+@contextlib.contextmanager
+def gathered(layer: nn.Module) -> Iterator[None]:
+    """``layer``'s whole weights while the context is open, if it is an FSDP2 unit of its own.
+
+    The chunked loss reads the output layer's weight without calling the layer, so FSDP2's hooks do
+    not gather it. It is gathered here and sharded again as soon as the loss and its gradients are
+    computed: the backward pass does not read it. A frozen layer only (``fsdp2.frozen_ends``):
+    a trainable one would need FSDP2 to reduce its gradient, which its hooks do when it is called.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        FSDPModule = ()  # noqa: N806
+    if not isinstance(layer, FSDPModule):
+        yield
+        return
+    layer.unshard()
+    try:
+        yield
+    finally:
+        layer.reshard()
+
+
 class ChunkedLossForward:
     """Replacement ``forward`` of one transformers causal LM: with ``labels`` while training with
     gradients, the loss comes from :func:`linear_cross_entropy` and ``logits`` is ``None``;
@@ -169,14 +194,15 @@ class ChunkedLossForward:
             # Tokens < n predict n, as in transformers' ForCausalLMLoss.
             shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
         head = model.get_output_embeddings()
-        loss = linear_cross_entropy(
-            hidden,
-            head.weight,
-            shift_labels,
-            bias=head.bias,
-            ignore_index=ignore_index,
-            num_items_in_batch=kwargs.get("num_items_in_batch"),
-        )
+        with gathered(head):
+            loss = linear_cross_entropy(
+                hidden,
+                head.weight,
+                shift_labels,
+                bias=head.bias,
+                ignore_index=ignore_index,
+                num_items_in_batch=kwargs.get("num_items_in_batch"),
+            )
         return CausalLMOutputWithPast(
             loss=loss,
             logits=None,

@@ -263,6 +263,7 @@ def choose_plan(
     host_bytes: int | None = None,
     vocab: int = 0,
     expandable_segments: bool = False,
+    head_bytes: int = 0,
 ) -> ActivationPlan:
     """The fastest modes for ``blocks`` blocks of ``cost`` each that fit ``budget`` above ``static`` bytes.
 
@@ -274,14 +275,15 @@ def choose_plan(
     ``expandable_segments``, which maps freed memory where the next tensor needs it). Keep the last
     blocks, recompute the middle ones, offload the first ones (whose inputs wait longest, so their
     copies have the most time). If even offloading every block does not fit, MLPs run over sequence
-    tiles. The plan still predicts its peak when nothing fits; the caller warns.
+    tiles. The plan still predicts its peak when nothing fits; the caller warns. ``head_bytes``: what
+    the loss gathers on top of ``static`` (an output layer FSDP2 shards as a unit of its own).
     """
     host_bytes = host_available() if host_bytes is None else host_bytes
     limit = budget - margin_for(budget)
     # After the last block: the final norm's input (its float32 work is over tiles), the loss's hidden
     # gradient and the one coming back, and a float32 logits chunk (the chunked loss keeps one near 2**26
     # values) with its softmax and gradient.
-    loss = 3 * cost.input + 3 * 4 * min(cost.tokens * vocab, 1 << 26)
+    loss = 3 * cost.input + 3 * 4 * min(cost.tokens * vocab, 1 << 26) + head_bytes
 
     def peak(keep: int, recompute: int, offload: int, saved: int, largest: int) -> int:
         transient = 2 * cost.input + 3 * largest + (saved if keep < blocks else 0)
@@ -522,8 +524,28 @@ class ActivationPlanner:
             self._can_tile,
             vocab=self.vocab,
             expandable_segments=_expandable_segments(self.device),
+            head_bytes=self._gathered_head_bytes(),
         )
         return dataclasses.replace(plan, host_embeddings=self._host_embedding is not None)
+
+    def _gathered_head_bytes(self) -> int:
+        """What gathering the output layers for the loss adds on the device: an output layer that FSDP2
+        shards as a unit of its own (``fsdp2.frozen_ends``) is still sharded while the blocks
+        run, and the loss gathers it whole (2 GiB for a 70B's); its shard here, if any, is counted already."""
+        try:
+            from torch.distributed.fsdp import FSDPModule
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # a torch without FSDP2
+            return 0
+        total = 0
+        for hf_model in self._hf_models:
+            head = hf_model.get_output_embeddings()
+            weight = getattr(head, "weight", None)
+            if isinstance(head, FSDPModule) and isinstance(weight, DTensor):
+                local = weight.to_local()
+                here = local.numel() * local.element_size() if local.device.type == self.device.type else 0
+                total += weight.numel() * weight.element_size() - here
+        return total
 
     def _embeddings_to_host(self) -> HostEmbedding | None:
         """When blocks are offloaded anyway, the frozen input embeddings go to CPU memory too (as Unsloth's do)."""

@@ -32,10 +32,25 @@ from conftest import tiny_llama  # noqa: E402  (the tests' tiny Llama)
 
 
 class CausalLM(pl.LightningModule):
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, tie: bool = True) -> None:
         super().__init__()
-        self.model = tiny_llama(seed=seed).train()
+        self.model = tiny_llama(seed=seed, tie=tie).train()
         self.losses: list[float] = []
+        # Rows of the output layer's and the input embeddings' weights this rank holds when the last
+        # block's backward starts.
+        self.head_rows: list[int] = []
+        self.embedding_rows: list[int] = []
+        self.model.model.layers[-1].register_full_backward_pre_hook(self.record_rows)
+
+    def record_rows(self, module, grad_output) -> None:
+        from torch.distributed.tensor import DTensor
+
+        for rows, layer in (
+            (self.head_rows, self.model.get_output_embeddings()),
+            (self.embedding_rows, self.model.get_input_embeddings()),
+        ):
+            weight = layer.weight
+            rows.append((weight.to_local() if isinstance(weight, DTensor) else weight).shape[0])
 
     def training_step(self, batch, batch_idx):
         loss = self.model(input_ids=batch, labels=batch).loss
@@ -108,7 +123,7 @@ def make_trainer(
         # Compiled blocks with gradient checkpointing, as on one GPU; off by default under DDP.
         compile_blocks=args.compile or None,
         gradient_checkpointing=True if args.compile and not args.offload else None,
-        activation_memory="offload" if args.offload else None,
+        activation_memory="offload" if args.offload else args.activation_memory,
         # Under FSDP exports are refused (rank zero holds only a shard of the adapters).
         export_adapters_to=None if args.strategy == "fsdp" else str(out / "adapters"),
         offload_params=args.offload_params,
@@ -158,6 +173,10 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="compile the blocks, checkpointed")
     parser.add_argument("--offload", action="store_true", help="activation_memory='offload'")
     parser.add_argument("--offload-params", action="store_true", help="FSDP2's shards in CPU memory")
+    parser.add_argument("--activation-memory", help="BnbQuantization(activation_memory=...), e.g. keep")
+    parser.add_argument(
+        "--untied", action="store_true", help="an output layer of its own, not the embeddings'"
+    )
     parser.add_argument(
         "--straight", action="store_true", help="also fit all the steps in one run, for comparison"
     )
@@ -171,7 +190,7 @@ def main() -> None:
     trainer, callback = make_trainer(args, args.out, io, args.steps)
     rank = trainer.global_rank
     seed = int(os.environ.get("LOCAL_RANK", 0)) if args.seed_per_rank else 0
-    module = CausalLM(seed)
+    module = CausalLM(seed, tie=not args.untied)
     try:
         trainer.fit(module, batches())
     except Exception as error:
@@ -189,6 +208,10 @@ def main() -> None:
         raise
     result = {
         "losses": module.losses,
+        "head_rows": module.head_rows,
+        "embedding_rows": module.embedding_rows,
+        # What the activation planner counts for gathering the output layer for the loss, now that it is sharded.
+        "gathered_head_bytes": callback.activations._gathered_head_bytes() if callback.activations else None,
         "adapters": adapters(trainer, module),
         "written": list(io.written),
         "logs": list(recorder.lines),
@@ -206,7 +229,7 @@ def main() -> None:
     (checkpoint,) = sorted((args.out / "ckpt").glob("*.ckpt"))
     io = RecordingCheckpointIO()
     trainer, callback = make_trainer(args, args.out / "resumed", io, args.steps + args.resume_steps)
-    resumed = CausalLM(seed)
+    resumed = CausalLM(seed, tie=not args.untied)
     trainer.fit(resumed, batches(), ckpt_path=checkpoint)
     result.update(
         checkpoint=str(checkpoint),
@@ -220,10 +243,14 @@ def main() -> None:
         trainer, _ = make_trainer(
             args, args.out / "straight", RecordingCheckpointIO(), args.steps + args.resume_steps
         )
-        straight = CausalLM(seed)
+        straight = CausalLM(seed, tie=not args.untied)
         trainer.fit(straight, batches())
         result.update(straight_losses=straight.losses, straight_adapters=adapters(trainer, straight))
     torch.save(result, args.out / f"rank{rank}.pt")
+    # Lightning leaves the process group up; gloo's threads, left to the interpreter's exit, at times
+    # abort the process ("terminate called without an active exception") after everything is written.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
