@@ -33,7 +33,6 @@ from .config import (
 from .distributed import (
     FSDP,
     FSDP2,
-    SINGLE_DEVICE,
     base_memory_for,
     check_same_base_on_all_ranks,
     check_trainer,
