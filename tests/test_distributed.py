@@ -135,6 +135,7 @@ def test_fsdp2_fit_on_two_cpu_processes_trains_exactly_as_ddp_and_resumes(tmp_pa
     logs = ranks[0]["logs"]
     assert any("sharded with FSDP2 over 2 devices: 2 blocks" in line for line in logs)
     assert ranks[0]["offload_policies"] == ["OffloadPolicy"]  # the shards on the device
+    assert ranks[0]["forward_prefetch"] == [1, 0]  # the first block gathers the second ahead of time
     assert any("under FSDP2 over 2 devices" in line and "sharded 2 ways" in line for line in logs)
     assert ranks[1]["logs"] == [] or not any("FSDP2" in line for line in ranks[1]["logs"])
     # Rank zero writes an adapter-only checkpoint, gathered without the frozen base.

@@ -219,6 +219,12 @@ def main() -> None:
         # What DDP synchronizes gradients of: the parameters that require grad.
         "trainable": sorted(n for n, p in module.named_parameters() if p.requires_grad),
         "trainable_dtypes": {n: p.dtype for n, p in module.named_parameters() if p.requires_grad},
+        # How many units each block's forward starts gathering ahead of time (FSDP2).
+        "forward_prefetch": [
+            len(getattr(block._get_fsdp_state(), "_states_to_forward_prefetch", None) or [])
+            for block in module.model.model.layers
+            if hasattr(block, "_get_fsdp_state")
+        ],
         # FSDP2's offload policy of each unit (its modules' state), by class name.
         "offload_policies": sorted(
             {type(m._get_fsdp_state()._fsdp_param_group.offload_policy).__name__ for m in fsdp2_units(module)}
