@@ -73,7 +73,7 @@ def shard_model(
             fully_shard(outer, mesh=mesh, reshard_after_forward=reshard_after_forward, offload_policy=policy)
     # Each block's forward starts gathering the next block's weights (as torchtitan does): issued from
     # the host one block ahead, the gathering overlaps the block's compute even when the host is behind.
-    for block, following in zip(blocks, blocks[1:]):
+    for block, following in zip(blocks[:-1], blocks[1:], strict=True):
         block.set_modules_to_forward_prefetch([following])
     if device is not None:
         for module in model.modules():

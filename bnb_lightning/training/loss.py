@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +21,9 @@ from torch import nn
 
 from ..config import matmul_dtype
 from .blocks import transformers_models
+from .sharded_loss import prefers_sharded, sharded_linear_cross_entropy, vocab_shard
+
+logger = logging.getLogger("bnb_lightning")
 
 # Float32 logits of one chunk stay near this size (64 Mi elements = 256 MiB).
 _CHUNK_ELEMENTS = 1 << 26
@@ -153,6 +157,7 @@ class ChunkedLossForward:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        self.announced_sharded = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         model = self.model
@@ -194,15 +199,32 @@ class ChunkedLossForward:
             # Tokens < n predict n, as in transformers' ForCausalLMLoss.
             shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
         head = model.get_output_embeddings()
-        with gathered(head):
-            loss = linear_cross_entropy(
-                hidden,
-                head.weight,
-                shift_labels,
-                bias=head.bias,
-                ignore_index=ignore_index,
-                num_items_in_batch=kwargs.get("num_items_in_batch"),
+        items = kwargs.get("num_items_in_batch")
+        shard = vocab_shard(head.weight) if head.bias is None else None
+        if shard is not None and prefers_sharded(
+            hidden.numel() // hidden.shape[-1], hidden.shape[-1], head.weight, shard[2]
+        ):
+            # FSDP2 shards the output layer by vocabulary rows: the ranks exchange hidden states instead
+            # of gathering it, which takes less memory up to long sequences.
+            if not self.announced_sharded:
+                self.announced_sharded = True
+                logger.info(
+                    "bnb_lightning: the loss exchanges hidden states between the ranks that shard the output "
+                    "layer, instead of gathering it."
+                )
+            loss = sharded_linear_cross_entropy(
+                hidden, shard, shift_labels, ignore_index=ignore_index, num_items_in_batch=items
             )
+        else:
+            with gathered(head):
+                loss = linear_cross_entropy(
+                    hidden,
+                    head.weight,
+                    shift_labels,
+                    bias=head.bias,
+                    ignore_index=ignore_index,
+                    num_items_in_batch=items,
+                )
         return CausalLMOutputWithPast(
             loss=loss,
             logits=None,

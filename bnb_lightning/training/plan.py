@@ -31,6 +31,7 @@ from ..config import ACTIVATION_MODES, check_activation_memory, format_bytes
 from .blocks import checkpointable_blocks, transformers_models
 from .host_embedding import HostEmbedding, movable_embedding
 from .offload import _Offload
+from .sharded_loss import exchange_bytes, gather_bytes, vocab_shard
 from .tiled_mlp import Tiled, block_mlp, remove_tiled_mlp, set_mlp_tile_tokens, tile_module, use_tiled_mlp
 
 logger = logging.getLogger("bnb_lightning")
@@ -276,7 +277,8 @@ def choose_plan(
     blocks, recompute the middle ones, offload the first ones (whose inputs wait longest, so their
     copies have the most time). If even offloading every block does not fit, MLPs run over sequence
     tiles. The plan still predicts its peak when nothing fits; the caller warns. ``head_bytes``: what
-    the loss gathers on top of ``static`` (an output layer FSDP2 shards as a unit of its own).
+    the loss adds on top of ``static`` over an output layer FSDP2 shards as a unit of its own (the
+    hidden states it exchanges, or the layer gathered).
     """
     host_bytes = host_available() if host_bytes is None else host_bytes
     limit = budget - margin_for(budget)
@@ -524,27 +526,28 @@ class ActivationPlanner:
             self._can_tile,
             vocab=self.vocab,
             expandable_segments=_expandable_segments(self.device),
-            head_bytes=self._gathered_head_bytes(),
+            head_bytes=self._sharded_head_bytes(cost.tokens),
         )
         return dataclasses.replace(plan, host_embeddings=self._host_embedding is not None)
 
-    def _gathered_head_bytes(self) -> int:
-        """What gathering the output layers for the loss adds on the device: an output layer that FSDP2
-        shards as a unit of its own (``fsdp2.frozen_ends``) is still sharded while the blocks
-        run, and the loss gathers it whole (2 GiB for a 70B's); its shard here, if any, is counted already."""
+    def _sharded_head_bytes(self, tokens: int) -> int:
+        """What the loss adds on the device for ``tokens`` a rank over an output layer FSDP2 shards as a
+        unit of its own (``fsdp2.frozen_ends``), which is still sharded while the blocks run: the ranks'
+        hidden states it exchanges, or the layer gathered whole (2 GiB for a 70B's), whichever it does
+        (``training/sharded_loss.py``); 0 for a layer not sharded so."""
         try:
             from torch.distributed.fsdp import FSDPModule
-            from torch.distributed.tensor import DTensor
         except ImportError:  # a torch without FSDP2
             return 0
         total = 0
         for hf_model in self._hf_models:
             head = hf_model.get_output_embeddings()
-            weight = getattr(head, "weight", None)
-            if isinstance(head, FSDPModule) and isinstance(weight, DTensor):
-                local = weight.to_local()
-                here = local.numel() * local.element_size() if local.device.type == self.device.type else 0
-                total += weight.numel() * weight.element_size() - here
+            shard = vocab_shard(getattr(head, "weight", None))
+            if isinstance(head, FSDPModule) and shard is not None:
+                world = head.weight.device_mesh.size()
+                exchange = exchange_bytes(tokens, head.weight.shape[1], world, head.weight.element_size())
+                gather = gather_bytes(head.weight)
+                total += exchange if head.bias is None and exchange < gather else gather
         return total
 
     def _embeddings_to_host(self) -> HostEmbedding | None:

@@ -28,13 +28,13 @@ from bnb_lightning import BnbQuantization, QuantizationConfig
 from bnb_lightning.backend import is_bnb_linear
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from conftest import tiny_llama  # noqa: E402  (the tests' tiny Llama)
+from conftest import VOCAB, tiny_llama  # noqa: E402  (the tests' tiny Llama)
 
 
 class CausalLM(pl.LightningModule):
-    def __init__(self, seed: int, tie: bool = True) -> None:
+    def __init__(self, seed: int, tie: bool = True, vocab: int = VOCAB) -> None:
         super().__init__()
-        self.model = tiny_llama(seed=seed, tie=tie).train()
+        self.model = tiny_llama(seed=seed, tie=tie, vocab=vocab).train()
         self.losses: list[float] = []
         # Rows of the output layer's and the input embeddings' weights this rank holds when the last
         # block's backward starts.
@@ -177,6 +177,7 @@ def main() -> None:
     parser.add_argument(
         "--untied", action="store_true", help="an output layer of its own, not the embeddings'"
     )
+    parser.add_argument("--vocab", type=int, default=VOCAB, help="the tiny Llama's vocabulary")
     parser.add_argument(
         "--straight", action="store_true", help="also fit all the steps in one run, for comparison"
     )
@@ -185,12 +186,14 @@ def main() -> None:
     torch.set_num_threads(1)
     recorder = LogRecorder()
     logging.getLogger("lightning.pytorch").addHandler(recorder)
+    logging.getLogger("bnb_lightning").addHandler(recorder)
+    logging.getLogger("bnb_lightning").setLevel(logging.INFO)
 
     io = RecordingCheckpointIO()
     trainer, callback = make_trainer(args, args.out, io, args.steps)
     rank = trainer.global_rank
     seed = int(os.environ.get("LOCAL_RANK", 0)) if args.seed_per_rank else 0
-    module = CausalLM(seed, tie=not args.untied)
+    module = CausalLM(seed, tie=not args.untied, vocab=args.vocab)
     try:
         trainer.fit(module, batches())
     except Exception as error:
@@ -210,8 +213,8 @@ def main() -> None:
         "losses": module.losses,
         "head_rows": module.head_rows,
         "embedding_rows": module.embedding_rows,
-        # What the activation planner counts for gathering the output layer for the loss, now that it is sharded.
-        "gathered_head_bytes": callback.activations._gathered_head_bytes() if callback.activations else None,
+        # What the activation planner counts for the loss over a sharded output layer, at 32 tokens a rank.
+        "loss_bytes": callback.activations._sharded_head_bytes(32) if callback.activations else None,
         "adapters": adapters(trainer, module),
         "written": list(io.written),
         "logs": list(recorder.lines),
@@ -235,7 +238,7 @@ def main() -> None:
     (checkpoint,) = sorted((args.out / "ckpt").glob("*.ckpt"))
     io = RecordingCheckpointIO()
     trainer, callback = make_trainer(args, args.out / "resumed", io, args.steps + args.resume_steps)
-    resumed = CausalLM(seed, tie=not args.untied)
+    resumed = CausalLM(seed, tie=not args.untied, vocab=args.vocab)
     trainer.fit(resumed, batches(), ckpt_path=checkpoint)
     result.update(
         checkpoint=str(checkpoint),
@@ -249,7 +252,7 @@ def main() -> None:
         trainer, _ = make_trainer(
             args, args.out / "straight", RecordingCheckpointIO(), args.steps + args.resume_steps
         )
-        straight = CausalLM(seed, tie=not args.untied)
+        straight = CausalLM(seed, tie=not args.untied, vocab=args.vocab)
         trainer.fit(straight, batches())
         result.update(straight_losses=straight.losses, straight_adapters=adapters(trainer, straight))
     torch.save(result, args.out / f"rank{rank}.pt")
