@@ -19,14 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import matmul_dtype
 from .blocks import transformers_models
-from .sharded_loss import prefers_sharded, sharded_linear_cross_entropy, vocab_shard
+from .sharded_loss import flat_loss_inputs, prefers_sharded, sharded_linear_cross_entropy, vocab_shard
 
 logger = logging.getLogger("bnb_lightning")
-
-# Float32 logits of one chunk stay near this size (64 Mi elements = 256 MiB).
-_CHUNK_ELEMENTS = 1 << 26
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -101,20 +97,10 @@ def linear_cross_entropy(
     The gradients are computed during the forward pass, one chunk at a time.
     """
     device_type = hidden.device.type
-    dtype = matmul_dtype(hidden)
-    hidden = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
-    targets = targets.reshape(-1).to(hidden.device)
-    if targets.shape[0] != hidden.shape[0]:
-        raise ValueError(
-            f"targets hold {targets.shape[0]} tokens but hidden states hold {hidden.shape[0]}; "
-            "pass one target per position."
-        )
-    if num_items_in_batch is None:
-        divisor = (targets != ignore_index).sum().float()
-    else:
-        divisor = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden.device)
-    if chunk_tokens is None:
-        chunk_tokens = max(1, _CHUNK_ELEMENTS // weight.shape[0])
+    hidden, targets, divisor, chunk_tokens = flat_loss_inputs(
+        hidden, targets, weight.shape[0], ignore_index, num_items_in_batch, chunk_tokens
+    )
+    dtype = hidden.dtype
     bias = None if bias is None else bias.to(dtype)
     with torch.autocast(device_type, enabled=False):
         return _LinearCrossEntropy.apply(

@@ -20,8 +20,35 @@ import torch.nn.functional as F
 
 from ..config import matmul_dtype
 
-# Float32 logits of one chunk stay near this size, as in the gathered loss (``loss.py``).
+# Float32 logits of one chunk stay near this size (64 Mi elements = 256 MiB).
 _CHUNK_ELEMENTS = 1 << 26
+
+
+def flat_loss_inputs(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    rows: int,
+    ignore_index: int,
+    num_items_in_batch: int | torch.Tensor | None,
+    chunk_tokens: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The chunked losses' common inputs: ``(tokens, hidden_size)`` hidden states in the matmul dtype,
+    flat targets, the loss's divisor (the valid tokens, or ``num_items_in_batch``) and the tokens per
+    chunk that keep a chunk's float32 logits over ``rows`` output rows near 256 MiB."""
+    hidden = hidden.reshape(-1, hidden.shape[-1]).to(matmul_dtype(hidden))
+    targets = targets.reshape(-1).to(hidden.device)
+    if targets.shape[0] != hidden.shape[0]:
+        raise ValueError(
+            f"targets hold {targets.shape[0]} tokens but hidden states hold {hidden.shape[0]}; "
+            "pass one target per position."
+        )
+    if num_items_in_batch is None:
+        divisor = (targets != ignore_index).sum().float()
+    else:
+        divisor = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden.device)
+    if chunk_tokens is None:
+        chunk_tokens = max(1, _CHUNK_ELEMENTS // max(1, rows))
+    return hidden, targets, divisor, chunk_tokens
 
 
 def vocab_shard(weight: Any) -> tuple[torch.Tensor, int, Any] | None:
@@ -153,20 +180,10 @@ def sharded_linear_cross_entropy(
     shard's group calls it together; each gets the loss of its own tokens over the whole vocabulary,
     divided as the gathered loss divides it. The output weight is frozen: no gradient for it."""
     weight, row_start, group = shard
-    dtype = matmul_dtype(hidden)
-    hidden = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
-    targets = targets.reshape(-1).to(hidden.device)
-    if targets.shape[0] != hidden.shape[0]:
-        raise ValueError(
-            f"targets hold {targets.shape[0]} tokens but hidden states hold {hidden.shape[0]}; "
-            "pass one target per position."
-        )
-    if num_items_in_batch is None:
-        divisor = (targets != ignore_index).sum().float()
-    else:
-        divisor = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden.device)
-    if chunk_tokens is None:
-        chunk_tokens = max(1, _CHUNK_ELEMENTS // max(1, weight.shape[0]))
+    hidden, targets, divisor, chunk_tokens = flat_loss_inputs(
+        hidden, targets, weight.shape[0], ignore_index, num_items_in_batch, chunk_tokens
+    )
+    dtype = hidden.dtype
     # An offloaded shard (FSDP2's CPU offload) comes to the device for the matmuls; its rows only.
     weight = weight.to(hidden.device, dtype, non_blocking=True)
     with torch.autocast(hidden.device.type, enabled=False):
