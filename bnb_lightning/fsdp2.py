@@ -7,8 +7,8 @@ dtype, instead of flattening a unit's parameters into one tensor of one dtype as
   none of FSDP1's casting hazards exist;
 - frozen parameters get no gradient memory (FSDP1 allocates a flat gradient for a unit that mixes
   frozen and trainable parameters), so a block's quantized weights and its adapters can share one
-  unit: one unit per transformer block, plus the model's root for the embeddings, final norm and
-  output layer;
+  unit: one unit per transformer block, one each for untied input embeddings and output layer (which
+  the loss need not gather: ``training/sharded_loss.py``), and the model's root for the rest;
 - a 4-bit layer's quantization statistics (its ``quant_state``: absmax, code, shape) are not
   parameters: they stay whole on every rank, on the layer, where bitsandbytes' ``Linear4bit`` (and
   the fused training layer) read them once FSDP2 has gathered the packed weight for the forward.
@@ -52,8 +52,8 @@ def shard_model(
     computes the loss and its gradients (``training/loss.py``). Neither is whole on the device through
     the forward and backward passes of the blocks (1 GiB each for an 8B, 2 GiB each for a 70B). The
     outer models (the transformers models inside ``model``, else ``model`` itself) hold what is left:
-    the final norm, and tied embeddings, sharded too rather than copied on every rank. A model kept in CPU memory
-    (``quantize_model(..., keep_on_host=True)``) reaches ``device`` this way: ``fully_shard`` moves each
+    the final norm, and tied embeddings, sharded too rather than copied on every rank. A model kept in
+    CPU memory (``quantize_model(..., keep_on_host=True)``) reaches ``device`` this way: ``fully_shard`` moves each
     unit's parameters and buffers to the mesh's device and keeps this rank's shard of them; the 4-bit
     statistics, outside any parameter, are moved to ``device`` after.
 
