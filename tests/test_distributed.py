@@ -196,13 +196,15 @@ def test_fsdp2_gathers_untied_embeddings_and_output_layer_only_where_used_and_tr
     ranks = fit_on_ranks(tmp_path / "fsdp2", "--strategy", "fsdp2", *args)
     gathered = fit_on_ranks(tmp_path / "gathered", "--strategy", "fsdp2", *args[:-1], "256")
     tied = fit_on_ranks(tmp_path / "tied", "--strategy", "fsdp2", "--bits", "4", "--steps", "2", "--offload")
+    offloaded = fit_on_ranks(tmp_path / "offloaded", "--strategy", "fsdp2", *args, "--offload-params")
 
     exchanges = "the loss exchanges hidden states between the ranks"
     assert all(any(exchanges in line for line in rank["logs"]) for rank in ranks)
     assert not any(
         exchanges in line for run in (ddp, gathered, tied) for rank in run for line in rank["logs"]
     )
-    for rank, reference in zip(ranks, ddp, strict=True):
+    assert all(any(exchanges in line for line in rank["logs"]) for rank in offloaded)
+    for rank, reference in zip(ranks + offloaded, ddp + ddp, strict=True):
         assert rank["head_rows"] == rank["embedding_rows"] == [512] * len(rank["losses"])  # shards only
         # The loss over the ranks' rows, combined in float32: DDP's to its rounding.
         torch.testing.assert_close(rank["losses"], reference["losses"], rtol=1e-5, atol=1e-6)
@@ -221,6 +223,9 @@ def test_fsdp2_gathers_untied_embeddings_and_output_layer_only_where_used_and_tr
     assert tied[0]["head_rows"] == tied[0]["embedding_rows"] == [256] * len(tied[0]["losses"])
     # What the activation planner counts for the loss: the exchange, or the rows gathered (float32 here).
     assert [rank["loss_bytes"] for rank in ranks] == [2 * 2 * 32 * 64 * 4] * 2
+    # offload_params on CPU processes: the shards are where the device is, nothing more to copy (on a GPU
+    # this rank's rows would come to it too).
+    assert [rank["loss_bytes"] for rank in offloaded] == [2 * 2 * 32 * 64 * 4] * 2
     assert [rank["loss_bytes"] for rank in gathered] == [128 * 64 * 4] * 2
     assert ddp[0]["loss_bytes"] == tied[0]["loss_bytes"] == 0
 

@@ -187,9 +187,7 @@ class ChunkedLossForward:
         head = model.get_output_embeddings()
         items = kwargs.get("num_items_in_batch")
         shard = vocab_shard(head.weight) if head.bias is None else None
-        if shard is not None and prefers_sharded(
-            hidden.numel() // hidden.shape[-1], hidden.shape[-1], head.weight, shard[2]
-        ):
+        if shard is not None and prefers_sharded(hidden.numel() // hidden.shape[-1], head.weight, shard[2]):
             # FSDP2 shards the output layer by vocabulary rows: the ranks exchange hidden states instead
             # of gathering it, which takes less memory up to long sequences.
             if not self.announced_sharded:

@@ -544,9 +544,7 @@ class ActivationPlanner:
             head = hf_model.get_output_embeddings()
             shard = vocab_shard(getattr(head, "weight", None))
             if isinstance(head, FSDPModule) and shard is not None:
-                world = head.weight.device_mesh.size()
-                exchange = exchange_bytes(tokens, head.weight.shape[1], world, head.weight.element_size())
-                gather = gather_bytes(head.weight)
+                exchange, gather = exchange_bytes(tokens, head.weight), gather_bytes(head.weight)
                 total += exchange if head.bias is None and exchange < gather else gather
         return total
 

@@ -3,8 +3,8 @@
 Under FSDP2 an untied, frozen output layer is a unit of its own, each rank holding a slice of its
 vocabulary rows (``fsdp2.frozen_ends``). Gathering it for the loss costs its whole size on every
 device at the moment the step's activations peak (1 GiB for an 8B, 2 GiB for a 70B, at a 128k
-vocabulary). Here the ranks exchange hidden states instead (a batch's hidden states are thousands of
-times smaller): every rank computes the logits of every rank's tokens over its own rows, the ranks
+vocabulary). Here the ranks exchange hidden states instead (at 2,048 tokens a rank, 64 MiB in all for an
+8B on two ranks, gradients included), whenever that is the smaller: every rank computes the logits of every rank's tokens over its own rows, the ranks
 combine each token's log-normalizer and target logit with two small all-reduces a chunk, and each
 token's hidden-state gradient, summed over the ranks' rows, goes back to the rank it came from. The
 work per rank is that of the gathered layer; the loss equals it up to float32 rounding.
@@ -69,10 +69,19 @@ def vocab_shard(weight: Any) -> tuple[torch.Tensor, int, Any] | None:
     return weight.to_local(), min(rank * per_rank, weight.shape[0]), mesh.get_group()
 
 
-def exchange_bytes(tokens: int, hidden_size: int, world: int, element_size: int) -> int:
-    """Device bytes the sharded loss adds for ``tokens`` a rank: every rank's hidden states and their
-    gradients before they go back."""
-    return 2 * world * tokens * hidden_size * element_size
+def _offloaded(weight: Any) -> bool:
+    """Whether this rank's shard of ``weight`` is in CPU memory (FSDP2's CPU offload) off a device mesh."""
+    return weight.to_local().device.type != weight.device_mesh.device_type
+
+
+def exchange_bytes(tokens: int, weight: Any) -> int:
+    """Device bytes the sharded loss adds for ``tokens`` a rank over ``weight`` (a DTensor): every rank's
+    hidden states and their gradients before they go back, and this rank's rows if they come from CPU
+    memory."""
+    local = weight.to_local()
+    world = weight.device_mesh.size()
+    copied = local.numel() * local.element_size() if _offloaded(weight) else 0
+    return 2 * world * tokens * weight.shape[1] * weight.element_size() + copied
 
 
 def gather_bytes(weight: Any) -> int:
@@ -80,17 +89,15 @@ def gather_bytes(weight: Any) -> int:
     its shard is in CPU memory)."""
     local = weight.to_local()
     full = weight.numel() * weight.element_size()
-    offloaded = local.device.type != weight.device_mesh.device_type
-    return full - (0 if offloaded else local.numel() * local.element_size())
+    return full - (0 if _offloaded(weight) else local.numel() * local.element_size())
 
 
-def prefers_sharded(tokens: int, hidden_size: int, weight: Any, group: Any) -> bool:
+def prefers_sharded(tokens: int, weight: Any, group: Any) -> bool:
     """Whether the sharded loss adds less device memory than gathering ``weight`` for this batch, the
     same answer on every rank (decided on the longest rank's tokens; one small all-reduce)."""
     longest = torch.tensor([tokens], device=weight.device_mesh.device_type)
     dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=group)
-    world = dist.get_world_size(group)
-    return exchange_bytes(int(longest), hidden_size, world, weight.element_size()) < gather_bytes(weight)
+    return exchange_bytes(int(longest), weight) < gather_bytes(weight)
 
 
 def _gather_padded(tensor: torch.Tensor, length: int, group: Any, fill: float = 0) -> torch.Tensor:
