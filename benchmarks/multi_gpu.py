@@ -429,10 +429,10 @@ def run_rank(args) -> None:
 
     try:
         fit_and_resume(args, device, out, save)
-        # Lightning leaves the process group up; gloo's threads, left to the interpreter's exit, at times
-        # abort a process that has written everything.
+        # Every rank's figures are written before rank zero's process ends; then no interpreter teardown,
+        # where gloo's threads at times abort a process that has written everything.
         if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+            torch.distributed.barrier()
     except BaseException as error:
         import traceback
 
@@ -442,6 +442,9 @@ def run_rank(args) -> None:
         save(error=f"{type(error).__name__}: {error}"[:2000])
         sys.stderr.flush()
         os._exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def fit_and_resume(args, device: torch.device, out: Path, save: Callable[..., None]) -> None:

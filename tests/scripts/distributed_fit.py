@@ -256,10 +256,15 @@ def main() -> None:
         trainer.fit(straight, batches())
         result.update(straight_losses=straight.losses, straight_adapters=adapters(trainer, straight))
     torch.save(result, args.out / f"rank{rank}.pt")
-    # Lightning leaves the process group up; gloo's threads, left to the interpreter's exit, at times
-    # abort the process ("terminate called without an active exception") after everything is written.
+    # Every rank's file is written before rank zero's process (the one the test waits for) ends. Then
+    # the process ends without the interpreter's teardown: there, gloo's threads at times abort a
+    # process that has written everything ("terminate called without an active exception"), with or
+    # without the process group destroyed first.
     if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        torch.distributed.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
