@@ -244,8 +244,16 @@ def local_base_bytes(module: torch.nn.Module) -> int:
 
 
 def adapter_hash(trainer: pl.Trainer, module: torch.nn.Module) -> str:
-    """A hash of this rank's full adapters (gathered from the shards under FSDP)."""
+    """A hash of this rank's full adapters (gathered from the shards under FSDP and FSDP2)."""
     from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    def whole(p: torch.Tensor) -> torch.Tensor:
+        if isinstance(
+            p, DTensor
+        ):  # FSDP2: offloaded shards sit in CPU memory; the mesh gathers on its device
+            return p.to(p.device_mesh.device_type).full_tensor()
+        return p
 
     def digest() -> str:
         sha = hashlib.sha256()
@@ -253,21 +261,10 @@ def adapter_hash(trainer: pl.Trainer, module: torch.nn.Module) -> str:
             (unwrapped_name(n), p) for n, p in module.named_parameters() if p.requires_grad
         ):
             sha.update(name.encode())
-            sha.update(p.detach().float().cpu().numpy().tobytes())
+            sha.update(whole(p).detach().float().cpu().numpy().tobytes())
         return sha.hexdigest()[:16]
 
-    from torch.distributed.tensor import DTensor
-
-    if is_sharded(module):  # FSDP2: gather each adapter
-        sha = hashlib.sha256()
-        for name, p in sorted((n, p) for n, p in module.named_parameters() if p.requires_grad):
-            if isinstance(p, DTensor):
-                # Offloaded shards (offload_params) sit in CPU memory; the mesh gathers on its own device.
-                p = p.to(p.device_mesh.device_type).full_tensor()
-            sha.update(name.encode())
-            sha.update(p.detach().float().cpu().numpy().tobytes())
-        return sha.hexdigest()[:16]
-    if not is_fsdp_wrapped(module):
+    if is_sharded(module) or not is_fsdp_wrapped(module):
         return digest()
     with FullyShardedDataParallel.summon_full_params(trainer.model, writeback=False):
         return digest()

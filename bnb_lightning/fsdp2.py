@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .backend import is_bnb_linear
-from .training.blocks import checkpointable_blocks, transformer_blocks, transformers_models
+from .training.blocks import checkpointable_blocks, shares_parameter, transformer_blocks, transformers_models
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -89,20 +89,10 @@ def frozen_ends(model: nn.Module) -> list[nn.Module]:
     other module (tied ones stay in the model's own unit)."""
     ends = []
     for hf_model in transformers_models(model):
-        for end, kind in (
-            (
-                hf_model.get_input_embeddings() if hasattr(hf_model, "get_input_embeddings") else None,
-                nn.Embedding,
-            ),
-            (
-                hf_model.get_output_embeddings() if hasattr(hf_model, "get_output_embeddings") else None,
-                nn.Linear,
-            ),
-        ):
-            if type(end) is not kind or any(p.requires_grad for p in end.parameters()):
-                continue
-            users = sum(1 for _, p in model.named_parameters(remove_duplicate=False) if p is end.weight)
-            if users == 1:
+        for getter, kind in (("get_input_embeddings", nn.Embedding), ("get_output_embeddings", nn.Linear)):
+            end = getattr(hf_model, getter, lambda: None)()
+            plain_and_frozen = type(end) is kind and not any(p.requires_grad for p in end.parameters())
+            if plain_and_frozen and not shares_parameter(model, end.weight):
                 ends.append(end)
     return ends
 

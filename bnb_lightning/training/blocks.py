@@ -56,6 +56,12 @@ def transformers_models(model: nn.Module) -> list[nn.Module]:
     return found
 
 
+def shares_parameter(model: nn.Module, parameter: nn.Parameter) -> bool:
+    """Whether ``parameter`` is registered more than once in ``model`` (tied, e.g. embeddings and output
+    layer sharing one weight)."""
+    return sum(1 for _, p in model.named_parameters(remove_duplicate=False) if p is parameter) > 1
+
+
 def block_class_names(model: nn.Module) -> set[str]:
     """Transformer block classes of the transformers models in ``model`` (their ``_no_split_modules``)."""
     names: set[str] = set()

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .blocks import shares_parameter
+
 
 def movable_embedding(model: nn.Module, embedding: nn.Module | None) -> nn.Embedding | None:
     """``embedding`` if it can live in CPU memory: a plain ``nn.Embedding`` on a CUDA device, frozen, and
@@ -23,8 +25,7 @@ def movable_embedding(model: nn.Module, embedding: nn.Module | None) -> nn.Embed
     weight = embedding.weight
     if weight.requires_grad or not weight.is_cuda or is_sharded(embedding):
         return None  # a sharded weight (FSDP2) is gathered where it is needed, by FSDP2
-    users = sum(1 for _, parameter in model.named_parameters(remove_duplicate=False) if parameter is weight)
-    return embedding if users == 1 else None
+    return None if shares_parameter(model, weight) else embedding
 
 
 class HostEmbedding:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import transformers_models
-from .sharded_loss import flat_loss_inputs, prefers_sharded, sharded_linear_cross_entropy, vocab_shard
+from .sharded_loss import flat_loss_inputs, head_shard, prefers_sharded, sharded_linear_cross_entropy
 
 logger = logging.getLogger("bnb_lightning")
 
@@ -186,7 +186,7 @@ class ChunkedLossForward:
             shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
         head = model.get_output_embeddings()
         items = kwargs.get("num_items_in_batch")
-        shard = vocab_shard(head.weight) if head.bias is None else None
+        shard = head_shard(head)
         if shard is not None and prefers_sharded(hidden.numel() // hidden.shape[-1], head.weight, shard[2]):
             # FSDP2 shards the output layer by vocabulary rows: the ranks exchange hidden states instead
             # of gathering it, which takes less memory up to long sequences.

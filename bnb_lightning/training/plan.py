@@ -31,7 +31,7 @@ from ..config import ACTIVATION_MODES, check_activation_memory, format_bytes
 from .blocks import checkpointable_blocks, transformers_models
 from .host_embedding import HostEmbedding, movable_embedding
 from .offload import _Offload
-from .sharded_loss import exchange_bytes, gather_bytes, vocab_shard
+from .sharded_loss import gather_bytes, head_shard, loss_bytes, vocab_shard
 from .tiled_mlp import Tiled, block_mlp, remove_tiled_mlp, set_mlp_tile_tokens, tile_module, use_tiled_mlp
 
 logger = logging.getLogger("bnb_lightning")
@@ -542,10 +542,11 @@ class ActivationPlanner:
         total = 0
         for hf_model in self._hf_models:
             head = hf_model.get_output_embeddings()
-            shard = vocab_shard(getattr(head, "weight", None))
-            if isinstance(head, FSDPModule) and shard is not None:
-                exchange, gather = exchange_bytes(tokens, head.weight), gather_bytes(head.weight)
-                total += exchange if head.bias is None and exchange < gather else gather
+            if not isinstance(head, FSDPModule) or vocab_shard(head.weight) is None:
+                continue
+            total += (
+                loss_bytes(tokens, head.weight) if head_shard(head) is not None else gather_bytes(head.weight)
+            )
         return total
 
     def _embeddings_to_host(self) -> HostEmbedding | None:

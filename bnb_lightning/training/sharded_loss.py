@@ -92,6 +92,17 @@ def gather_bytes(weight: Any) -> int:
     return full - (0 if _offloaded(weight) else local.numel() * local.element_size())
 
 
+def head_shard(head: Any) -> tuple[torch.Tensor, int, Any] | None:
+    """:func:`vocab_shard` of an output layer the sharded loss can take: one without a bias."""
+    return vocab_shard(head.weight) if getattr(head, "bias", None) is None else None
+
+
+def loss_bytes(tokens: int, weight: Any) -> int:
+    """Device bytes the loss adds over ``weight`` (sharded by :func:`vocab_shard`) for ``tokens`` a rank:
+    the exchange where it is the smaller (the loss exchanges then), else the layer gathered."""
+    return min(exchange_bytes(tokens, weight), gather_bytes(weight))
+
+
 def prefers_sharded(tokens: int, weight: Any, group: Any) -> bool:
     """Whether the sharded loss adds less device memory than gathering ``weight`` for this batch, the
     same answer on every rank (decided on the longest rank's tokens; one small all-reduce)."""
