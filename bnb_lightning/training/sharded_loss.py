@@ -3,11 +3,12 @@
 Under FSDP2 an untied, frozen output layer is a unit of its own, each rank holding a slice of its
 vocabulary rows (``fsdp2.frozen_ends``). Gathering it for the loss costs its whole size on every
 device at the moment the step's activations peak (1 GiB for an 8B, 2 GiB for a 70B, at a 128k
-vocabulary). Here the ranks exchange hidden states instead (at 2,048 tokens a rank, 64 MiB in all for an
-8B on two ranks, gradients included), whenever that is the smaller: every rank computes the logits of every rank's tokens over its own rows, the ranks
-combine each token's log-normalizer and target logit with two small all-reduces a chunk, and each
-token's hidden-state gradient, summed over the ranks' rows, goes back to the rank it came from. The
-work per rank is that of the gathered layer; the loss equals it up to float32 rounding.
+vocabulary). Here the ranks exchange hidden states instead (at 2,048 tokens a rank, 64 MiB in all
+for an 8B on two ranks, gradients included), whenever that is the smaller: every rank computes the
+logits of every rank's tokens over its own rows, the ranks combine each token's log-normalizer and
+target logit with two small all-reduces a chunk, and each token's hidden-state gradient, summed over
+the ranks' rows, goes back to the rank it came from. The work per rank is that of the gathered
+layer; the loss equals it up to float32 rounding.
 """
 
 from __future__ import annotations
