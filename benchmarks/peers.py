@@ -69,6 +69,7 @@ RECIPES: dict[str, str] = {
     '(`--precision bf16-mixed`: `"bf16-mixed"`)',
     "bnb_offload": '`qlora_bench`\'s `bnb_offload`: `bnb` with `activation_memory="offload"`',
     "bnb_recompute": '`qlora_bench`\'s `bnb_recompute`: `bnb` with `activation_memory="recompute"`',
+    "bnb_torch_loss": "`qlora_bench`'s `bnb_torch_loss`: `bnb` with `loss_kernel=\"torch\"` (not Liger's loss)",
     "hf_noupcast": "`qlora_bench`'s `hf_noupcast`: transformers 4-bit + PEFT, no float32 upcast, gradient "
     "checkpointing",
     "hf_compile": "`qlora_bench`'s `hf_compile`: `hf_noupcast` with each decoder layer compiled",
@@ -83,6 +84,7 @@ QLORA_BENCH = {
     "bnb_lightning": "bnb",
     "bnb_offload": "bnb_offload",
     "bnb_recompute": "bnb_recompute",
+    "bnb_torch_loss": "bnb_torch_loss",
     "hf_noupcast": "hf_noupcast",
     "hf_compile": "hf_compile",
     "hf_lora": "bf16_lora",

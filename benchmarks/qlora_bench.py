@@ -60,6 +60,8 @@ RECIPES: dict[str, str] = {
     "the planner)",
     "bnb_offload": '`bnb` with `activation_memory="offload"`: every block checkpointed, its input waiting in '
     "CPU memory for the backward pass",
+    "bnb_torch_loss": '`bnb` with `loss_kernel="torch"`: the chunked loss in torch ops, not Liger-Kernel\'s '
+    "fused linear cross-entropy (the default on CUDA where `liger-kernel` is installed)",
     "hf_prepare": "`from_pretrained(quantization_config=BitsAndBytesConfig(...))`, PEFT's "
     "`prepare_model_for_kbit_training` (float32 upcast) and `get_peft_model`; a plain torch loop under "
     "bf16 autocast, as transformers' `Trainer(bf16=True)` runs it",
@@ -601,6 +603,7 @@ RUNNERS: dict[str, Callable[[Setup, Any, Measurement], None]] = {
     "bnb_uncheckpointed": run_bnb_uncheckpointed,
     "bnb_recompute": partial(run_bnb, activation_memory="recompute"),
     "bnb_offload": partial(run_bnb, activation_memory="offload"),
+    "bnb_torch_loss": partial(run_bnb, loss_kernel="torch"),
     "hf_prepare": run_hf_prepare,
     "hf_noupcast": run_hf_noupcast,
     "hf_compile": run_hf_compile,

@@ -336,6 +336,10 @@ class TrainingOptions:
             turns it off under FSDP; DDP and FSDP2 compile).
         chunked_loss: compute a transformers causal LM's training loss chunk by chunk, without
             materializing the logits (see :func:`bnb_lightning.use_chunked_loss`).
+        loss_kernel: which kernel computes the chunked loss. ``"auto"`` (default): Liger-Kernel's
+            fused linear cross-entropy on a CUDA device where ``liger-kernel`` is installed (0.6x the
+            torch kernel's time on an H200), else the torch kernel; ``"liger"``: Liger's, an error
+            without it; ``"torch"``: the torch kernel everywhere.
         dequantize_int8: train 8-bit layers through their dequantized weight in the compute dtype
             (see :func:`bnb_lightning.use_dequantized_int8`) instead of LLM.int8's matmul.
         fuse_4bit_dequantize: in compiled blocks, 4-bit layers dequantize in plain torch ops fused
@@ -363,6 +367,7 @@ class TrainingOptions:
     upcast_to_float32: bool = False
     compile_blocks: bool | None = None
     chunked_loss: bool = True
+    loss_kernel: str = "auto"
     dequantize_int8: bool = True
     fuse_4bit_dequantize: bool = True
     activation_memory: str | int | tuple[str, ...] = "auto"
@@ -374,6 +379,7 @@ class TrainingOptions:
         for name in ("upcast_to_float32", "chunked_loss", "dequantize_int8", "fuse_4bit_dequantize"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        check_loss_kernel(self.loss_kernel)
         object.__setattr__(self, "activation_memory", check_activation_memory(self.activation_memory))
         _check_activation_options(self)
         check_block_count(self.uncheckpointed_blocks, checkpointing=self.checkpointing is not False)
@@ -391,6 +397,18 @@ class TrainingOptions:
     def replace(self, **changes: Any) -> TrainingOptions:
         """A copy with some fields changed, validated again."""
         return dataclasses.replace(self, **changes)
+
+
+LOSS_KERNELS = ("auto", "liger", "torch")
+
+
+def check_loss_kernel(kernel: str) -> str:
+    if kernel not in LOSS_KERNELS:
+        raise ValueError(
+            f"loss_kernel={kernel!r} is not understood; expected 'auto' (Liger-Kernel's fused linear "
+            "cross-entropy on CUDA where it is installed), 'liger' (always; fail without it) or 'torch'."
+        )
+    return kernel
 
 
 ACTIVATION_MODES = ("keep", "recompute", "offload")

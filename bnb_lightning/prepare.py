@@ -41,6 +41,7 @@ from .training.blocks import (
     will_checkpoint,
 )
 from .training.int8 import use_dequantized_int8
+from .training.liger import uses_liger
 from .training.linear4bit import use_fused_4bit_dequantize
 from .training.loss import use_chunked_loss
 from .training.plan import ActivationPlanner, plan_activations, setting_for
@@ -158,6 +159,7 @@ class PreparedModel:
     dequantized_int8_layers: int = 0
     fused_4bit_layers: int = 0
     chunked_loss: list[str] = dataclasses.field(default_factory=list)
+    liger_loss: bool = False
     compiled_blocks: int = 0
     activations: ActivationPlanner | None = None
 
@@ -167,7 +169,8 @@ class PreparedModel:
         if self.dequantized_int8_layers:
             lines.append("bnb_lightning: 8-bit layers train through their dequantized weights.")
         if self.chunked_loss:
-            lines.append("bnb_lightning: the causal-LM loss is computed in chunks, without full logits.")
+            how = "by Liger-Kernel's fused linear cross-entropy" if self.liger_loss else "in chunks"
+            lines.append(f"bnb_lightning: the causal-LM loss is computed {how}, without full logits.")
         if self.compiled_blocks:
             lines.append(
                 f"bnb_lightning: compiled {self.compiled_blocks} transformer blocks with torch.compile."
@@ -298,6 +301,8 @@ def prepare_model(
     setting = setting_for(options, len(blocks)) if blocks else None
     if peft_config is not None:
         check_peft_config(model, peft_config)
+    if options.chunked_loss and device is not None:
+        uses_liger(options.loss_kernel, device)  # loss_kernel="liger" where it cannot run: an error now
 
     # A model quantized by an earlier call continues from its layers; its full-precision weights are gone.
     if quantized_with(model) is not None:
@@ -333,7 +338,8 @@ def prepare_model(
         if config.bits == 4 and options.fuse_4bit_dequantize:
             prepared.fused_4bit_layers = use_fused_4bit_dequantize(model)
         if options.chunked_loss:
-            prepared.chunked_loss = use_chunked_loss(model)
+            prepared.liger_loss = uses_liger(options.loss_kernel, prepared.report.device)
+            prepared.chunked_loss = use_chunked_loss(model, kernel=options.loss_kernel)
         if setting is not None:
             prepared.activations = plan_activations(model, setting, prepared.report.device)
             prepared.checkpointing = prepared.activations.checkpointing

@@ -312,6 +312,8 @@ def test_training_options_defaults_and_dicts():
     )
     assert as_training_options(None) == options
     assert as_training_options({"chunked_loss": False}) == TrainingOptions(chunked_loss=False)
+    assert options.loss_kernel == "auto"
+    assert as_training_options(None, loss_kernel="torch") == TrainingOptions(loss_kernel="torch")
     assert options.replace(compile_blocks=True).compile_blocks is True
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.chunked_loss = False
@@ -323,6 +325,7 @@ def test_training_options_defaults_and_dicts():
         ({"gradient_checkpointing": "yes"}, TypeError, "gradient_checkpointing must be True, False or None"),
         ({"compile_blocks": 1}, TypeError, "compile_blocks must be True, False or None"),
         ({"chunked_loss": None}, TypeError, "chunked_loss must be True or False, got None"),
+        ({"loss_kernel": "triton"}, ValueError, "loss_kernel='triton' is not understood; expected 'auto'"),
         ({"uncheckpointed_blocks": -1}, ValueError, "uncheckpointed_blocks must be an int >= 0"),
         (
             {"uncheckpointed_blocks": 2, "gradient_checkpointing": False},

@@ -73,6 +73,28 @@ def test_linear_cross_entropy_follows_autocast():
     assert not torch.allclose(actual, reference_loss(hidden, weight, None, targets), rtol=1e-6, atol=1e-6)
 
 
+def test_auto_kernel_on_the_cpu_is_the_torch_kernel():
+    hidden, weight, bias, targets = leaves(torch.float32, True)
+    results = []
+    for kernel in ("auto", "torch"):
+        loss = linear_cross_entropy(hidden, weight, targets, bias=bias, kernel=kernel)
+        loss.backward()
+        results.append([loss.detach(), *(t.grad.clone() for t in (hidden, weight, bias))])
+        for t in (hidden, weight, bias):
+            t.grad = None
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+def test_liger_kernel_where_it_cannot_run_and_unknown_kernels_are_clear_errors():
+    hidden, weight, _, targets = leaves(torch.float32, False)
+    with pytest.raises(RuntimeError, match="loss_kernel='liger'.*(CUDA device|not importable)"):
+        linear_cross_entropy(hidden, weight, targets, kernel="liger")
+    with pytest.raises(ValueError, match="loss_kernel='fast' is not understood; expected 'auto'"):
+        linear_cross_entropy(hidden, weight, targets, kernel="fast")
+    with pytest.raises(ValueError, match="loss_kernel='fast'"):
+        use_chunked_loss(tiny_llama(), kernel="fast")
+
+
 def test_linear_cross_entropy_rejects_mismatched_targets():
     hidden, weight, _, targets = leaves(torch.float32, False)
     with pytest.raises(ValueError, match="targets hold 32 tokens but hidden states hold 33"):

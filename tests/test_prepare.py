@@ -154,7 +154,8 @@ def test_prepare_model_reports_every_decision(tokens):
         0,
         0,
     )
-    assert prepared.chunked_loss == [""]
+    assert prepared.chunked_loss == [""] and not prepared.liger_loss  # Liger's kernels: CUDA only
+    assert "the causal-LM loss is computed in chunks" in " ".join(prepared.messages())
     assert prepared.fingerprint == base_fingerprint(model, prepared.frozen_keys)
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
     assert "activations: 1 block kept, 1 recomputed." in " ".join(prepared.messages())
@@ -197,3 +198,17 @@ def test_a_failure_after_quantizing_leaves_the_model_just_quantized_and_a_new_ca
     prepared = prepare_model(model, None, {"gradient_checkpointing": True}, peft_config=lora)
     assert prepared.report.converted == [] and len(prepared.report.already_quantized) == 14
     assert prepared.adapters is model and prepared.checkpointing
+
+
+def test_a_loss_kernel_that_cannot_run_is_refused_before_any_layer_changes():
+    from bnb_lightning import TrainingOptions, prepare_model
+
+    model = tiny_llama()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(
+        RuntimeError, match="loss_kernel='liger'.*(CUDA device|not importable).*loss_kernel='auto'"
+    ):
+        prepare_model(model, None, TrainingOptions(loss_kernel="liger"), "cpu")
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())

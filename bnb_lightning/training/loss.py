@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import check_loss_kernel
 from .blocks import transformers_models
+from .liger import liger_linear_cross_entropy, uses_liger
 from .sharded_loss import flat_loss_inputs, head_shard, prefers_sharded, sharded_linear_cross_entropy
 
 logger = logging.getLogger("bnb_lightning")
@@ -81,6 +83,7 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_tokens: int | None = None,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """``cross_entropy(F.linear(hidden, weight, bias).float(), targets)`` without holding all logits.
 
@@ -90,7 +93,10 @@ def linear_cross_entropy(
         targets: token ids, ``hidden.shape[:-1]``; ``ignore_index`` marks tokens without a loss.
         num_items_in_batch: divide the summed loss by this instead of the number of valid tokens
             (what transformers does under gradient accumulation).
-        chunk_tokens: tokens per chunk; default: as many as keep a chunk's float32 logits near 256 MiB.
+        chunk_tokens: tokens per chunk of the torch kernel; default: as many as keep a chunk's float32
+            logits near 256 MiB.
+        kernel: ``"auto"`` (default): Liger-Kernel's fused linear cross-entropy on a CUDA device where
+            it is installed, else this module's torch kernel; ``"liger"`` or ``"torch"`` for that one.
 
     Matches transformers' causal-LM loss on the same (already shifted) targets: the projection runs
     in the activations' dtype (the autocast dtype under mixed precision), the softmax in float32.
@@ -103,6 +109,9 @@ def linear_cross_entropy(
     dtype = hidden.dtype
     bias = None if bias is None else bias.to(dtype)
     with torch.autocast(device_type, enabled=False):
+        if uses_liger(kernel, hidden.device):
+            items = None if num_items_in_batch is None else divisor
+            return liger_linear_cross_entropy(hidden, weight.to(dtype), bias, targets, ignore_index, items)
         return _LinearCrossEntropy.apply(
             hidden, weight.to(dtype), bias, targets, ignore_index, divisor, chunk_tokens
         )
@@ -141,8 +150,9 @@ class ChunkedLossForward:
     model keep working and point at the copy.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, kernel: str = "auto") -> None:
         self.model = model
+        self.kernel = kernel
         self.announced_sharded = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -208,6 +218,7 @@ class ChunkedLossForward:
                     bias=head.bias,
                     ignore_index=ignore_index,
                     num_items_in_batch=items,
+                    kernel=self.kernel,
                 )
         return CausalLMOutputWithPast(
             loss=loss,
@@ -217,18 +228,19 @@ class ChunkedLossForward:
         )
 
 
-def use_chunked_loss(model: nn.Module, check: bool = True) -> list[str]:
+def use_chunked_loss(model: nn.Module, check: bool = True, kernel: str = "auto") -> list[str]:
     """Make each transformers causal LM inside ``model`` compute its training loss in chunks.
 
     Applies where the model has a plain ``nn.Linear`` output layer and a base model
     (``model.base_model``); with ``check``, only where the chunked loss matches the model's own on a
     short random sequence (so models that transform logits, e.g. with soft-capping, keep their own
-    loss). Returns the names of the models changed (``""`` for ``model`` itself). Undo with
-    :func:`remove_chunked_loss`.
+    loss). ``kernel`` as :func:`linear_cross_entropy` takes it. Returns the names of the models
+    changed (``""`` for ``model`` itself). Undo with :func:`remove_chunked_loss`.
 
     While training with ``labels``, those models return ``logits=None``: a training step that needs
     the logits should call the model without ``labels`` and compute its own loss.
     """
+    check_loss_kernel(kernel)
     changed = []
     names = {id(module): name for name, module in model.named_modules()}
     for hf_model in transformers_models(model):
@@ -237,7 +249,8 @@ def use_chunked_loss(model: nn.Module, check: bool = True) -> list[str]:
             continue
         reason = _unsupported_reason(hf_model)
         if reason is None and check:
-            reason = _mismatch_reason(hf_model)
+            # "auto" where Liger is required: the head may wait in CPU memory until FSDP2 moves it.
+            reason = _mismatch_reason(hf_model, "auto" if kernel == "liger" else kernel)
         if reason is not None:
             warnings.warn(
                 f"bnb_lightning: the chunked loss is off for {type(hf_model).__name__} ({reason}); "
@@ -246,7 +259,7 @@ def use_chunked_loss(model: nn.Module, check: bool = True) -> list[str]:
             )
             continue
         # An instance attribute, not a class change; `remove_chunked_loss` deletes it.
-        hf_model.forward = ChunkedLossForward(hf_model)
+        hf_model.forward = ChunkedLossForward(hf_model, kernel)
         changed.append(names[id(hf_model)])
     return changed
 
@@ -273,7 +286,7 @@ def _unsupported_reason(hf_model: nn.Module) -> str | None:
     return None
 
 
-def _mismatch_reason(hf_model: nn.Module) -> str | None:
+def _mismatch_reason(hf_model: nn.Module, kernel: str) -> str | None:
     """Why the chunked loss would differ from the model's own, or ``None`` if it matches.
 
     Both losses run on the same base-model output, so what is compared is what the model does after
@@ -293,11 +306,11 @@ def _mismatch_reason(hf_model: nn.Module) -> str | None:
         spread = F.linear(hidden, head).float().std().clamp_min(1e-6)
     hidden *= (20 / spread).to(head.dtype)
     try:
-        return _compare_losses(hf_model, input_ids, _synthetic_base_output(hidden))
+        return _compare_losses(hf_model, input_ids, _synthetic_base_output(hidden), kernel)
     except Exception:  # noqa: BLE001 - the forward needs a real base output
         pass
     try:
-        return _compare_losses(hf_model, input_ids, None)
+        return _compare_losses(hf_model, input_ids, None, kernel)
     except Exception as error:  # noqa: BLE001 - any failure means: keep the model's own loss
         return f"a test forward failed: {type(error).__name__}: {error}"
 
@@ -308,7 +321,9 @@ def _synthetic_base_output(hidden: torch.Tensor) -> Any:
     return BaseModelOutputWithPast(last_hidden_state=hidden)
 
 
-def _compare_losses(hf_model: nn.Module, input_ids: torch.Tensor, base_output: Any) -> str | None:
+def _compare_losses(
+    hf_model: nn.Module, input_ids: torch.Tensor, base_output: Any, kernel: str
+) -> str | None:
     """Compare the two losses with the base model's output fixed to ``base_output`` (or its own, once)."""
     devices = [input_ids.device] if input_ids.device.type == "cuda" else []
     base = hf_model.base_model
@@ -336,7 +351,7 @@ def _compare_losses(hf_model: nn.Module, input_ids: torch.Tensor, base_output: A
             # The model's forward reaches its hidden states past the base's forward (OPT calls
             # `model.decoder`): the synthetic output never reached its loss.
             raise LookupError("the model's forward does not call its base model")
-        actual = loss(ChunkedLossForward(hf_model).loss_forward)
+        actual = loss(ChunkedLossForward(hf_model, kernel).loss_forward)
     finally:
         if own_forward is None:
             del base.forward
