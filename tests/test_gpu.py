@@ -330,3 +330,37 @@ def test_liger_kernel_gives_the_torch_kernels_loss_and_gradients(train_head, num
             assert (grad_weight.float() - torch_weight.float()).abs().max() <= scale / 64
         else:
             assert grad_weight is None
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_prequantized_checkpoint_loads_onto_the_gpu_as_the_files_hold_it(tmp_path, bits):
+    """Through the pinned staging buffers: each tensor's bytes on the device are the file's."""
+    from safetensors.torch import load_file
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    source = llama_on_cpu(hidden=256, layers=2)
+    source.save_pretrained(tmp_path / "bf16")
+    if bits == 4:
+        hf_config = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+        )
+        config = QuantizationConfig(bits=4, double_quant=True, compute_dtype=torch.bfloat16)
+    else:
+        hf_config, config = BitsAndBytesConfig(load_in_8bit=True), QuantizationConfig(bits=8)
+    quantized = LlamaForCausalLM.from_pretrained(
+        tmp_path / "bf16", quantization_config=hf_config, device_map="cpu"
+    )
+    quantized.save_pretrained(tmp_path / "quantized", max_shard_size="2MB")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(source.config)
+
+    quantize_model(model, config, "cuda", weights=tmp_path / "quantized")
+
+    in_files = {}
+    for file in (tmp_path / "quantized").glob("*.safetensors"):
+        in_files.update(load_file(file))
+    loaded = model.state_dict()
+    assert in_files and all(key in loaded for key in in_files)
+    different = [key for key, value in in_files.items() if not torch.equal(loaded[key].cpu(), value)]
+    assert different == []
+    assert model.model.layers[0].mlp.up_proj.weight.device.type == "cuda"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -191,30 +191,43 @@ def prequantized_weight(
     device: torch.device,
     *,
     copy: bool = False,
+    upload: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> nn.Parameter:
     """The weight of a quantized ``layer`` from its packed data and the statistics saved with it, on ``device``.
 
     A ``Params4bit`` for a ``Linear4bit``, an ``Int8Params`` (int8 rows and their scales, ``SCB``) for a
     ``Linear8bitLt``; checked first by :func:`check_prequantized_4bit` or :func:`check_prequantized_int8`.
-    ``copy=True`` never shares memory with ``data`` or the statistics.
+    ``copy=True`` never shares memory with ``data`` or the statistics. ``upload`` (a
+    :class:`~bnb_lightning.transfer.HostToDevice` to ``device``) moves the tensors instead of ``.to``: a
+    pageable ``.to("cuda")`` is a synchronous copy at a few GB/s. The packed quant-state description
+    stays where it is: bitsandbytes reads it on the CPU.
 
     Raises:
         ValueError: naming ``tensor_name`` and what does not fit.
     """
     bnb = require_bitsandbytes()
+
+    def move(tensor: Any, description: bool = False) -> Any:
+        if upload is None or description or not isinstance(tensor, torch.Tensor):
+            return _on(tensor, device, copy)
+        return upload(tensor)
+
     if isinstance(layer, bnb.nn.Linear4bit):
         stats = check_prequantized_4bit(layer, tensor_name, data, quantized_stats)
         return bnb.nn.Params4bit.from_prequantized(
-            data=data.to(device, copy=copy),
-            quantized_stats={name: _on(value, device, copy) for name, value in stats.items()},
+            data=move(data),
+            quantized_stats={
+                name: move(value, description=name.startswith("quant_state."))
+                for name, value in stats.items()
+            },
             requires_grad=False,
             device=device,
             module=layer,
         )
     scb = check_prequantized_int8(layer, tensor_name, data, quantized_stats)
-    weight = bnb.nn.Int8Params(data.to(device, copy=copy), requires_grad=False, has_fp16_weights=False)
+    weight = bnb.nn.Int8Params(move(data), requires_grad=False, has_fp16_weights=False)
     weight.CB = weight.data
-    weight.SCB = scb.to(device, copy=copy)
+    weight.SCB = move(scb)
     return weight
 
 

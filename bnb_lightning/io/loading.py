@@ -327,7 +327,7 @@ def _build(
     meta_weight = torch.empty(shape, dtype=_full_precision_dtype(layer, statistics), device="meta")
     built = new_bnb_linear(_stand_in(layer.original, meta_weight, layer.original.bias), config)
     built.weight = prequantized_weight(
-        built, layer.weight_key, entries[layer.weight_key], statistics, place.device
+        built, layer.weight_key, entries[layer.weight_key], statistics, place.device, upload=place
     )
     if bias is not None:
         built.bias = nn.Parameter(place(bias), requires_grad=False)
