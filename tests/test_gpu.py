@@ -342,7 +342,10 @@ def test_prequantized_checkpoint_loads_onto_the_gpu_as_the_files_hold_it(tmp_pat
     source.save_pretrained(tmp_path / "bf16")
     if bits == 4:
         hf_config = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
         )
         config = QuantizationConfig(bits=4, double_quant=True, compute_dtype=torch.bfloat16)
     else:

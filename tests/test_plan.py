@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from conftest import CausalLM, TiedMLP, fit, lora, tiny_llama
+from conftest import CausalLM, TiedMLP, fit, lora, quantized_llama, tiny_llama
 from peft import LoraConfig
 from torch import nn
 
@@ -20,6 +20,7 @@ from bnb_lightning import (
     plan_activations,
     prepare_model,
 )
+from bnb_lightning.training.loss import use_chunked_loss
 from bnb_lightning.training.plan import BlockCost, choose_plan, margin_for, measure_block
 from bnb_lightning.training.tiled_mlp import Tiled
 
@@ -84,6 +85,25 @@ def test_a_large_budget_keeps_every_block():
     assert plan.modes == ("keep",) * 8 and plan.mlp_tile_tokens is None
     # Kept blocks: all they save, plus the loss after the last block (larger here than a block's gradients).
     assert plan.predicted_peak == GIB + 8 * cost().saved + 3 * cost().input + (768 << 20)
+
+
+def test_the_fused_loss_counts_a_hidden_state_sized_logits_chunk():
+    """Liger's kernel bounds its logits chunk by the hidden states' size, not the torch kernel's 2**26
+    float32 values: with every block kept, the loss after the last block adds that much less."""
+    c = cost()
+    plan = choose_plan(8, c, static=GIB, budget=100 * GIB, vocab=128256, fused_loss=True)
+    assert plan.modes == ("keep",) * 8
+    # The loss (3 hidden-state copies and a chunk of 2) is now below a block's gradient transient.
+    assert plan.predicted_peak == GIB + 8 * c.saved + max(2 * c.input + 3 * c.largest, 5 * c.input)
+    unfused = choose_plan(8, c, static=GIB, budget=100 * GIB, vocab=128256)
+    assert unfused.predicted_peak == GIB + 8 * c.saved + 3 * c.input + (768 << 20) > plan.predicted_peak
+
+
+def test_the_planner_counts_the_fused_loss_only_where_it_runs():
+    """On the CPU (or with loss_kernel="torch") the loss runs the torch kernel: the planner counts it."""
+    model = quantized_llama()
+    use_chunked_loss(model)
+    assert not plan_activations(model, "auto", torch.device("cpu"))._liger_loss
 
 
 def test_an_output_layer_gathered_for_the_loss_counts_in_the_peak_and_leaves_room_for_fewer_kept_blocks():

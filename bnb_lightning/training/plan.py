@@ -30,6 +30,8 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ACTIVATION_MODES, check_activation_memory, format_bytes
 from .blocks import checkpointable_blocks, transformers_models
 from .host_embedding import HostEmbedding, movable_embedding
+from .liger import uses_liger
+from .loss import ChunkedLossForward
 from .offload import _Offload
 from .sharded_loss import gather_bytes, head_shard, loss_bytes, vocab_shard
 from .tiled_mlp import Tiled, block_mlp, remove_tiled_mlp, set_mlp_tile_tokens, tile_module, use_tiled_mlp
@@ -265,6 +267,7 @@ def choose_plan(
     vocab: int = 0,
     expandable_segments: bool = False,
     head_bytes: int = 0,
+    fused_loss: bool = False,
 ) -> ActivationPlan:
     """The fastest modes for ``blocks`` blocks of ``cost`` each that fit ``budget`` above ``static`` bytes.
 
@@ -278,14 +281,17 @@ def choose_plan(
     copies have the most time). If even offloading every block does not fit, MLPs run over sequence
     tiles. The plan still predicts its peak when nothing fits; the caller warns. ``head_bytes``: what
     the loss adds on top of ``static`` over an output layer FSDP2 shards as a unit of its own (the
-    hidden states it exchanges, or the layer gathered).
+    hidden states it exchanges, or the layer gathered). ``fused_loss``: the loss runs on Liger-Kernel's
+    kernel, whose logits chunk holds about as many values as the hidden states.
     """
     host_bytes = host_available() if host_bytes is None else host_bytes
     limit = budget - margin_for(budget)
     # After the last block: the final norm's input (its float32 work is over tiles), the loss's hidden
-    # gradient and the one coming back, and a float32 logits chunk (the chunked loss keeps one near 2**26
-    # values) with its softmax and gradient.
-    loss = 3 * cost.input + 3 * 4 * min(cost.tokens * vocab, 1 << 26) + head_bytes
+    # gradient and the one coming back, and a logits chunk: the torch kernel's float32 one (near 2**26
+    # values) with its softmax and gradient, or Liger's (hidden-state sized, its gradient in place; 2.0x
+    # the hidden states with their gradient in benchmarks/loss_bench.py).
+    chunk = 2 * cost.input if fused_loss else 3 * 4 * min(cost.tokens * vocab, 1 << 26)
+    loss = 3 * cost.input + chunk + head_bytes
 
     def peak(keep: int, recompute: int, offload: int, saved: int, largest: int) -> int:
         transient = 2 * cost.input + 3 * largest + (saved if keep < blocks else 0)
@@ -383,6 +389,10 @@ class ActivationPlanner:
         self._hf_models = transformers_models(model)
         heads = [hf_model.get_output_embeddings() for hf_model in self._hf_models]
         self.vocab = max((head.weight.shape[0] for head in heads if head is not None), default=0)
+        self._liger_loss = any(
+            isinstance(forward, ChunkedLossForward) and uses_liger(forward.kernel, device)
+            for forward in (vars(hf_model).get("forward") for hf_model in self._hf_models)
+        )
         self._can_tile = bool(self._hf_models) and any(block_mlp(block) is not None for block in self.blocks)
 
     @property
@@ -517,6 +527,7 @@ class ActivationPlanner:
             )
 
     def _choose(self, cost: BlockCost, budget: int) -> ActivationPlan:
+        head_bytes = self._sharded_head_bytes(cost.tokens)  # then the loss runs the torch kernel
         plan = choose_plan(
             len(self.blocks),
             cost,
@@ -526,7 +537,8 @@ class ActivationPlanner:
             self._can_tile,
             vocab=self.vocab,
             expandable_segments=_expandable_segments(self.device),
-            head_bytes=self._sharded_head_bytes(cost.tokens),
+            head_bytes=head_bytes,
+            fused_loss=self._liger_loss and not head_bytes,
         )
         return dataclasses.replace(plan, host_embeddings=self._host_embedding is not None)
 
