@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Container
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -100,11 +100,13 @@ class Checkpoint:
         }, packed[0]
 
 
-def statistics_keys(layer_name: str, keys: Iterable[str]) -> list[str]:
-    """The keys among ``keys`` saved with a quantized layer's weight: 4-bit quant state or 8-bit ``SCB``."""
-    four_bit = {f"{layer_name}.weight.{stat}" for stat in STATS_4BIT}
-    eight_bit = {f"{layer_name}.{stat}" for stat in STATS_8BIT}
-    return sorted((four_bit | eight_bit).intersection(keys))
+def statistics_keys(layer_name: str, keys: Container[str]) -> list[str]:
+    """The keys among ``keys`` saved with a quantized layer's weight: 4-bit quant state or 8-bit ``SCB``.
+
+    Membership tests only, so a checkpoint's key dict is not walked once per layer."""
+    candidates = [f"{layer_name}.weight.{stat}" for stat in STATS_4BIT]
+    candidates += [f"{layer_name}.{stat}" for stat in STATS_8BIT]
+    return sorted(key for key in candidates if key in keys)
 
 
 def read_checkpoint(weights: str | os.PathLike) -> Checkpoint:
