@@ -95,6 +95,12 @@ def test_liger_kernel_where_it_cannot_run_and_unknown_kernels_are_clear_errors()
         use_chunked_loss(tiny_llama(), kernel="fast")
 
 
+def test_applying_the_chunked_loss_again_takes_the_new_kernel():
+    model = tiny_llama()
+    assert use_chunked_loss(model) == use_chunked_loss(model, kernel="torch") == [""]
+    assert vars(model)["forward"].kernel == "torch"
+
+
 def test_linear_cross_entropy_rejects_mismatched_targets():
     hidden, weight, _, targets = leaves(torch.float32, False)
     with pytest.raises(ValueError, match="targets hold 32 tokens but hidden states hold 33"):

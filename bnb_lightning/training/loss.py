@@ -204,7 +204,7 @@ class ChunkedLossForward:
                 self.announced_sharded = True
                 logger.info(
                     "bnb_lightning: the loss exchanges hidden states between the ranks that shard the output "
-                    "layer, instead of gathering it."
+                    "layer, instead of gathering it (in torch ops: Liger-Kernel's loss needs the whole layer)."
                 )
             loss = sharded_linear_cross_entropy(
                 hidden, shard, shift_labels, ignore_index=ignore_index, num_items_in_batch=items
@@ -245,6 +245,7 @@ def use_chunked_loss(model: nn.Module, check: bool = True, kernel: str = "auto")
     names = {id(module): name for name, module in model.named_modules()}
     for hf_model in transformers_models(model):
         if isinstance(vars(hf_model).get("forward"), ChunkedLossForward):
+            vars(hf_model)["forward"].kernel = kernel
             changed.append(names[id(hf_model)])
             continue
         reason = _unsupported_reason(hf_model)
