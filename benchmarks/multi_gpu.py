@@ -50,13 +50,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import gzip
 import hashlib
 import json
 import math
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -210,11 +208,6 @@ class Measure(pl.Callback):
             self.profiler.__exit__(None, None, None)
             # The first PROFILE_STEPS timed steps: this rank's operator tables and a compressed trace.
             write_profile(self.profiler, self.profile.with_suffix(".txt"), pl_module.device, lora_r=16)
-            trace = self.profile.with_suffix(".json")
-            self.profiler.export_chrome_trace(str(trace))
-            with trace.open("rb") as raw, gzip.open(f"{trace}.gz", "wb") as packed:
-                shutil.copyfileobj(raw, packed)
-            trace.unlink()
             self.profiler = None
 
 

@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import gzip
 import json
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -295,7 +297,8 @@ def matmul_split(profiler: torch.profiler.profile, device: torch.device, lora_r:
 
 
 def write_profile(profiler: torch.profiler.profile, path: Path, device: torch.device, lora_r: int) -> None:
-    """Operators by total device time and by memory allocated, as text tables, and the matmul split."""
+    """Operators by total device time and by memory allocated, as text tables, and the matmul split; the
+    profiled steps' timeline next to them (``.json.gz``, for chrome://tracing or Perfetto)."""
     events = profiler.key_averages()
     time_key = "device_time_total" if cuda(device) else "cpu_time_total"
     memory_key = "self_device_memory_usage" if cuda(device) else "self_cpu_memory_usage"
@@ -311,6 +314,11 @@ def write_profile(profiler: torch.profiler.profile, path: Path, device: torch.de
         events.table(sort_by=memory_key, row_limit=25, max_name_column_width=90),
     ]
     path.with_suffix(".txt").write_text("\n".join(text))
+    trace = path.with_suffix(".json")
+    profiler.export_chrome_trace(str(trace))
+    with trace.open("rb") as raw, gzip.open(f"{trace}.gz", "wb") as packed:
+        shutil.copyfileobj(raw, packed)
+    trace.unlink()
 
 
 def lora_config(rank: int) -> LoraConfig:

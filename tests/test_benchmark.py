@@ -3,6 +3,7 @@ benchmarks/README.md's recipe table lists the recipes of the code."""
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import sys
@@ -63,7 +64,15 @@ def test_profile_covers_extra_steps_and_keeps_timing_apart(bench, tmp_path):
     assert [r.status for r in results] == ["measured", "measured"]
     assert all(len(r.step_s) == 2 for r in results)  # the profiled steps are not timed
     written = sorted(p.name for p in profiles.iterdir())
-    assert written == ["bnb-4bit-r0-2x32.txt", "hf_noupcast-4bit-r0-2x32.txt"]  # one per batch shape
+    # One table and one timeline per recipe and batch shape.
+    assert written == [
+        "bnb-4bit-r0-2x32.json.gz",
+        "bnb-4bit-r0-2x32.txt",
+        "hf_noupcast-4bit-r0-2x32.json.gz",
+        "hf_noupcast-4bit-r0-2x32.txt",
+    ]
+    with gzip.open(profiles / "bnb-4bit-r0-2x32.json.gz") as trace:
+        assert any(event.get("name") == "aten::mm" for event in json.load(trace)["traceEvents"])
     text = (profiles / "bnb-4bit-r0-2x32.txt").read_text()
     assert "cpu_time_total" in text and "aten::" in text
     assert "## by self_cpu_time_total" in text

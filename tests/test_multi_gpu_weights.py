@@ -3,6 +3,7 @@ device and filled from a make_checkpoint.py directory (bfloat16 and pre-quantize
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import math
@@ -196,3 +197,31 @@ def test_a_failed_run_still_gives_its_row(checkpoints, tmp_path):
     assert all(error.startswith("CheckpointError") and key in error for error in row["rank_errors"])
     assert all(peak > 0 for peak in row["host_peak_gib"]) and row["losses_per_rank"] == [None, None]
     assert not (row["resumed"] or row["adapters_equal"] or row["loss_falling"])
+
+
+def test_profile_writes_each_ranks_tables_and_timeline(checkpoints, tmp_path):
+    out, profiles = tmp_path / "multi_gpu.jsonl", tmp_path / "profiles"
+    options = [
+        "--accelerator",
+        "cpu",
+        "--devices",
+        "2",
+        "--strategies",
+        "ddp",
+        "--weights",
+        str(checkpoints["bf16"]),
+    ]
+    options += ["--profile", str(profiles)]
+    done = run("multi_gpu.py", *options, "--steps", "3", "--warmup", "1", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-4000:]
+    (row,) = map(json.loads, out.read_text().splitlines())
+    assert row["status"] == "measured"
+    written = sorted(p.name for p in profiles.iterdir())
+    assert len(written) == 4 and [name.rpartition("-")[2] for name in written] == [
+        "rank0.json.gz",
+        "rank0.txt",
+        "rank1.json.gz",
+        "rank1.txt",
+    ]
+    with gzip.open(profiles / written[0]) as trace:
+        assert json.load(trace)["traceEvents"]
