@@ -51,9 +51,9 @@ MIB = 1 << 20
 
 # Name -> what it is, one line of Markdown.
 IMPLS: dict[str, str] = {
-    "bnb": "`bnb_lightning.training.loss.linear_cross_entropy(hidden, weight, targets, kernel=\"torch\")`: "
+    "bnb": '`bnb_lightning.training.loss.linear_cross_entropy(hidden, weight, targets, kernel="torch")`: '
     "the torch kernel, chunks of about 256 MiB of float32 logits, gradients computed in the forward pass "
-    "(`kernel=\"auto\"`, the default, runs Liger's where installed)",
+    '(`kernel="auto"`, the default, runs Liger\'s where installed)',
     "torch": "`F.cross_entropy(F.linear(hidden, weight).float(), targets)`: the reference, all logits at "
     "once (up to `--torch-max-tokens`)",
     "liger": "Liger-Kernel's `liger_fused_linear_cross_entropy` (`LigerFusedLinearCrossEntropyFunction`), "
