@@ -338,7 +338,7 @@ class TrainingOptions:
             materializing the logits (see :func:`bnb_lightning.use_chunked_loss`).
         loss_kernel: which kernel computes the chunked loss. ``"auto"`` (default): Liger-Kernel's
             fused linear cross-entropy on a CUDA device where ``liger-kernel`` is installed (0.6x the
-            torch kernel's time on an H200), else the torch kernel; ``"liger"``: Liger's, an error
+            torch kernel's time from 16k tokens on an H200), else the torch kernel; ``"liger"``: Liger's, an error
             without it; ``"torch"``: the torch kernel everywhere.
         dequantize_int8: train 8-bit layers through their dequantized weight in the compute dtype
             (see :func:`bnb_lightning.use_dequantized_int8`) instead of LLM.int8's matmul.
