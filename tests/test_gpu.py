@@ -367,3 +367,40 @@ def test_prequantized_checkpoint_loads_onto_the_gpu_as_the_files_hold_it(tmp_pat
     different = [key for key, value in in_files.items() if not torch.equal(loaded[key].cpu(), value)]
     assert different == []
     assert model.model.layers[0].mlp.up_proj.weight.device.type == "cuda"
+
+
+@pytest.mark.parametrize("kernel", ["cudnn", "flash"])
+@pytest.mark.parametrize("length", [256, 4096])
+def test_saved_attention_kernels_give_sdpas_output_and_gradients(kernel, length):
+    """The saved attention calls torch's cuDNN / FlashAttention kernels directly, grouped-query heads as
+    they are: its output is SDPA's, and its gradients SDPA's up to bfloat16 rounding."""
+    import torch.nn.functional as F
+
+    from bnb_lightning.training.attention import AttentionStash, _install, kernel_for
+
+    if kernel == "cudnn" and kernel_for(torch.device("cuda")) != "cudnn":
+        pytest.skip("cuDNN attention needs compute capability 9.0")
+    assert _install()
+    generator = torch.Generator("cuda").manual_seed(0)
+
+    def rand(heads):  # (batch, heads, sequence, head size) views of (batch, sequence, heads, head size)
+        x = torch.randn(2, length, heads, 128, device="cuda", generator=generator, dtype=torch.bfloat16)
+        return x.transpose(1, 2).requires_grad_()
+
+    q, k, v = rand(32), rand(8), rand(8)
+    grad = torch.randn(2, length, 32, 128, device="cuda", generator=generator, dtype=torch.bfloat16)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
+    out, lse = torch.ops.bnb_lightning.saved_attention(q, k, v, 128**-0.5, kernel)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0 if kernel == "cudnn" else 2e-2)
+    for actual, reference in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(actual, reference, rtol=0.02, atol=0.01 * reference.abs().max().item())
+    # In a block's recompute the stash gives back what its forward kept, and the kernel does not run.
+    stash = AttentionStash(lambda t: t.clone(), lambda t: t)
+    with stash.active(replaying=False):
+        kept = torch.ops.bnb_lightning.saved_attention(q, k, v, 128**-0.5, kernel)
+    with stash.active(replaying=True), torch.profiler.profile() as profile:
+        taken = torch.ops.bnb_lightning.saved_attention(q, k, v, 128**-0.5, kernel)
+    assert torch.equal(taken[0], kept[0]) and torch.equal(taken[1], kept[1]) and not stash.kept
+    assert not [e for e in profile.key_averages() if "scaled_dot_product" in e.key]

@@ -261,12 +261,17 @@ def test_a_budget_plans_on_the_first_batch_trains_bitwise_as_recompute_and_plans
     with caplog.at_level(logging.INFO, logger="bnb_lightning"):
         assert same(step(model, tokens), step(reference, tokens))
     plan = planner.plan
-    # The last blocks kept, the first ones recomputed, as the measured cost and the budget allow.
-    assert plan == choose_plan(4, plan.cost, plan.static, budget, vocab=256) and plan.tokens == 32
+    # The last blocks kept, the first ones offloaded with their attention outputs (4 heads of 16 float32
+    # values and a log-sum-exp a token), as the measured cost and the budget allow.
+    attention = 32 * 4 * (16 * 4 + 4)
+    assert plan == choose_plan(4, plan.cost, plan.static, budget, vocab=256, attention=attention)
     kept = plan.count("keep")
-    assert 0 < kept < 4 and plan.modes == ("recompute",) * (4 - kept) + ("keep",) * kept
+    assert 0 < kept < 4 and plan.modes == ("offload",) * (4 - kept) + ("keep",) * kept and plan.tokens == 32
     assert [block.gradient_checkpointing for block in model.model.layers] == [m != "keep" for m in plan.modes]
-    assert f"activations: {kept} block" in caplog.text and "recomputed; predicted peak" in caplog.text
+    assert (
+        f"activations: {kept} block" in caplog.text
+        and "offloaded; offloaded blocks' attention" in caplog.text
+    )
 
     # A shorter batch fits the plan; a longer one is measured and planned for before it runs.
     assert same(step(model, tokens[:, :8]), step(reference, tokens[:, :8]))
@@ -323,7 +328,10 @@ def test_a_list_of_modes_is_taken_as_it_is_and_checked_against_the_blocks(tokens
     assert [block.gradient_checkpointing for block in model.model.layers] == [True, True, False, False]
     reference, _ = prepared_llama("keep")
     assert same(step(model, tokens), step(reference, tokens))
-    assert "activations: 2 blocks kept, 1 recomputed, 1 offloaded." in " ".join(prepared.messages())
+    assert (
+        "activations: 2 blocks kept, 1 recomputed, 1 offloaded; offloaded blocks' attention outputs in CPU "
+        in (" ".join(prepared.messages()))
+    )
 
     model = tiny_llama(layers=4)
     with pytest.raises(ValueError, match="lists 2 modes, but the model has 4 blocks"):

@@ -7,7 +7,11 @@ activation planner (``training/plan.py``) runs an offloaded block's checkpoint i
 its input goes to pinned CPU memory as the forward pass makes it and comes back when the backward
 pass needs it; inside the block, checkpointing still recomputes the rest on the device. Unlike
 torch's ``save_on_cpu``, the copies run on a side stream, overlapping the compute, and each tensor
-brought back starts bringing back the one saved before it, which the backward pass needs next.
+brought back starts bringing back the ones saved before it, which the backward pass needs next.
+
+The tensors saved inside one ``with`` of the hooks are a group. An offloaded block whose attention
+output waits here too (``training/attention.py``) needs all of its group at once: the first of them
+the backward pass asks for brings back the rest and starts bringing back the group before, whole.
 """
 
 from __future__ import annotations
@@ -18,6 +22,19 @@ import weakref
 import torch
 
 
+class _Group:
+    """The tensors saved in one ``with`` of the hooks, and the group before them.
+
+    ``whole``: the backward pass needs them all at once (a block with saved attention), so they come
+    back together; otherwise one at a time, each bringing back the one saved before it.
+    """
+
+    def __init__(self, previous: _Group | None) -> None:
+        self.members: list[weakref.ref[_Saved]] = []
+        self.previous = weakref.ref(previous) if previous is not None else None
+        self.whole = False
+
+
 class _Saved:
     """One saved tensor while it waits in CPU memory: where it came from, its copy, and when that is ready."""
 
@@ -26,7 +43,9 @@ class _Saved:
     ) -> None:
         self.device, self.host, self.ready = device, host, ready
         self.on_device: torch.Tensor | None = None  # brought back ahead of its use
-        self.previous: weakref.ref[_Saved] | None = None  # the tensor saved before this one
+        self.taken = False  # given back to the backward pass (a second use copies it again)
+        self.group: _Group | None = None
+        self.index = 0  # in its group
 
 
 class _Offload(torch.autograd.graph.saved_tensors_hooks):
@@ -34,9 +53,13 @@ class _Offload(torch.autograd.graph.saved_tensors_hooks):
 
     def __init__(self) -> None:
         self.streams: dict[torch.device, torch.cuda.Stream] = {}
-        self.last: weakref.ref[_Saved] | None = None
+        self.group: _Group | None = None
         self.pin = True
         super().__init__(self._pack, self._unpack)
+
+    def __enter__(self) -> None:
+        self.group = _Group(self.group)
+        super().__enter__()
 
     def _host_buffer(self, tensor: torch.Tensor) -> torch.Tensor:
         def empty(pin: bool) -> torch.Tensor:
@@ -73,7 +96,10 @@ class _Offload(torch.autograd.graph.saved_tensors_hooks):
                 host.copy_(tensor, non_blocking=True)
             tensor.record_stream(stream)  # its memory is not reused before the copy is done
             saved = _Saved(tensor.device, host, stream.record_event())
-        saved.previous, self.last = self.last, weakref.ref(saved)
+        if self.group is None:
+            self.group = _Group(None)
+        saved.group, saved.index = self.group, len(self.group.members)
+        self.group.members.append(weakref.ref(saved))
         return saved
 
     def _fetch(self, saved: _Saved) -> None:
@@ -82,18 +108,35 @@ class _Offload(torch.autograd.graph.saved_tensors_hooks):
             saved.on_device = saved.host.to(saved.device, non_blocking=True)
         saved.ready = stream.record_event()
 
+    def _fetch_ahead(self, members: list[weakref.ref[_Saved]]) -> None:
+        for member in members:
+            saved = member()
+            if saved is not None and saved.device is not None and saved.on_device is None and not saved.taken:
+                self._fetch(saved)
+
+    def _fetch_next_needed(self, saved: _Saved) -> None:
+        """Start bringing back what the backward pass needs after ``saved``: the backward pass goes
+        through the saved tensors, and the blocks, in reverse."""
+        group = saved.group
+        if group.whole:
+            self._fetch_ahead(group.members)
+        elif saved.index:
+            self._fetch_ahead(group.members[saved.index - 1 : saved.index])
+            return
+        before = group.previous() if group.previous is not None else None
+        if before is not None:
+            self._fetch_ahead(before.members if before.whole else before.members[-1:])
+
     def _unpack(self, saved: _Saved) -> torch.Tensor:
         if saved.device is None:
             return saved.host
         if saved.on_device is None:
             self._fetch(saved)
-        tensor, saved.on_device = saved.on_device, None
+        tensor, saved.on_device, saved.taken = saved.on_device, None, True
         current = torch.cuda.current_stream(saved.device)
         current.wait_event(saved.ready)
         tensor.record_stream(current)
-        previous = saved.previous() if saved.previous is not None else None
-        if previous is not None and previous.device is not None and previous.on_device is None:
-            self._fetch(previous)  # the backward pass goes through the saved tensors in reverse
+        self._fetch_next_needed(saved)
         return tensor
 
 

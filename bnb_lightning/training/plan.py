@@ -7,7 +7,9 @@ matmul work for that block), or be recomputed from an input that waits in pinned
 training batch tells: the planner measures what one block saves for its backward pass on that batch
 (a real forward of the first block, its result thrown away) and picks the fastest mix under the
 budget: keep as many blocks as fit, recompute the rest, offload blocks when recomputing alone does not
-fit, and, past that, run each block's MLP over sequence tiles. A longer batch later is measured and
+fit, and, past that, run each block's MLP over sequence tiles. Where an offloaded block's attention
+output can wait in CPU memory too (``training/attention.py``), its recompute skips the attention
+kernel, so offloading is faster than recomputing: the blocks not kept are then offloaded first. A longer batch later is measured and
 planned again before it runs; a shorter one fits the plan it has.
 """
 
@@ -28,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ACTIVATION_MODES, check_activation_memory, format_bytes
+from .attention import AttentionStash, attention_modules, kernel_for, saved_bytes, set_saved_attention
 from .blocks import checkpointable_blocks, transformers_models
 from .host_embedding import HostEmbedding, movable_embedding
 from .liger import uses_liger
@@ -71,7 +74,8 @@ class ActivationPlan:
     ``modes`` has one of ``"keep"``, ``"recompute"``, ``"offload"`` per block in model order.
     ``tokens`` is the largest batch (in tokens) the plan was made for; ``budget`` the device bytes it
     fits in and ``predicted_peak`` the peak it expects; ``mlp_tile_tokens``, if set, the sequence
-    tile each block's MLP runs over.
+    tile each block's MLP runs over; ``saved_attention``: offloaded blocks keep their attention output
+    in CPU memory too, and their recompute does not run the attention kernel.
     """
 
     modes: tuple[str, ...]
@@ -83,6 +87,7 @@ class ActivationPlan:
     static: int | None = None
     fits: bool = True
     host_embeddings: bool = False
+    saved_attention: bool = False
 
     def count(self, mode: str) -> int:
         return sum(1 for m in self.modes if m == mode)
@@ -97,6 +102,8 @@ class ActivationPlan:
             f"{counts[0][0]} block{'' if counts[0][0] == 1 else 's'} {counts[0][1]}"  # "1 block kept, 3 ..."
         )
         text = "bnb_lightning: activations: " + ", ".join(parts)
+        if self.saved_attention and self.count("offload"):
+            text += "; offloaded blocks' attention outputs in CPU memory too, not recomputed"
         if self.mlp_tile_tokens:
             text += f"; MLPs over tiles of {self.mlp_tile_tokens:,} tokens"
         if self.host_embeddings:
@@ -268,6 +275,7 @@ def choose_plan(
     expandable_segments: bool = False,
     head_bytes: int = 0,
     fused_loss: bool = False,
+    attention: int = 0,
 ) -> ActivationPlan:
     """The fastest modes for ``blocks`` blocks of ``cost`` each that fit ``budget`` above ``static`` bytes.
 
@@ -282,7 +290,11 @@ def choose_plan(
     tiles. The plan still predicts its peak when nothing fits; the caller warns. ``head_bytes``: what
     the loss adds on top of ``static`` over an output layer FSDP2 shards as a unit of its own (the
     hidden states it exchanges, or the layer gathered). ``fused_loss``: the loss runs on Liger-Kernel's
-    kernel, whose logits chunk holds about as many values as the hidden states.
+    kernel, whose logits chunk holds about as many values as the hidden states. ``attention``: the bytes
+    of one block's attention output and log-sum-exp, when an offloaded block can keep them in CPU memory
+    (``training/attention.py``; 0: it cannot). Offloading then costs the host that much more a block and
+    saves the recompute its attention kernel, so the blocks not kept are offloaded (as many as the host
+    holds) before any is recomputed; the device holds a block's group and the one prefetched before it.
     """
     host_bytes = host_available() if host_bytes is None else host_bytes
     limit = budget - margin_for(budget)
@@ -293,9 +305,12 @@ def choose_plan(
     chunk = 2 * cost.input if fused_loss else 3 * 4 * min(cost.tokens * vocab, 1 << 26)
     loss = 3 * cost.input + chunk + head_bytes
 
+    # What an offloaded block sends to the host, and (twice: its own and the one prefetched) brings back.
+    group = cost.input + attention
+
     def peak(keep: int, recompute: int, offload: int, saved: int, largest: int) -> int:
         transient = 2 * cost.input + 3 * largest + (saved if keep < blocks else 0)
-        held = keep * saved + recompute * cost.input + (2 * cost.input if offload else 0)
+        held = keep * saved + recompute * cost.input + (2 * group if offload else 0)
         return static + held + max(transient, loss)
 
     def fits(keep: int, recompute: int, offload: int, saved: int, largest: int) -> bool:
@@ -307,15 +322,10 @@ def choose_plan(
         modes = ("offload",) * offload + ("recompute",) * recompute + ("keep",) * keep
         predicted = peak(keep, recompute, offload, saved, largest)
         fitting = fits(keep, recompute, offload, saved, largest)
-        return ActivationPlan(modes, cost.tokens, budget, predicted, cost, tile, static, fitting)
+        return ActivationPlan(
+            modes, cost.tokens, budget, predicted, cost, tile, static, fitting, saved_attention=attention > 0
+        )
 
-    for keep in range(blocks, -1, -1):  # as many kept blocks as fit, the others recomputed
-        if fits(keep, blocks - keep, 0, cost.saved, cost.largest):
-            return plan(keep, 0, None, cost.saved, cost.largest)
-    if not allow_offload:
-        return plan(0, 0, None, cost.saved, cost.largest)
-    # Offload the fewest blocks that fit (the host must hold their inputs), then tile the MLPs if needed.
-    most_offloaded = max(0, min(blocks, int(0.8 * host_bytes) // max(1, cost.input)))
     variants: list[tuple[int | None, int, int]] = [(None, cost.saved, cost.largest)]
     if can_tile and cost.mlp and cost.tokens > 1:
         count = max(2, math.ceil(cost.mlp / max(1, cost.input)))
@@ -325,6 +335,26 @@ def choose_plan(
         # a tile's MLP tensor.
         outside = cost.largest_outside_mlp or 2 * cost.input
         variants.append((math.ceil(cost.tokens / count), saved, max(outside, cost.largest // count)))
+    if attention and allow_offload:
+        # As many kept blocks as fit, the others offloaded with their attention while the host holds
+        # them (the rest recomputed); failing that, every block offloaded so with its MLP over tiles.
+        most_offloaded = max(0, min(blocks, int(0.8 * host_bytes) // max(1, group)))
+        for keep in range(blocks, -1, -1):
+            offload = min(blocks - keep, most_offloaded)
+            if fits(keep, blocks - keep - offload, offload, cost.saved, cost.largest):
+                return plan(keep, offload, None, cost.saved, cost.largest)
+        for tile, saved, largest in variants[1:]:
+            if fits(0, blocks - most_offloaded, most_offloaded, saved, largest):
+                return plan(0, most_offloaded, tile, saved, largest)
+        # Not even that: offloaded blocks recompute their attention, and the host holds more of them.
+        attention, group = 0, cost.input
+    for keep in range(blocks, -1, -1):  # as many kept blocks as fit, the others recomputed
+        if fits(keep, blocks - keep, 0, cost.saved, cost.largest):
+            return plan(keep, 0, None, cost.saved, cost.largest)
+    if not allow_offload:
+        return plan(0, 0, None, cost.saved, cost.largest)
+    # Offload the fewest blocks that fit (the host must hold their inputs), then tile the MLPs if needed.
+    most_offloaded = max(0, min(blocks, int(0.8 * host_bytes) // max(1, cost.input)))
     for tile, saved, largest in variants:
         for offload in range(1, most_offloaded + 1):
             if fits(0, blocks - offload, offload, saved, largest):
@@ -394,6 +424,9 @@ class ActivationPlanner:
             for forward in (vars(hf_model).get("forward") for hf_model in self._hf_models)
         )
         self._can_tile = bool(self._hf_models) and any(block_mlp(block) is not None for block in self.blocks)
+        self._attention = attention_modules(self._hf_models)
+        self._attention_kernel = kernel_for(device) if self._attention else None
+        self._element_size = 2  # of the attention outputs, set from the hidden states measured
 
     @property
     def budget(self) -> int | None:
@@ -435,7 +468,8 @@ class ActivationPlanner:
                 self._handles.append(norms[-1].register_forward_pre_hook(self._offload_from_here))
                 self._handles.append(hf_model.register_forward_hook(self._end_offload, always_call=True))
         if isinstance(self.setting, tuple):
-            self.apply(ActivationPlan(self.setting), announce=False)  # the setup summary says it
+            plan = ActivationPlan(self.setting, saved_attention=self._attention_kernel is not None)
+            self.apply(plan, announce=False)  # the setup summary says it
         else:
             # Until the first training batch is measured: every block recomputed, as checkpointing does.
             self.apply(ActivationPlan(("recompute",) * len(self.blocks)), announce=False)
@@ -449,6 +483,7 @@ class ActivationPlanner:
         for block in self.blocks:
             block.gradient_checkpointing = True
             block._gradient_checkpointing_func = _recompute
+        set_saved_attention(self._attention, None)
         remove_tiled_mlp(self.model)
         if self._host_embedding is not None:
             self._host_embedding.remove()
@@ -461,7 +496,11 @@ class ActivationPlanner:
             raise ValueError(
                 f"an activation plan needs one mode per block: {len(self.blocks)} modes, got {len(plan.modes)}."
             )
-        offloaded = functools.partial(_offloaded_checkpoint, self.offload)
+        saving = plan.saved_attention and bool(plan.count("offload"))
+        saving = set_saved_attention(self._attention, self._attention_kernel if saving else None)
+        if plan.saved_attention and not saving:
+            plan = dataclasses.replace(plan, saved_attention=False)
+        offloaded = functools.partial(_offloaded_checkpoint, self.offload, saving)
         for block, mode in zip(self.blocks, plan.modes, strict=True):
             block.gradient_checkpointing = mode != "keep"
             block._gradient_checkpointing_func = offloaded if mode == "offload" else _recompute
@@ -496,6 +535,9 @@ class ActivationPlanner:
         hidden = _hidden_states(args, kwargs)
         if hidden is None:
             return
+        autocast = torch.is_autocast_enabled(hidden.device.type)
+        dtype = torch.get_autocast_dtype(hidden.device.type) if autocast else hidden.dtype
+        self._element_size = dtype.itemsize
         tokens = hidden.numel() // hidden.shape[-1]
         if self.plan is not None and self.plan.tokens is not None and tokens <= self.plan.tokens:
             return
@@ -539,6 +581,11 @@ class ActivationPlanner:
             expandable_segments=_expandable_segments(self.device),
             head_bytes=head_bytes,
             fused_loss=self._liger_loss and not head_bytes,
+            attention=(
+                saved_bytes(self._attention, cost.tokens, self._element_size)
+                if self._attention_kernel is not None and self.allow_offload
+                else 0
+            ),
         )
         return dataclasses.replace(plan, host_embeddings=self._host_embedding is not None)
 
@@ -628,14 +675,62 @@ def _avoid_fragmentation(device: torch.device, say: Callable[[str], None]) -> No
 
 
 @torch.compiler.disable(recursive=False)
-def _offloaded_checkpoint(offload: _Offload, function: Callable, *args: Any) -> Any:
-    """A checkpointed block whose saved input waits in CPU memory: ``checkpoint`` saves it as the hooks see it."""
+def _offloaded_checkpoint(offload: _Offload, save_attention: bool, function: Callable, *args: Any) -> Any:
+    """A checkpointed block whose saved input waits in CPU memory: ``checkpoint`` saves it as the hooks see it.
+
+    With ``save_attention``, its attention results wait there too and its recompute takes them back.
+    """
+    contexts = _recompute_in_forward_default_dtype()
+    if save_attention:
+        stash, dtype_contexts = AttentionStash(offload._pack, offload._unpack), contexts
+
+        def contexts() -> tuple[Any, Any]:
+            forward, recompute = dtype_contexts()
+            return _both(forward, stash.active(replaying=False)), _both(
+                recompute, stash.active(replaying=True)
+            )
+
     with offload:
+        offload.group.whole = save_attention
         # `checkpoint` itself, not `_recompute`: dynamo compiles a frame of ours called from here, the
         # checkpoint with it, which is not how offloaded blocks were measured and tested.
-        return checkpoint(
-            function, *args, use_reentrant=False, context_fn=_recompute_in_forward_default_dtype()
+        return checkpoint(_compiled_forward(function), *args, use_reentrant=False, context_fn=contexts)
+
+
+_COMPILED_FORWARD = "_bnb_lightning_compiled_forward"
+
+
+@torch.compiler.disable
+def _compiled_forward(function: Callable) -> Callable:
+    """``function`` compiled as its compiled block is, where the block's checkpoint runs inside its ``forward``.
+
+    transformers since 5.2x (and :class:`ActivationBlock`) checkpoint from a block's ``forward``, which a
+    compiled block runs inside its compiled call: the offloaded checkpoint here is a graph break there,
+    and ``checkpoint`` runs what it wraps with dynamo off, so the block would run eagerly. Its forward
+    (``partial(forward, block, ...)``) is compiled again here, with the block's own ``torch.compile``
+    settings. Where the checkpoint wraps the compiled call itself (earlier transformers) nothing changes.
+    """
+    block = function.args[0] if isinstance(function, functools.partial) and function.args else None
+    compiled_call = getattr(block, "_compiled_call_impl", None) if isinstance(block, nn.Module) else None
+    if compiled_call is None:
+        return function
+    cached = vars(block).get(_COMPILED_FORWARD)
+    if cached is None or cached[0] is not function.func:
+        contexts = [cell.cell_contents for cell in compiled_call.__closure__ or ()]
+        compile_like_block = next(
+            (c for c in contexts if isinstance(c, torch._dynamo.eval_frame._TorchDynamoContext)), None
         )
+        if compile_like_block is None:  # not a torch.compile wrapper this torch version makes: run eagerly
+            return function
+        cached = (function.func, compile_like_block(function.func))
+        vars(block)[_COMPILED_FORWARD] = cached
+    return functools.partial(cached[1], *function.args, **function.keywords)
+
+
+@contextlib.contextmanager
+def _both(first: Any, second: Any):
+    with first, second:
+        yield
 
 
 def resolve_setting(activation_memory: Any, blocks: int) -> str | int | tuple[str, ...]:

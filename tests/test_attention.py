@@ -1,0 +1,133 @@
+"""Saved attention (bnb_lightning.training.attention): an offloaded block's recompute skips its attention kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+from peft import LoraConfig
+from test_plan import GIB, budget_for, cost, same, step
+
+from bnb_lightning import QuantizationConfig, TrainingOptions, activation_planner, prepare_model
+from bnb_lightning.training.plan import choose_plan, margin_for
+
+CPU_KERNEL = "aten::_scaled_dot_product_flash_attention_for_cpu"
+
+
+def prepared(mode, bits: int = 4, attn: str = "sdpa", layers: int = 2):
+    model = tiny_llama(layers=layers).train()
+    model.config._attn_implementation = attn
+    prepare_model(
+        model,
+        QuantizationConfig(bits=bits),
+        TrainingOptions(activation_memory=mode),
+        peft_config=LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+    )
+    return model
+
+
+def kernel_runs(model, tokens: torch.Tensor, **kwargs) -> tuple[tuple, int]:
+    """One training step's loss and adapter gradients, and how often the CPU's attention kernel ran forward."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        result = step(model, tokens) if not kwargs else _step(model, tokens, **kwargs)
+    return result, sum(event.count for event in profile.key_averages() if event.key == CPU_KERNEL)
+
+
+def _step(model, tokens, **kwargs):
+    loss = model(input_ids=tokens, labels=tokens, **kwargs).loss
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.item(), grads
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_an_offloaded_block_runs_its_attention_kernel_once_and_trains_bitwise_as_a_kept_one(tokens, bits):
+    kept, kept_runs = kernel_runs(prepared("keep", bits), tokens)
+    recomputed, recomputed_runs = kernel_runs(prepared("recompute", bits), tokens)
+    offloaded, offloaded_runs = kernel_runs(prepared("offload", bits), tokens)
+    assert (kept_runs, recomputed_runs, offloaded_runs) == (2, 4, 2)  # 2 blocks; recompute runs each again
+    assert same(offloaded, kept) and same(recomputed, kept)
+
+
+def test_compiled_offloaded_blocks_take_the_saved_attention_too(tokens):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from bnb_lightning.training.blocks import transformer_blocks
+
+    reference, runs = kernel_runs(prepared("keep"), tokens)
+    model = prepared("offload")
+    counter = CompileCounterWithBackend("aot_eager")
+    for block in transformer_blocks(model):
+        block.compile(backend=counter)
+    torch._dynamo.reset()
+    result, compiled_runs = kernel_runs(model, tokens)
+    assert counter.frame_count >= 1 and compiled_runs == runs == 2
+    assert same(result, reference)
+    again, _ = kernel_runs(model, tokens)  # a second step: the same graph, the stash of that step
+    assert same(again, reference)
+
+
+def test_what_the_saved_attention_cannot_serve_is_recomputed_as_before(tokens):
+    # A padding mask: transformers' own SDPA function, recomputed with the block.
+    mask = torch.ones_like(tokens)
+    mask[0, :3] = 0
+    masked, runs = kernel_runs(prepared("offload"), tokens, attention_mask=mask)
+    reference, _ = kernel_runs(prepared("recompute"), tokens, attention_mask=mask)
+    assert runs == 4 and same(masked, reference)
+    # Eager attention: nothing to save, and the summary says nothing of it.
+    model = prepared("offload", attn="eager")
+    plan = activation_planner(model).plan
+    assert plan.count("offload") == 2 and not plan.saved_attention
+    assert "attention" not in plan.summary()
+    # Evaluation and no-grad forwards run transformers' function.
+    model = prepared("offload")
+    with torch.no_grad():
+        expected = prepared("keep")(input_ids=tokens).logits
+        assert torch.equal(model(input_ids=tokens).logits, expected)
+    # Taken off with the plan: back to transformers' function.
+    activation_planner(model).remove()
+    _, runs = kernel_runs(model, tokens)
+    assert runs == 4 and not any("_bnb_lightning_attention_kernel" in vars(m) for m in model.modules())
+
+
+def test_with_saved_attention_the_blocks_not_kept_are_offloaded_before_any_is_recomputed():
+    c = cost(saved=1000, input=100, mlp=800, largest=200)
+    attention = c.input  # a Llama's attention output is its block input's size
+    transient = c.saved + 2 * c.input + 3 * c.largest + 2 * c.largest
+    # Room for 2 kept blocks and the offloaded groups in flight (2 inputs and 2 attention outputs).
+    budget = budget_for(GIB + 2 * c.saved + 2 * (c.input + attention) + transient)
+    plan = choose_plan(8, c, static=GIB, budget=budget, attention=attention)
+    assert plan.modes == ("offload",) * 6 + ("keep",) * 2 and plan.saved_attention and plan.fits
+    assert plan.predicted_peak <= budget - margin_for(budget)
+    # Without it, the same budget keeps as many and recomputes the rest: an offloaded block costs
+    # its recompute plus the copies, which recomputing does without.
+    plain = choose_plan(8, c, static=GIB, budget=budget)
+    assert plain.count("offload") < plan.count("offload") and not plain.saved_attention
+    # A host with room for 3 blocks' input and attention: 3 offloaded, the others recomputed.
+    host = int(3.5 * (c.input + attention) / 0.8)
+    plan = choose_plan(8, c, static=GIB, budget=100 * GIB // 10, attention=attention, host_bytes=host)
+    assert (
+        plan.count("offload") == 3
+        and plan.count("offload") + plan.count("recompute") + plan.count("keep") == 8
+    )
+    # Where that does not fit the device, offloaded blocks recompute their attention and the host
+    # holds more of them (the inputs alone).
+    tight = budget_for(GIB + 2 * c.input + transient)
+    plan = choose_plan(8, c, static=GIB, budget=tight, attention=attention, host_bytes=host)
+    assert not plan.saved_attention and plan.count("offload") > 3
+
+
+def test_with_saved_attention_a_tight_budget_tiles_the_mlps_of_blocks_offloaded_so():
+    c = cost(saved=1000, input=100, mlp=800, largest=200)
+    attention = c.input
+    tiled = dict(static=GIB, attention=attention, can_tile=True, expandable_segments=True)
+    # Every block offloaded with its attention (2 groups in flight), a tiled block's recompute and its
+    # gradients: only with the MLP over tiles.
+    budget = budget_for(GIB + 2 * (c.input + attention) + c.saved // 2 + 2 * c.input + 3 * c.largest)
+    plan = choose_plan(8, c, budget=budget, **tiled)
+    assert plan.modes == ("offload",) * 8 and plan.saved_attention and plan.mlp_tile_tokens and plan.fits
+    assert plan.predicted_peak <= budget - margin_for(budget)
+    # Where the groups in flight do not fit either, the attention is recomputed: inputs only in flight.
+    plan = choose_plan(8, c, budget=budget_for(GIB + 2 * c.input + c.saved // 2 + 3 * c.input), **tiled)
+    assert not plan.saved_attention and plan.count("offload") and plan.mlp_tile_tokens
