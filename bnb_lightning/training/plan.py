@@ -9,8 +9,8 @@ training batch tells: the planner measures what one block saves for its backward
 budget: keep as many blocks as fit, recompute the rest, offload blocks when recomputing alone does not
 fit, and, past that, run each block's MLP over sequence tiles. Where an offloaded block's attention
 output can wait in CPU memory too (``training/attention.py``), its recompute skips the attention
-kernel, so offloading is faster than recomputing: the blocks not kept are then offloaded first. A longer batch later is measured and
-planned again before it runs; a shorter one fits the plan it has.
+kernel, so offloading is faster than recomputing: the blocks not kept are then offloaded first. A
+longer batch later is measured and planned again before it runs; a shorter one fits the plan it has.
 """
 
 from __future__ import annotations
@@ -535,9 +535,10 @@ class ActivationPlanner:
         hidden = _hidden_states(args, kwargs)
         if hidden is None:
             return
-        autocast = torch.is_autocast_enabled(hidden.device.type)
-        dtype = torch.get_autocast_dtype(hidden.device.type) if autocast else hidden.dtype
-        self._element_size = dtype.itemsize
+        if self._attention_kernel is not None:  # the attention's outputs are in the autocast dtype, if any
+            autocast = torch.is_autocast_enabled(hidden.device.type)
+            dtype = torch.get_autocast_dtype(hidden.device.type) if autocast else hidden.dtype
+            self._element_size = dtype.itemsize
         tokens = hidden.numel() // hidden.shape[-1]
         if self.plan is not None and self.plan.tokens is not None and tokens <= self.plan.tokens:
             return
@@ -704,11 +705,11 @@ _COMPILED_FORWARD = "_bnb_lightning_compiled_forward"
 def _compiled_forward(function: Callable) -> Callable:
     """``function`` compiled as its compiled block is, where the block's checkpoint runs inside its ``forward``.
 
-    transformers since 5.2x (and :class:`ActivationBlock`) checkpoint from a block's ``forward``, which a
-    compiled block runs inside its compiled call: the offloaded checkpoint here is a graph break there,
-    and ``checkpoint`` runs what it wraps with dynamo off, so the block would run eagerly. Its forward
-    (``partial(forward, block, ...)``) is compiled again here, with the block's own ``torch.compile``
-    settings. Where the checkpoint wraps the compiled call itself (earlier transformers) nothing changes.
+    transformers 5.24 (not 5.17, which checkpoints around the compiled call) and :class:`ActivationBlock`
+    checkpoint from a block's ``forward``, which a compiled block runs inside its compiled call: the
+    offloaded checkpoint is a graph break there, and ``checkpoint`` runs what it wraps with dynamo off,
+    so the block would run eagerly. Its forward (``partial(forward, block, ...)``) is compiled here with
+    the block's own ``torch.compile`` settings; a checkpoint around the compiled call is left as it is.
     """
     block = function.args[0] if isinstance(function, functools.partial) and function.args else None
     compiled_call = getattr(block, "_compiled_call_impl", None) if isinstance(block, nn.Module) else None
