@@ -131,3 +131,30 @@ def test_with_saved_attention_a_tight_budget_tiles_the_mlps_of_blocks_offloaded_
     # Where the groups in flight do not fit either, the attention is recomputed: inputs only in flight.
     plan = choose_plan(8, c, budget=budget_for(GIB + 2 * c.input + c.saved // 2 + 3 * c.input), **tiled)
     assert not plan.saved_attention and plan.count("offload") and plan.mlp_tile_tokens
+
+
+@pytest.mark.parametrize("architecture", ["Qwen2", "Qwen3", "Mistral"])
+def test_other_decoders_on_sdpa_save_their_attention_too(tokens, architecture):
+    """Qwen3's heads are wider than hidden / heads; Mistral passes its sliding window (in the mask, none here)."""
+    import transformers
+
+    def build(mode):
+        config = getattr(transformers, f"{architecture}Config")(
+            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, **({"head_dim": 32} if architecture == "Qwen3" else {}),
+        )  # fmt: skip
+        torch.manual_seed(0)
+        model = getattr(transformers, f"{architecture}ForCausalLM")(config).train()
+        prepare_model(
+            model,
+            QuantizationConfig(bits=4),
+            TrainingOptions(activation_memory=mode),
+            peft_config=LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+        )
+        return model
+
+    kept, kept_runs = kernel_runs(build("keep"), tokens)
+    offloaded_model = build("offload")
+    offloaded, runs = kernel_runs(offloaded_model, tokens)
+    assert activation_planner(offloaded_model).plan.saved_attention
+    assert (kept_runs, runs) == (2, 2) and same(offloaded, kept)

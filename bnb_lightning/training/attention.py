@@ -25,7 +25,8 @@ from torch import nn
 
 # Set on an attention module whose calls go through the saved attention: the kernel it runs.
 _KERNEL = "_bnb_lightning_attention_kernel"
-# transformers' keyword arguments to an attention function that change nothing here when unset.
+# transformers' keyword arguments to an attention function that change nothing here (its SDPA function
+# ignores them too: a sliding window, say, is in the mask, and a masked call is not served here).
 _IGNORED = {
     "dropout",
     "scaling",
@@ -34,6 +35,7 @@ _IGNORED = {
     "use_cache",
     "cache_position",
     "past_key_values",
+    "sliding_window",
 }
 
 _active = threading.local()  # the stash of the checkpointed block running now, and whether it replays
