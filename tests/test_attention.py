@@ -158,3 +158,15 @@ def test_other_decoders_on_sdpa_save_their_attention_too(tokens, architecture):
     offloaded, runs = kernel_runs(offloaded_model, tokens)
     assert activation_planner(offloaded_model).plan.saved_attention
     assert (kept_runs, runs) == (2, 2) and same(offloaded, kept)
+
+
+def test_under_autocast_the_saved_attention_runs_in_autocasts_dtype_as_sdpa_does(tokens):
+    # 4-bit layers give float32 queries here; autocast runs SDPA on their bfloat16 casts (a custom
+    # op it leaves alone), so the saved attention casts them as autocast would.
+    results = {}
+    for mode in ("keep", "offload"):
+        model = prepared(mode)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results[mode] = kernel_runs(model, tokens)
+    assert results["offload"][1] == results["keep"][1] == 2
+    assert same(results["offload"][0], results["keep"][0])

@@ -154,7 +154,12 @@ def _sdpa_or_saved(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     kernel = getattr(module, _KERNEL, None)
-    if kernel is None or not _can_save(module, query, key, value, attention_mask, args, kwargs, kernel):
+    if kernel is None:
+        return _original_sdpa(module, query, key, value, attention_mask, *args, **kwargs)
+    if torch.is_autocast_enabled(query.device.type):  # autocast runs SDPA in its dtype; a custom op it leaves
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    if not _can_save(module, query, key, value, attention_mask, args, kwargs, kernel):
         return _original_sdpa(module, query, key, value, attention_mask, *args, **kwargs)
     scale = kwargs.get("scaling")
     scale = float(query.shape[-1] ** -0.5 if scale is None else scale)
