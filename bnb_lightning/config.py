@@ -349,10 +349,13 @@ class TrainingOptions:
             ``"auto"`` (default): fit the memory this process may use on the device, measured on the
             first training batch (and again on any longer one): keep as many blocks' activations as
             fit (fastest), recompute the others from their inputs, offload inputs to CPU memory and
-            tile MLPs over the sequence when recomputing alone does not fit. A size (``"24GB"``,
-            ``"20GiB"``, or bytes): the same, for that budget. Or explicit: ``"keep"`` (no
-            checkpointing), ``"recompute"`` (checkpoint every block), ``"offload"`` (checkpoint every
-            block, its input in CPU memory), or a list with one of these per block.
+            tile MLPs over the sequence when recomputing alone does not fit. On transformers' SDPA
+            attention an offloaded block's attention output waits in CPU memory too and is not
+            recomputed, which makes offloading faster than recomputing: the blocks not kept are then
+            offloaded while host memory lasts. A size (``"24GB"``, ``"20GiB"``, or bytes): the same,
+            for that budget. Or explicit: ``"keep"`` (no checkpointing), ``"recompute"`` (checkpoint
+            every block), ``"offload"`` (checkpoint every block, its input, and attention output where
+            it can, in CPU memory), or a list with one of these per block.
             ``gradient_checkpointing=True/False`` is the same as ``"recompute"``/``"keep"``. A plan that
             recomputes or offloads turns on CUDA's expandable segments (less fragmentation), unless
             ``PYTORCH_ALLOC_CONF`` is set.
