@@ -170,3 +170,20 @@ def test_under_autocast_the_saved_attention_runs_in_autocasts_dtype_as_sdpa_does
             results[mode] = kernel_runs(model, tokens)
     assert results["offload"][1] == results["keep"][1] == 2
     assert same(results["offload"][0], results["keep"][0])
+
+
+def test_explicit_offload_recomputes_the_attention_where_the_host_cannot_hold_it(tokens, monkeypatch, caplog):
+    import logging
+
+    from bnb_lightning.training import plan as planning
+
+    model = prepared("offload")
+    # Room for the inputs of 2 blocks (2 sequences of 16 tokens, 64 float32 values each), not their
+    # attention outputs too.
+    monkeypatch.setattr(planning, "host_available", lambda: int(2 * 2 * 16 * 64 * 4 / 0.8) + 1)
+    with caplog.at_level(logging.INFO, logger="bnb_lightning"):
+        result, runs = kernel_runs(model, tokens)
+    assert runs == 4 and not activation_planner(model).plan.saved_attention
+    assert "offloaded blocks recompute their attention" in caplog.text and "CPU memory" in caplog.text
+    reference, _ = kernel_runs(prepared("recompute"), tokens)
+    assert same(result, reference)

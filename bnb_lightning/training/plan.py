@@ -427,6 +427,7 @@ class ActivationPlanner:
         self._attention = attention_modules(self._hf_models)
         self._attention_kernel = kernel_for(device) if self._attention else None
         self._element_size = 2  # of the attention outputs, set from the hidden states measured
+        self._host_tokens = self._host_need = 0  # explicit modes: the longest batch checked, its host bytes
 
     @property
     def budget(self) -> int | None:
@@ -526,11 +527,7 @@ class ActivationPlanner:
     # Hooks of a compiled block run inside its compiled call: measuring and planning stay eager.
     @torch.compiler.disable
     def _before_first_block(self, block: nn.Module, args: tuple, kwargs: dict) -> None:
-        if (
-            self._measuring
-            or not (block.training and torch.is_grad_enabled())
-            or isinstance(self.setting, tuple)
-        ):
+        if self._measuring or not (block.training and torch.is_grad_enabled()):
             return
         hidden = _hidden_states(args, kwargs)
         if hidden is None:
@@ -540,6 +537,9 @@ class ActivationPlanner:
             dtype = torch.get_autocast_dtype(hidden.device.type) if autocast else hidden.dtype
             self._element_size = dtype.itemsize
         tokens = hidden.numel() // hidden.shape[-1]
+        if isinstance(self.setting, tuple):
+            self._host_room_for_saved_attention(hidden, tokens)
+            return
         if self.plan is not None and self.plan.tokens is not None and tokens <= self.plan.tokens:
             return
         self._measuring = True
@@ -568,6 +568,30 @@ class ActivationPlanner:
                 if self.allow_offload
                 else "every block recomputed (offload is off here)",
             )
+
+    def _host_room_for_saved_attention(self, hidden: torch.Tensor, tokens: int) -> None:
+        """Explicit modes: offloaded blocks keep their attention outputs in CPU memory only while the
+        host holds them with the blocks' inputs (a budget's plan counts them itself)."""
+        plan = self.plan
+        if (
+            plan is None
+            or not (plan.saved_attention and plan.count("offload"))
+            or tokens <= self._host_tokens
+        ):
+            return
+        group = hidden.numel() * hidden.element_size() + saved_bytes(
+            self._attention, tokens, self._element_size
+        )
+        need, held = plan.count("offload") * group, self._host_need  # the last batch's, cached for reuse
+        self._host_tokens, self._host_need = tokens, need
+        available = host_available() + held
+        if need <= 0.8 * available:
+            return
+        self.apply(dataclasses.replace(plan, saved_attention=False), announce=False)
+        self.on_plan(
+            f"bnb_lightning: offloaded blocks recompute their attention: with their outputs, their inputs at "
+            f"{tokens:,} tokens would need {format_bytes(need)} of CPU memory, {format_bytes(available)} available."
+        )
 
     def _choose(self, cost: BlockCost, budget: int) -> ActivationPlan:
         head_bytes = self._sharded_head_bytes(cost.tokens)  # then the loss runs the torch kernel
