@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 from peft import LoraConfig
-from test_plan import GIB, budget_for, cost, same, step
+from test_plan import GIB, budget_for, cost, same
 
 from bnb_lightning import QuantizationConfig, TrainingOptions, activation_planner, prepare_model
 from bnb_lightning.training.plan import choose_plan, margin_for
@@ -29,11 +29,12 @@ def prepared(mode, bits: int = 4, attn: str = "sdpa", layers: int = 2):
 def kernel_runs(model, tokens: torch.Tensor, **kwargs) -> tuple[tuple, int]:
     """One training step's loss and adapter gradients, and how often the CPU's attention kernel ran forward."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        result = step(model, tokens) if not kwargs else _step(model, tokens, **kwargs)
+        result = _step(model, tokens, **kwargs)
     return result, sum(event.count for event in profile.key_averages() if event.key == CPU_KERNEL)
 
 
 def _step(model, tokens, **kwargs):
+    """``test_plan.step`` with the model's other arguments (an attention mask)."""
     loss = model(input_ids=tokens, labels=tokens, **kwargs).loss
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
