@@ -60,8 +60,8 @@ RECIPES: dict[str, str] = {
     "quarter of the blocks keep their activations instead of recomputing them)",
     "bnb_recompute": '`bnb` with `activation_memory="recompute"`: every block checkpointed (the default before '
     "the planner)",
-    "bnb_offload": '`bnb` with `activation_memory="offload"`: every block checkpointed, its input waiting in '
-    "CPU memory for the backward pass",
+    "bnb_offload": '`bnb` with `activation_memory="offload"`: every block checkpointed, its input (and, on SDPA '
+    "attention, its attention output) waiting in CPU memory for the backward pass",
     "bnb_torch_loss": '`bnb` with `loss_kernel="torch"`: the chunked loss in torch ops, not Liger-Kernel\'s '
     "fused linear cross-entropy (the default on CUDA where `liger-kernel` is installed)",
     "hf_prepare": "`from_pretrained(quantization_config=BitsAndBytesConfig(...))`, PEFT's "
