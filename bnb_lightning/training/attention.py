@@ -8,9 +8,10 @@ those two to pinned CPU memory with its input, on the offload's side stream, and
 them back instead of running the kernel: the recomputed attention is bitwise what the forward made.
 
 It applies to transformers models on SDPA attention (``attn_implementation="sdpa"``, their default)
-for causal self-attention without a padding mask, dropout, soft-capping or sliding window, on
-torch's cuDNN (compute capability 9.0 and up) or FlashAttention (8.0 and up) kernels in float16 or
-bfloat16, and on the CPU's; any other call runs transformers' own SDPA function, as before.
+for causal self-attention without a mask (padding, packing, a sliding window), dropout or
+soft-capping, on torch's cuDNN (compute capability 9.0 and up) or FlashAttention (8.0 and up)
+kernels in float16 or bfloat16, and on the CPU's; any other call runs transformers' own SDPA
+function, as before.
 """
 
 from __future__ import annotations
@@ -171,9 +172,9 @@ def _can_save(module, query, key, value, attention_mask, args, kwargs, kernel: s
     if args or attention_mask is not None or not (module.training and torch.is_grad_enabled()):
         return False
     if any(
-        value is not None and value is not False for name, value in kwargs.items() if name not in _IGNORED
+        given is not None and given is not False for name, given in kwargs.items() if name not in _IGNORED
     ):
-        return False  # soft-capping, sliding window, sinks, packed sequences, ...: transformers' function
+        return False  # soft-capping, sinks, a position bias, ...: transformers' function
     if (
         kwargs.get("dropout", 0.0)
         or kwargs.get("is_causal", True) is False

@@ -426,7 +426,6 @@ class ActivationPlanner:
         self._can_tile = bool(self._hf_models) and any(block_mlp(block) is not None for block in self.blocks)
         self._attention = attention_modules(self._hf_models)
         self._attention_kernel = kernel_for(device) if self._attention else None
-        self._element_size = 2  # of the attention outputs, set from the hidden states measured
         self._host_tokens = self._host_need = 0  # explicit modes: the longest batch checked, its host bytes
 
     @property
@@ -532,10 +531,6 @@ class ActivationPlanner:
         hidden = _hidden_states(args, kwargs)
         if hidden is None:
             return
-        if self._attention_kernel is not None:  # the attention's outputs are in the autocast dtype, if any
-            autocast = torch.is_autocast_enabled(hidden.device.type)
-            dtype = torch.get_autocast_dtype(hidden.device.type) if autocast else hidden.dtype
-            self._element_size = dtype.itemsize
         tokens = hidden.numel() // hidden.shape[-1]
         if isinstance(self.setting, tuple):
             self._host_room_for_saved_attention(hidden, tokens)
@@ -547,12 +542,12 @@ class ActivationPlanner:
             cost = measure_block(block, args, kwargs)
         finally:
             self._measuring = False
-        budget = self.budget
-        plan = self._choose(cost, budget)
+        budget, attention = self.budget, self._attention_bytes(hidden, tokens)
+        plan = self._choose(cost, budget, attention)
         if plan.count("offload") and self._host_embedding is None:
             self._host_embedding = self._embeddings_to_host()
             if self._host_embedding is not None:
-                plan = self._choose(cost, budget)  # with the room the embeddings left
+                plan = self._choose(cost, budget, attention)  # with the room the embeddings left
         self.apply(plan)
         if plan.count("keep") < len(self.blocks):
             _avoid_fragmentation(self.device, self.on_plan)
@@ -579,9 +574,7 @@ class ActivationPlanner:
             or tokens <= self._host_tokens
         ):
             return
-        group = hidden.numel() * hidden.element_size() + saved_bytes(
-            self._attention, tokens, self._element_size
-        )
+        group = hidden.numel() * hidden.element_size() + self._attention_bytes(hidden, tokens)
         need, held = plan.count("offload") * group, self._host_need  # the last batch's, cached for reuse
         self._host_tokens, self._host_need = tokens, need
         available = host_available() + held
@@ -593,7 +586,16 @@ class ActivationPlanner:
             f"{tokens:,} tokens would need {format_bytes(need)} of CPU memory, {format_bytes(available)} available."
         )
 
-    def _choose(self, cost: BlockCost, budget: int) -> ActivationPlan:
+    def _attention_bytes(self, hidden: torch.Tensor, tokens: int) -> int:
+        """What one block's saved attention holds for this batch (0: it cannot be saved); the attention
+        runs in the autocast dtype, if any, else in the hidden states'."""
+        if self._attention_kernel is None:
+            return 0
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        return saved_bytes(self._attention, tokens, dtype.itemsize)
+
+    def _choose(self, cost: BlockCost, budget: int, attention: int) -> ActivationPlan:
         head_bytes = self._sharded_head_bytes(cost.tokens)  # then the loss runs the torch kernel
         plan = choose_plan(
             len(self.blocks),
@@ -606,11 +608,7 @@ class ActivationPlanner:
             expandable_segments=_expandable_segments(self.device),
             head_bytes=head_bytes,
             fused_loss=self._liger_loss and not head_bytes,
-            attention=(
-                saved_bytes(self._attention, cost.tokens, self._element_size)
-                if self._attention_kernel is not None and self.allow_offload
-                else 0
-            ),
+            attention=attention if self.allow_offload else 0,
         )
         return dataclasses.replace(plan, host_embeddings=self._host_embedding is not None)
 
