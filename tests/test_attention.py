@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import tiny_llama
@@ -9,6 +11,7 @@ from peft import LoraConfig
 from test_plan import GIB, budget_for, cost, same
 
 from bnb_lightning import QuantizationConfig, TrainingOptions, activation_planner, prepare_model
+from bnb_lightning.training.offload import pinned_bytes
 from bnb_lightning.training.plan import choose_plan, margin_for
 
 CPU_KERNEL = "aten::_scaled_dot_product_flash_attention_for_cpu"
@@ -117,6 +120,16 @@ def test_with_saved_attention_the_blocks_not_kept_are_offloaded_before_any_is_re
     tight = budget_for(GIB + 2 * c.input + transient)
     plan = choose_plan(8, c, static=GIB, budget=tight, attention=attention, host_bytes=host)
     assert not plan.saved_attention and plan.count("offload") > 3
+    # The host's share is the pinned memory it takes, its pieces rounded up to powers of two: an
+    # input of 1 GiB + 256 MiB + 64 MiB + 16 MiB + 2 bytes takes 16 MiB more, which a host with room
+    # for just under 2 such groups does not have.
+    big = cost(saved=100 << 10, input=3 << 10, mlp=50 << 10, largest=12 << 10)  # in MiB: none kept
+    big = dataclasses.replace(big, input=(1 << 30) + (1 << 28) + (1 << 26) + (1 << 24) + 2)
+    pinned_group = 2 * pinned_bytes(big.input)
+    assert pinned_group > 2 * big.input
+    host = int((2 * pinned_group - 1) / 0.8)
+    plan = choose_plan(8, big, static=GIB, budget=250 * GIB, attention=big.input, host_bytes=host)
+    assert plan.modes == ("offload",) + ("recompute",) * 7 and plan.saved_attention and plan.fits
 
 
 def test_with_saved_attention_a_tight_budget_tiles_the_mlps_of_blocks_offloaded_so():

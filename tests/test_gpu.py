@@ -256,6 +256,26 @@ def test_planned_activations_give_the_same_loss_and_gradients_as_recompute(compi
     assert all(torch.equal(results["planned"][1][n], g) for n, g in results["recompute"][1].items())
 
 
+def test_a_large_offloaded_tensor_waits_in_pinned_pieces_and_comes_back_exactly():
+    from bnb_lightning.training.offload import _Offload, pinned_bytes, pinned_pieces
+
+    # 3 MiB and 12 bytes: pieces of 2 MiB, 1 MiB, 8 bytes and 4 bytes, where one buffer would take 4 MiB.
+    x = torch.randn(3 * 2**19 + 6, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(x.numel(), device="cuda", dtype=torch.bfloat16)
+    offload = _Offload()
+    for _ in range(2):  # the second round reuses the pinned pieces
+        with offload:
+            y = (x * weight).sin().sum()
+        saved = [member() for member in offload.group.members]
+        pieces = [s.host for s in saved if isinstance(s.host, list)]
+        assert [[p.nbytes for p in host] for host in pieces] == [pinned_pieces(x.nbytes)] * len(pieces) != []
+        assert all(p.is_pinned() for host in pieces for p in host)
+        y.backward()
+        torch.testing.assert_close(x.grad, weight * (x * weight).cos(), rtol=0, atol=0)
+        x.grad = None
+    assert pinned_pieces(x.nbytes) == [2**21, 2**20, 8, 4] and pinned_bytes(x.nbytes) == x.nbytes
+
+
 def test_compiled_blocks_train_as_eager_blocks_on_a_repeated_batch():
     """The same model, batch and AdamW steps with and without compiled blocks: the same losses, up to
     bfloat16 rounding (a 70B run under FSDP2 once fell much faster compiled than eager, unexplained)."""

@@ -185,3 +185,20 @@ def test_the_offload_keeps_a_copy_and_gives_it_back_for_the_backward_pass():
     assert torch.equal(saved.host, x) and saved.host.data_ptr() != x.data_ptr()
     y.backward()
     assert torch.equal(x.grad, 2 * x)
+
+
+def test_pinned_pieces_are_powers_of_two_that_add_up_to_the_tensor():
+    from bnb_lightning.training.offload import pinned_bytes, pinned_pieces
+
+    # torch's pinned allocator rounds each buffer up to a power of two: a 3 GiB block input in one
+    # buffer takes 4 GiB, in pieces of 2 and 1 GiB exactly its size.
+    assert pinned_pieces(3 << 30) == [2 << 30, 1 << 30] and pinned_bytes(3 << 30) == 3 << 30
+    assert pinned_pieces(1000) == [1000] and pinned_bytes(1000) == 1024  # small: one buffer
+    assert pinned_bytes(0) == 0
+    generator = torch.Generator().manual_seed(0)
+    for size in torch.randint(1 << 20, 1 << 40, (200,), generator=generator).tolist():
+        size -= size % 2  # a bfloat16 tensor's bytes
+        pieces = pinned_pieces(size)
+        assert sum(pieces) == size and len(pieces) <= 4 and all(p % 2 == 0 for p in pieces)
+        assert all(p & (p - 1) == 0 for p in pieces[:-1])  # all but the last a power of two
+        assert size <= pinned_bytes(size) < size * 9 / 8

@@ -12,6 +12,10 @@ brought back starts bringing back the ones saved before it, which the backward p
 The tensors saved inside one ``with`` of the hooks are a group. An offloaded block whose attention
 output waits here too (``training/attention.py``) needs all of its group at once: the first of them
 the backward pass asks for brings back the rest and starts bringing back the group before, whole.
+
+torch's pinned-memory allocator rounds every request up to a power of two (a 3 GiB block input takes
+4 GiB), so a large tensor waits in a few pinned pieces whose sizes are powers of two (``pinned_pieces``),
+and the planner counts the host memory they take (``pinned_bytes``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,29 @@ import warnings
 import weakref
 
 import torch
+
+# Tensors up to this size wait in one pinned buffer; larger ones in pieces.
+_ONE_PIECE_BYTES = 1 << 20
+_MOST_PIECES = 4
+
+
+def pinned_pieces(nbytes: int) -> list[int]:
+    """How many of ``nbytes`` each pinned piece holds: the largest powers of two that fit, the last
+    piece what is left (at most ``_MOST_PIECES``; what the allocator rounds the last one up to is less
+    than an eighth of the whole)."""
+    if nbytes <= _ONE_PIECE_BYTES:
+        return [nbytes]
+    pieces, rest = [], nbytes
+    while rest:
+        piece = rest if len(pieces) == _MOST_PIECES - 1 else 1 << (rest.bit_length() - 1)
+        pieces.append(piece)
+        rest -= piece
+    return pieces
+
+
+def pinned_bytes(nbytes: int) -> int:
+    """The pinned host memory a saved tensor of ``nbytes`` takes, its pieces rounded up to powers of two."""
+    return sum(1 << (piece - 1).bit_length() for piece in pinned_pieces(nbytes) if piece)
 
 
 class _Group:
@@ -39,9 +66,14 @@ class _Saved:
     """One saved tensor while it waits in CPU memory: where it came from, its copy, and when that is ready."""
 
     def __init__(
-        self, device: torch.device | None, host: torch.Tensor, ready: torch.cuda.Event | None
+        self,
+        device: torch.device | None,
+        host: torch.Tensor | list[torch.Tensor],
+        ready: torch.cuda.Event | None,
     ) -> None:
-        self.device, self.host, self.ready = device, host, ready
+        self.device, self.ready = device, ready
+        self.host = host  # a list of flat pieces for a large tensor, in order
+        self.shape: torch.Size | None = None
         self.on_device: torch.Tensor | None = None  # brought back ahead of its use
         self.taken = False  # given back to the backward pass (a second use copies it again)
         self.group: _Group | None = None
@@ -61,14 +93,20 @@ class _Offload(torch.autograd.graph.saved_tensors_hooks):
         self.group = _Group(self.group)
         super().__enter__()
 
-    def _host_buffer(self, tensor: torch.Tensor) -> torch.Tensor:
+    def _host_buffer(self, tensor: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         def empty(pin: bool) -> torch.Tensor:
             return torch.empty(tensor.size(), dtype=tensor.dtype, layout=tensor.layout, pin_memory=pin)
 
         if not (tensor.is_cuda and self.pin):
             return empty(False)
         try:
-            return empty(True)
+            pieces = pinned_pieces(tensor.numel() * tensor.element_size())
+            if len(pieces) == 1 or not tensor.is_contiguous():
+                return empty(True)
+            return [
+                torch.empty(piece // tensor.element_size(), dtype=tensor.dtype, pin_memory=True)
+                for piece in pieces
+            ]
         except RuntimeError as error:  # no pinned memory left (or none allowed, as in some containers)
             self.pin = False
             warnings.warn(
@@ -93,9 +131,14 @@ class _Offload(torch.autograd.graph.saved_tensors_hooks):
             stream = self._stream(tensor.device)
             stream.wait_stream(torch.cuda.current_stream(tensor.device))
             with torch.cuda.stream(stream):
-                host.copy_(tensor, non_blocking=True)
+                if isinstance(host, list):
+                    for piece, part in zip(host, _parts(tensor.view(-1), host), strict=True):
+                        piece.copy_(part, non_blocking=True)
+                else:
+                    host.copy_(tensor, non_blocking=True)
             tensor.record_stream(stream)  # its memory is not reused before the copy is done
             saved = _Saved(tensor.device, host, stream.record_event())
+            saved.shape = tensor.shape
         if self.group is None:
             self.group = _Group(None)
         saved.group, saved.index = self.group, len(self.group.members)
@@ -105,7 +148,13 @@ class _Offload(torch.autograd.graph.saved_tensors_hooks):
     def _fetch(self, saved: _Saved) -> None:
         stream = self._stream(saved.device)
         with torch.cuda.stream(stream):
-            saved.on_device = saved.host.to(saved.device, non_blocking=True)
+            if isinstance(saved.host, list):
+                tensor = torch.empty(saved.shape, dtype=saved.host[0].dtype, device=saved.device)
+                for part, piece in zip(_parts(tensor.view(-1), saved.host), saved.host, strict=True):
+                    part.copy_(piece, non_blocking=True)
+                saved.on_device = tensor
+            else:
+                saved.on_device = saved.host.to(saved.device, non_blocking=True)
         saved.ready = stream.record_event()
 
     def _fetch_ahead(self, members: list[weakref.ref[_Saved]]) -> None:
@@ -138,6 +187,11 @@ class _Offload(torch.autograd.graph.saved_tensors_hooks):
         tensor.record_stream(current)
         self._fetch_next_needed(saved)
         return tensor
+
+
+def _parts(flat: torch.Tensor, pieces: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``flat``'s slices matching ``pieces`` in order."""
+    return list(flat.split([piece.numel() for piece in pieces]))
 
 
 def __getattr__(name: str):

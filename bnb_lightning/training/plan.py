@@ -35,7 +35,7 @@ from .blocks import checkpointable_blocks, transformers_models
 from .host_embedding import HostEmbedding, movable_embedding
 from .liger import uses_liger
 from .loss import ChunkedLossForward
-from .offload import _Offload
+from .offload import _Offload, pinned_bytes
 from .sharded_loss import gather_bytes, head_shard, loss_bytes, vocab_shard
 from .tiled_mlp import Tiled, block_mlp, remove_tiled_mlp, set_mlp_tile_tokens, tile_module, use_tiled_mlp
 
@@ -295,6 +295,7 @@ def choose_plan(
     (``training/attention.py``; 0: it cannot). Offloading then costs the host that much more a block and
     saves the recompute its attention kernel, so the blocks not kept are offloaded (as many as the host
     holds) before any is recomputed; the device holds a block's group and the one prefetched before it.
+    The host's share is counted as the pinned memory it takes (``offload.pinned_bytes``).
     """
     host_bytes = host_available() if host_bytes is None else host_bytes
     limit = budget - margin_for(budget)
@@ -305,8 +306,10 @@ def choose_plan(
     chunk = 2 * cost.input if fused_loss else 3 * 4 * min(cost.tokens * vocab, 1 << 26)
     loss = 3 * cost.input + chunk + head_bytes
 
-    # What an offloaded block sends to the host, and (twice: its own and the one prefetched) brings back.
+    # What an offloaded block sends to the host, and (twice: its own and the one prefetched) brings back;
+    # and what that takes of pinned host memory.
     group = cost.input + attention
+    host_group = pinned_bytes(cost.input) + pinned_bytes(attention)
 
     def peak(keep: int, recompute: int, offload: int, saved: int, largest: int) -> int:
         transient = 2 * cost.input + 3 * largest + (saved if keep < blocks else 0)
@@ -338,7 +341,7 @@ def choose_plan(
     if attention and allow_offload:
         # As many kept blocks as fit, the others offloaded with their attention while the host holds
         # them (the rest recomputed); failing that, every block offloaded so with its MLP over tiles.
-        most_offloaded = max(0, min(blocks, int(0.8 * host_bytes) // max(1, group)))
+        most_offloaded = max(0, min(blocks, int(0.8 * host_bytes) // max(1, host_group)))
         for keep in range(blocks, -1, -1):
             offload = min(blocks - keep, most_offloaded)
             if fits(keep, blocks - keep - offload, offload, cost.saved, cost.largest):
@@ -354,7 +357,7 @@ def choose_plan(
     if not allow_offload:
         return plan(0, 0, None, cost.saved, cost.largest)
     # Offload the fewest blocks that fit (the host must hold their inputs), then tile the MLPs if needed.
-    most_offloaded = max(0, min(blocks, int(0.8 * host_bytes) // max(1, cost.input)))
+    most_offloaded = max(0, min(blocks, int(0.8 * host_bytes) // max(1, pinned_bytes(cost.input))))
     for tile, saved, largest in variants:
         for offload in range(1, most_offloaded + 1):
             if fits(0, blocks - offload, offload, saved, largest):
@@ -574,7 +577,9 @@ class ActivationPlanner:
             or tokens <= self._host_tokens
         ):
             return
-        group = hidden.numel() * hidden.element_size() + self._attention_bytes(hidden, tokens)
+        group = pinned_bytes(hidden.numel() * hidden.element_size()) + pinned_bytes(
+            self._attention_bytes(hidden, tokens)
+        )
         need, held = plan.count("offload") * group, self._host_need  # the last batch's, cached for reuse
         self._host_tokens, self._host_need = tokens, need
         available = host_available() + held
