@@ -201,3 +201,20 @@ def test_explicit_offload_recomputes_the_attention_where_the_host_cannot_hold_it
     assert "offloaded blocks recompute their attention" in caplog.text and "CPU memory" in caplog.text
     reference, _ = kernel_runs(prepared("recompute"), tokens)
     assert same(result, reference)
+
+
+def test_explicit_offload_refuses_a_batch_whose_inputs_the_host_cannot_hold(tokens, monkeypatch):
+    from bnb_lightning.training import plan as planning
+
+    model = prepared("offload")
+    planner = activation_planner(model)
+    before = planner.plan
+    # Room for 1 block's input (2 sequences of 16 tokens, 64 float32 values each), 2 blocks offloaded:
+    # a clear error before the step, where the kernel would otherwise end the process.
+    monkeypatch.setattr(planning, "host_available", lambda: 2 * 16 * 64 * 4)
+    with pytest.raises(
+        MemoryError,
+        match=r"offloads 2 blocks, whose inputs at 32 tokens need .* of CPU memory.*activation_memory='auto'",
+    ):
+        model(input_ids=tokens, labels=tokens).loss.backward()
+    assert planner.plan is before and model.model.layers[0].gradient_checkpointing

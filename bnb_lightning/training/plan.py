@@ -536,7 +536,7 @@ class ActivationPlanner:
             return
         tokens = hidden.numel() // hidden.shape[-1]
         if isinstance(self.setting, tuple):
-            self._host_room_for_saved_attention(hidden, tokens)
+            self._host_room(hidden, tokens)
             return
         if self.plan is not None and self.plan.tokens is not None and tokens <= self.plan.tokens:
             return
@@ -567,29 +567,35 @@ class ActivationPlanner:
                 else "every block recomputed (offload is off here)",
             )
 
-    def _host_room_for_saved_attention(self, hidden: torch.Tensor, tokens: int) -> None:
-        """Explicit modes: offloaded blocks keep their attention outputs in CPU memory only while the
-        host holds them with the blocks' inputs (a budget's plan counts them itself)."""
+    def _host_room(self, hidden: torch.Tensor, tokens: int) -> None:
+        """Explicit modes: what the offloaded blocks send to CPU memory must fit there (a budget's plan
+        counts it itself). Their attention outputs wait there only while the host holds them with the
+        inputs; inputs it cannot hold at all are an error here, not a process the kernel ends later."""
         plan = self.plan
-        if (
-            plan is None
-            or not (plan.saved_attention and plan.count("offload"))
-            or tokens <= self._host_tokens
-        ):
+        if plan is None or not plan.count("offload") or tokens <= self._host_tokens:
             return
-        group = pinned_bytes(hidden.numel() * hidden.element_size()) + pinned_bytes(
-            self._attention_bytes(hidden, tokens)
+        blocks = plan.count("offload")
+        inputs = blocks * pinned_bytes(hidden.numel() * hidden.element_size())
+        attention = (
+            blocks * pinned_bytes(self._attention_bytes(hidden, tokens)) if plan.saved_attention else 0
         )
-        need, held = plan.count("offload") * group, self._host_need  # the last batch's, cached for reuse
-        self._host_tokens, self._host_need = tokens, need
-        available = host_available() + held
-        if need <= 0.8 * available:
-            return
-        self.apply(dataclasses.replace(plan, saved_attention=False), announce=False)
-        self.on_plan(
-            f"bnb_lightning: offloaded blocks recompute their attention: with their outputs, their inputs at "
-            f"{tokens:,} tokens would need {format_bytes(need)} of CPU memory, {format_bytes(available)} available."
-        )
+        available = host_available() + self._host_need  # what the last batch held is reused
+        if inputs > available:
+            raise MemoryError(
+                f"activation_memory offloads {blocks} blocks, whose inputs at {tokens:,} tokens need "
+                f"{format_bytes(inputs)} of CPU memory; the host has {format_bytes(available)} available. Use "
+                "activation_memory='auto' or a size (the planner offloads only what the host holds), offload "
+                "fewer blocks, or train on shorter sequences."
+            )
+        if attention and inputs + attention > 0.8 * available:
+            self.apply(dataclasses.replace(plan, saved_attention=False), announce=False)
+            self.on_plan(
+                f"bnb_lightning: offloaded blocks recompute their attention: with their outputs, their inputs "
+                f"at {tokens:,} tokens would need {format_bytes(inputs + attention)} of CPU memory, "
+                f"{format_bytes(available)} available."
+            )
+            attention = 0
+        self._host_tokens, self._host_need = tokens, inputs + attention
 
     def _attention_bytes(self, hidden: torch.Tensor, tokens: int) -> int:
         """What one block's saved attention holds for this batch (0: it cannot be saved); the attention
