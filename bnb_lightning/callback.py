@@ -321,6 +321,8 @@ class BnbQuantization(Callback):
             # FSDP1's flat parameters are gathered and freed around each block, which the offload was not checked
             # with; FSDP2 gathers per parameter and trains offloaded blocks exactly as DDP does.
             self.activations.allow_offload = kind != FSDP
+            # The ranks on this machine share its memory for offloaded activations.
+            self.activations.host_share = max(1, trainer.num_devices)
         self._base = BaseRecord(
             prepared.config, prepared.fingerprint, frozenset(prepared.frozen_keys), adapter_only
         )

@@ -218,3 +218,29 @@ def test_explicit_offload_refuses_a_batch_whose_inputs_the_host_cannot_hold(toke
     ):
         model(input_ids=tokens, labels=tokens).loss.backward()
     assert planner.plan is before and model.model.layers[0].gradient_checkpointing
+    # Room for 3 inputs is enough for the 2 offloaded blocks, unless another process on the host shares it.
+    monkeypatch.setattr(planning, "host_available", lambda: 3 * 2 * 16 * 64 * 4)
+    planner.host_share = 2
+    with pytest.raises(MemoryError, match="offloads 2 blocks"):
+        model(input_ids=tokens, labels=tokens).loss.backward()
+    planner.host_share = 1
+    model(input_ids=tokens, labels=tokens).loss.backward()
+
+
+def test_a_budget_plans_the_offload_within_this_processs_share_of_host_memory(tokens, monkeypatch):
+    from bnb_lightning.training import plan as planning
+    from bnb_lightning.training.attention import saved_bytes
+
+    offloaded = {}
+    for share in (1, 2):
+        model = prepared(
+            4 * 2**20, layers=4
+        )  # a budget nothing fits: as many blocks offloaded as the host holds
+        planner = activation_planner(model)
+        # Room for 2.5 blocks' inputs and attention outputs (2 sequences of 16 tokens, float32).
+        group = pinned_bytes(2 * 16 * 64 * 4) + pinned_bytes(saved_bytes(planner._attention, 32, 4))
+        monkeypatch.setattr(planning, "host_available", lambda group=group: int(2.5 * group / 0.8))
+        planner.host_share = share  # as the callback sets it for two ranks on one machine
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        offloaded[share] = planner.plan.count("offload")
+    assert offloaded[2] < offloaded[1]

@@ -276,6 +276,7 @@ def test_ddp_trains_compiled_or_offloaded_blocks_on_two_cpu_processes(tmp_path, 
     for rank in ranks:
         assert rank["losses"][-1] < rank["losses"][0] - 0.5, rank["losses"]
         assert len(rank["resumed_losses"]) == RESUME_STEPS
+        assert rank["host_share"] == 2  # two ranks on this machine: each offloads within half its memory
     assert_equal_adapters(ranks, "adapters")
     assert_equal_adapters(ranks, "resumed_adapters")
 

@@ -430,6 +430,9 @@ class ActivationPlanner:
         self._attention = attention_modules(self._hf_models)
         self._attention_kernel = kernel_for(device) if self._attention else None
         self._host_tokens = self._host_need = 0  # explicit modes: the longest batch checked, its host bytes
+        # Processes on this host whose offloads share its memory (DDP/FSDP ranks): torchrun says so in
+        # LOCAL_WORLD_SIZE, the callback from the Trainer's devices. Each plans with its share.
+        self.host_share = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
 
     @property
     def budget(self) -> int | None:
@@ -579,7 +582,7 @@ class ActivationPlanner:
         attention = (
             blocks * pinned_bytes(self._attention_bytes(hidden, tokens)) if plan.saved_attention else 0
         )
-        available = host_available() + self._host_need  # what the last batch held is reused
+        available = self._host_bytes() + self._host_need  # what the last batch held is reused
         if inputs > available:
             raise MemoryError(
                 f"activation_memory offloads {blocks} blocks, whose inputs at {tokens:,} tokens need "
@@ -606,6 +609,10 @@ class ActivationPlanner:
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         return saved_bytes(self._attention, tokens, dtype.itemsize)
 
+    def _host_bytes(self) -> int:
+        """This process's share of the host memory still available."""
+        return host_available() // self.host_share
+
     def _choose(self, cost: BlockCost, budget: int, attention: int) -> ActivationPlan:
         head_bytes = self._sharded_head_bytes(cost.tokens)  # then the loss runs the torch kernel
         plan = choose_plan(
@@ -620,6 +627,7 @@ class ActivationPlanner:
             head_bytes=head_bytes,
             fused_loss=self._liger_loss and not head_bytes,
             attention=attention if self.allow_offload else 0,
+            host_bytes=self._host_bytes(),
         )
         return dataclasses.replace(plan, host_embeddings=self._host_embedding is not None)
 

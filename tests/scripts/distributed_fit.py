@@ -215,6 +215,8 @@ def main() -> None:
         "embedding_rows": module.embedding_rows,
         # What the activation planner counts for the loss over a sharded output layer, at 32 tokens a rank.
         "loss_bytes": callback.activations._sharded_head_bytes(32) if callback.activations else None,
+        # The share of this machine's memory each rank plans its offload with.
+        "host_share": callback.activations.host_share if callback.activations else None,
         "adapters": adapters(trainer, module),
         "written": list(io.written),
         "logs": list(recorder.lines),
