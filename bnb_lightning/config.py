@@ -352,12 +352,13 @@ class TrainingOptions:
             tile MLPs over the sequence when recomputing alone does not fit. On transformers' SDPA
             attention an offloaded block's attention output waits in CPU memory too and is not
             recomputed, which makes offloading faster than recomputing: the blocks not kept are then
-            offloaded while host memory lasts (each process on the host planning with its share). A size (``"24GB"``, ``"20GiB"``, or bytes): the same,
-            for that budget. Or explicit: ``"keep"`` (no checkpointing), ``"recompute"`` (checkpoint
-            every block), ``"offload"`` (checkpoint every block, its input, and attention output where
-            it can, in CPU memory), or a list with one of these per block. On a batch whose offloaded
-            inputs the host cannot hold, explicit modes raise ``MemoryError``; where it cannot hold
-            their attention outputs too, those are recomputed.
+            offloaded while host memory lasts (each process on the host planning with its share). A
+            size (``"24GB"``, ``"20GiB"``, or bytes): the same, for that budget. Or explicit:
+            ``"keep"`` (no checkpointing), ``"recompute"`` (checkpoint every block), ``"offload"``
+            (checkpoint every block, its input, and attention output where it can, in CPU memory), or
+            a list with one of these per block. On a batch whose offloaded inputs the host cannot
+            hold, explicit modes raise ``MemoryError``; where it cannot hold their attention outputs
+            too, those are recomputed.
             ``gradient_checkpointing=True/False`` is the same as ``"recompute"``/``"keep"``. A plan that
             recomputes or offloads turns on CUDA's expandable segments (less fragmentation), unless
             ``PYTORCH_ALLOC_CONF`` is set.
