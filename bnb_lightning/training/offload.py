@@ -139,8 +139,6 @@ class _Offload(torch.autograd.graph.saved_tensors_hooks):
             tensor.record_stream(stream)  # its memory is not reused before the copy is done
             saved = _Saved(tensor.device, host, stream.record_event())
             saved.shape = tensor.shape
-        if self.group is None:
-            self.group = _Group(None)
         saved.group, saved.index = self.group, len(self.group.members)
         self.group.members.append(weakref.ref(saved))
         return saved
