@@ -10,7 +10,9 @@ peak is its own:
   (a pre-quantized directory brings its own quantization config).
 
 Reported per recipe: seconds from the first file read to the model on the device (after the
-imports); the process's peak resident memory, that peak less what the imports alone took (the
+imports and, unless ``--cold``, a warm-up of what any process pays once whatever it loads: the
+device's context, bitsandbytes' first kernels; the pinned and device memory caches stay empty); the
+process's peak resident memory, that peak less what the imports alone took (the
 loading's own host memory) and, when the model is loaded to the CPU, less the loaded model too (what
 loading needed beyond its result), against the largest shard; the device's peak allocated memory.
 
@@ -45,6 +47,20 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def warm_up(device: Any) -> None:
+    """Pay the once-per-process costs outside the timing, as ``qlora_bench`` does: the device's context
+    and bitsandbytes' first kernel launches. Every recipe gets the same; memory caches stay empty."""
+    import safetensors.torch  # noqa: F401
+    import torch
+    import transformers.integrations.bitsandbytes  # noqa: F401 - transformers' quantizer path
+    from qlora_bench import warm_up_bitsandbytes  # a neighbour: this file's folder is on the path
+
+    warm_up_bitsandbytes(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
 def checkpoint_facts(directory: Path) -> dict[str, Any]:
     """Its files' sizes and the quantization its config.json declares (``None``: full precision)."""
     files = sorted(directory.glob("*.safetensors"))
@@ -57,7 +73,7 @@ def checkpoint_facts(directory: Path) -> dict[str, Any]:
     }
 
 
-def load(recipe: str, directory: Path, device: str, bits: int) -> dict[str, Any]:
+def load(recipe: str, directory: Path, device: str, bits: int, cold: bool = False) -> dict[str, Any]:
     """Load ``directory`` with ``recipe`` in this process; the figures of one measurement."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
@@ -67,6 +83,8 @@ def load(recipe: str, directory: Path, device: str, bits: int) -> dict[str, Any]
     target = torch.device(device)
     facts = checkpoint_facts(directory)
     declared = facts["prequantized"]
+    if not cold:
+        warm_up(target)
     after_imports = _rss_bytes()
     if target.type == "cuda":
         torch.cuda.reset_peak_memory_stats(target)
@@ -123,6 +141,7 @@ def load(recipe: str, directory: Path, device: str, bits: int) -> dict[str, Any]
         "quantized_layers": quantized,
         **{key: value for key, value in facts.items() if key != "prequantized"},
         "prequantized": bool(declared),
+        "warmed_up": not cold,
     }
 
 
@@ -169,6 +188,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--bits", type=int, choices=(4, 8), default=4, help="for a full-precision checkpoint")
     parser.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
+    parser.add_argument(
+        "--cold", action="store_true", help="no warm-up: time the process's first-use costs too"
+    )
     parser.add_argument("--out", type=Path, help="JSON lines, appended")
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--child", choices=RECIPES, help=argparse.SUPPRESS)
@@ -178,12 +200,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     if args.child:
-        print("RESULT " + json.dumps(load(args.child, args.model_dir, args.device, args.bits)), flush=True)
+        print(
+            "RESULT " + json.dumps(load(args.child, args.model_dir, args.device, args.bits, args.cold)),
+            flush=True,
+        )
         return []
     rows = []
     for recipe in args.recipes:
         command = [sys.executable, __file__, "--child", recipe, "--model-dir", str(args.model_dir)]
-        command += ["--device", args.device, "--bits", str(args.bits)]
+        command += ["--device", args.device, "--bits", str(args.bits)] + (["--cold"] if args.cold else [])
         done = subprocess.run(command, capture_output=True, text=True)
         results = [line[len("RESULT ") :] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode == 0 and results:

@@ -670,6 +670,17 @@ def save_random_model(shape: str, directory: str, seed: int, device: torch.devic
     return {"parameters": parameters, **SHAPES[shape]}
 
 
+def warm_up_bitsandbytes(device: torch.device) -> None:
+    """bitsandbytes' first kernel launches on ``device`` (4-bit both ways, 8-bit), on a tiny tensor."""
+    import bitsandbytes.functional as bnb_functional
+
+    weight = torch.randn(256, 256, device=device, dtype=torch.bfloat16)
+    for quant_type in ("nf4", "fp4"):
+        packed, state = bnb_functional.quantize_4bit(weight, quant_type=quant_type, compress_statistics=True)
+        bnb_functional.dequantize_4bit(packed, state)
+    bnb_functional.int8_vectorwise_quant(weight.half())
+
+
 def warm_up_process(device: torch.device) -> None:
     """Pay the once-per-process costs before any timing, so the recipe run first is not charged them.
 
@@ -677,18 +688,14 @@ def warm_up_process(device: torch.device) -> None:
     libraries, loads bitsandbytes' 4-bit and 8-bit kernels, and injects LoRA into a tiny model once
     (PEFT builds transformers' weight-name tables on its first injection, for every recipe).
     """
-    import bitsandbytes.functional as bnb_functional
     import transformers.integrations.bitsandbytes  # noqa: F401 - transformers' quantizer path
     from peft import get_peft_model, prepare_model_for_kbit_training  # noqa: F401
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import bnb_lightning  # noqa: F401
 
+    warm_up_bitsandbytes(device)
     weight = torch.randn(256, 256, device=device, dtype=torch.bfloat16)
-    for quant_type in ("nf4", "fp4"):
-        packed, state = bnb_functional.quantize_4bit(weight, quant_type=quant_type, compress_statistics=True)
-        bnb_functional.dequantize_4bit(packed, state)
-    bnb_functional.int8_vectorwise_quant(weight.half())
     weight @ weight
     torch.nn.Identity().compile()  # imports torch._dynamo; nothing is compiled before a call
     get_peft_model(LlamaForCausalLM(LlamaConfig(**SHAPES["tiny"])), lora_config(4))

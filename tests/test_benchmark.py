@@ -150,4 +150,5 @@ def test_the_loading_benchmark_measures_both_recipes_on_a_small_checkpoint(tmp_p
     for row in rows.values():
         assert row["seconds"] > 0 and row["quantized_layers"] == 14 and row["files"] > 1
         assert row["peak_rss_bytes"] >= row["rss_after_imports_bytes"] > 0
+        assert row["warmed_up"]  # the process's first-use costs are paid before the timer starts
     assert "Time, bnb_lightning ÷ transformers" in result.stdout
