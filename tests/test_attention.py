@@ -244,3 +244,21 @@ def test_a_budget_plans_the_offload_within_this_processs_share_of_host_memory(to
         model(input_ids=tokens, labels=tokens).loss.backward()
         offloaded[share] = planner.plan.count("offload")
     assert offloaded[2] < offloaded[1]
+
+
+@pytest.mark.parametrize("mode", ["offload", 4 * 2**20])
+def test_shorter_batches_offload_into_pieces_sized_for_the_longest_batch_planned(mode):
+    """Explicit modes and a budget alike: the offload learns the longest batch so far and this one's
+    length, so that a shorter batch asks for the pinned blocks the longer one left in torch's cache."""
+    from conftest import VOCAB
+
+    model = prepared(mode)
+    planner = activation_planner(model)
+    generator = torch.Generator().manual_seed(0)
+    seen = []
+    for length in (16, 8, 24, 12):
+        batch = torch.randint(0, VOCAB, (2, length), generator=generator)
+        model(input_ids=batch, labels=batch).loss.backward()
+        seen.append(planner.offload.tokens)
+    assert planner.plan.count("offload")
+    assert seen == [(32, 32), (32, 16), (48, 48), (48, 24)]

@@ -276,6 +276,44 @@ def test_a_large_offloaded_tensor_waits_in_pinned_pieces_and_comes_back_exactly(
     assert pinned_pieces(x.nbytes) == [2**21, 2**20, 8, 4] and pinned_bytes(x.nbytes) == x.nbytes
 
 
+def test_batches_of_varying_length_reuse_the_pinned_memory_of_the_longest_and_a_longer_one_releases_it():
+    from peft import LoraConfig
+
+    from bnb_lightning import TrainingOptions, prepare_model
+
+    if "allocated_bytes.current" not in torch.cuda.host_memory_stats():
+        torch.empty(1, pin_memory=True)  # the stats start with the first pinned block
+    if "allocated_bytes.current" not in torch.cuda.host_memory_stats():
+        pytest.skip("this torch does not report its pinned memory")
+    model = llama_on_cpu(hidden=1024, layers=4).train()
+    prepare_model(
+        model,
+        QuantizationConfig(bits=4),
+        TrainingOptions(activation_memory="offload"),
+        device="cuda",
+        precision="bf16-mixed",
+        peft_config=LoraConfig(r=8, target_modules="all-linear"),
+    )
+    generator = torch.Generator("cuda").manual_seed(0)
+
+    def step(length: int) -> dict:
+        batch = torch.randint(0, 32000, (1, length), device="cuda", generator=generator)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.cuda.synchronize()
+        return torch.cuda.host_memory_stats()
+
+    # Each block's input is 2 KiB a token: 12 MiB at 6,144 tokens, in pinned pieces of 8 and 4 MiB.
+    held = step(6144)["allocated_bytes.current"]
+    for length in (3072, 4608, 5000, 6144):  # pieces cut to those sizes: no new pinned block
+        assert step(length)["allocated_bytes.current"] == held, length
+    before = torch.cuda.host_memory_stats()["num_host_free"]
+    longer = step(8192)
+    assert longer["num_host_free"] > before  # the cached blocks went back to the host before its plan
+    assert step(4096)["allocated_bytes.current"] == longer["allocated_bytes.current"]
+
+
 def test_compiled_blocks_train_as_eager_blocks_on_a_repeated_batch():
     """The same model, batch and AdamW steps with and without compiled blocks: the same losses, up to
     bfloat16 rounding (a 70B run under FSDP2 once fell much faster compiled than eager, unexplained)."""

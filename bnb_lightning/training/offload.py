@@ -15,7 +15,10 @@ the backward pass asks for brings back the rest and starts bringing back the gro
 
 torch's pinned-memory allocator rounds every request up to a power of two (a 3 GiB block input takes
 4 GiB), so a large tensor waits in a few pinned pieces whose sizes are powers of two (``pinned_pieces``),
-and the planner counts the host memory they take (``pinned_bytes``).
+and the planner counts the host memory they take (``pinned_bytes``). That allocator keeps freed blocks
+for reuse, by size: a shorter batch's pieces are cut to the sizes of the longest batch planned for
+(``pinned_layout``), so that every batch takes the blocks the last one freed instead of new ones beside
+them, and a longer batch's new plan first gives the cached blocks back (``release_cached_pinned_memory``).
 """
 
 from __future__ import annotations
@@ -47,6 +50,30 @@ def pinned_pieces(nbytes: int) -> list[int]:
 def pinned_bytes(nbytes: int) -> int:
     """The pinned host memory a saved tensor of ``nbytes`` takes, its pieces rounded up to powers of two."""
     return sum(1 << (piece - 1).bit_length() for piece in pinned_pieces(nbytes) if piece)
+
+
+def pinned_layout(nbytes: int, capacity: int) -> list[tuple[int, int]]:
+    """The pinned pieces a saved tensor of ``nbytes`` waits in, as (piece size, bytes it holds): the pieces
+    of a tensor of ``capacity`` bytes (its size at the longest batch planned for), as many as it fills. So
+    batches of any length ask torch's pinned cache for the same sizes, and never for more than
+    ``pinned_bytes(capacity)``."""
+    layout, rest = [], nbytes
+    for piece in pinned_pieces(max(nbytes, capacity)):
+        if not rest:
+            break
+        layout.append((piece, min(piece, rest)))
+        rest -= layout[-1][1]
+    return layout
+
+
+def release_cached_pinned_memory() -> None:
+    """Give the pinned blocks torch's cache holds, unused, back to the host (where this torch can)."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return
+    empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+    empty = empty or getattr(torch._C, "_host_emptyCache", None)
+    if empty is not None:
+        empty()
 
 
 class _Group:
@@ -87,6 +114,9 @@ class _Offload(torch.autograd.graph.saved_tensors_hooks):
         self.streams: dict[torch.device, torch.cuda.Stream] = {}
         self.group: _Group | None = None
         self.pin = True
+        # The longest batch planned for and this one, in tokens (set by the planner): saved tensors take
+        # pinned pieces of the sizes they have at the longest (a block's inputs grow with its tokens).
+        self.tokens = (1, 1)
         super().__init__(self._pack, self._unpack)
 
     def __enter__(self) -> None:
@@ -100,12 +130,15 @@ class _Offload(torch.autograd.graph.saved_tensors_hooks):
         if not (tensor.is_cuda and self.pin):
             return empty(False)
         try:
-            pieces = pinned_pieces(tensor.numel() * tensor.element_size())
-            if len(pieces) == 1 or not tensor.is_contiguous():
+            size = tensor.element_size()
+            nbytes = tensor.numel() * size
+            longest, now = self.tokens
+            layout = pinned_layout(nbytes, -(-nbytes * longest // (now * size)) * size)
+            if layout in ([], [(nbytes, nbytes)]) or not tensor.is_contiguous():
                 return empty(True)
             return [
-                torch.empty(piece // tensor.element_size(), dtype=tensor.dtype, pin_memory=True)
-                for piece in pieces
+                torch.empty(piece // size, dtype=tensor.dtype, pin_memory=True)[: used // size]
+                for piece, used in layout
             ]
         except RuntimeError as error:  # no pinned memory left (or none allowed, as in some containers)
             self.pin = False

@@ -35,7 +35,7 @@ from .blocks import checkpointable_blocks, transformers_models
 from .host_embedding import HostEmbedding, movable_embedding
 from .liger import uses_liger
 from .loss import ChunkedLossForward
-from .offload import _Offload, pinned_bytes
+from .offload import _Offload, pinned_bytes, release_cached_pinned_memory
 from .sharded_loss import gather_bytes, head_shard, loss_bytes, vocab_shard
 from .tiled_mlp import Tiled, block_mlp, remove_tiled_mlp, set_mlp_tile_tokens, tile_module, use_tiled_mlp
 
@@ -429,7 +429,7 @@ class ActivationPlanner:
         self._can_tile = bool(self._hf_models) and any(block_mlp(block) is not None for block in self.blocks)
         self._attention = attention_modules(self._hf_models)
         self._attention_kernel = kernel_for(device) if self._attention else None
-        self._host_tokens = self._host_need = 0  # explicit modes: the longest batch checked, its host bytes
+        self._host_tokens = 0  # explicit modes: the longest batch checked
         # Processes on this host whose offloads share its memory (DDP/FSDP ranks): torchrun says so in
         # LOCAL_WORLD_SIZE, the callback from the Trainer's devices. Each plans with its share.
         self.host_share = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
@@ -542,7 +542,12 @@ class ActivationPlanner:
             self._host_room(hidden, tokens)
             return
         if self.plan is not None and self.plan.tokens is not None and tokens <= self.plan.tokens:
+            self.offload.tokens = (self.plan.tokens, tokens)
             return
+        if self.plan is not None and self.plan.count("offload"):
+            # Its pinned blocks, cached by torch, are sized for the last plan: the host gets them back.
+            release_cached_pinned_memory()
+        self.offload.tokens = (tokens, tokens)
         self._measuring = True
         try:
             cost = measure_block(block, args, kwargs)
@@ -575,14 +580,19 @@ class ActivationPlanner:
         counts it itself). Their attention outputs wait there only while the host holds them with the
         inputs; inputs it cannot hold at all are an error here, not a process the kernel ends later."""
         plan = self.plan
-        if plan is None or not plan.count("offload") or tokens <= self._host_tokens:
+        if plan is None or not plan.count("offload"):
             return
+        if tokens <= self._host_tokens:
+            self.offload.tokens = (self._host_tokens, tokens)
+            return
+        release_cached_pinned_memory()  # what the last batch freed, sized for it: the host has it back
+        self.offload.tokens = (tokens, tokens)
         blocks = plan.count("offload")
         inputs = blocks * pinned_bytes(hidden.numel() * hidden.element_size())
         attention = (
             blocks * pinned_bytes(self._attention_bytes(hidden, tokens)) if plan.saved_attention else 0
         )
-        available = self._host_bytes() + self._host_need  # what the last batch held is reused
+        available = self._host_bytes()
         if inputs > available:
             raise MemoryError(
                 f"activation_memory offloads {blocks} blocks, whose inputs at {tokens:,} tokens need "
@@ -598,7 +608,7 @@ class ActivationPlanner:
                 f"{format_bytes(available)} available."
             )
             attention = 0
-        self._host_tokens, self._host_need = tokens, inputs + attention
+        self._host_tokens = tokens
 
     def _attention_bytes(self, hidden: torch.Tensor, tokens: int) -> int:
         """What one block's saved attention holds for this batch (0: it cannot be saved); the attention
