@@ -44,7 +44,7 @@ from .training.int8 import use_dequantized_int8
 from .training.liger import uses_liger
 from .training.linear4bit import use_fused_4bit_dequantize
 from .training.loss import use_chunked_loss
-from .training.plan import ActivationPlanner, plan_activations, setting_for
+from .training.plan import ActivationPlanner, local_world_size, plan_activations, setting_for
 
 
 @dataclass(frozen=True)
@@ -299,6 +299,8 @@ def prepare_model(
     )
     check_gradient_checkpointing(model, checkpointing and not blocks, asked)
     setting = setting_for(options, len(blocks)) if blocks else None
+    if setting is not None:
+        local_world_size()  # the planner's share of host memory: a malformed one is an error before any change
     if peft_config is not None:
         check_peft_config(model, peft_config)
     if options.chunked_loss and device is not None:

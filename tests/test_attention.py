@@ -262,3 +262,13 @@ def test_shorter_batches_offload_into_pieces_sized_for_the_longest_batch_planned
         seen.append(planner.offload.tokens)
     assert planner.plan.count("offload")
     assert seen == [(32, 32), (32, 16), (48, 48), (48, 24)]
+
+
+def test_a_local_world_size_that_is_not_a_count_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "two")
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE='two' is not a whole number.*torchrun"):
+        prepare_model(model, QuantizationConfig(bits=4), TrainingOptions(activation_memory="offload"))
+    assert type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear  # refused before anything changed
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert activation_planner(prepared("offload")).host_share == 2

@@ -245,6 +245,19 @@ def host_available() -> int:
     return 1 << 50
 
 
+def local_world_size() -> int:
+    """The processes on this host, as torchrun sets ``LOCAL_WORLD_SIZE`` (1 where it is unset)."""
+    value = os.environ.get("LOCAL_WORLD_SIZE") or "1"
+    try:
+        return max(1, int(value))
+    except ValueError:
+        raise ValueError(
+            f"LOCAL_WORLD_SIZE={value!r} is not a whole number: it should count the processes on this host "
+            "(torchrun sets it). Unset it or set it to that count; the activation planner splits host "
+            "memory between them."
+        ) from None
+
+
 def _process_rss() -> int:
     try:
         with open("/proc/self/statm") as statm:
@@ -432,7 +445,7 @@ class ActivationPlanner:
         self._host_tokens = 0  # explicit modes: the longest batch checked
         # Processes on this host whose offloads share its memory (DDP/FSDP ranks): torchrun says so in
         # LOCAL_WORLD_SIZE, the callback from the Trainer's devices. Each plans with its share.
-        self.host_share = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+        self.host_share = local_world_size()
 
     @property
     def budget(self) -> int | None:
