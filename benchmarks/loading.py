@@ -11,8 +11,8 @@ peak is its own:
 
 Reported per recipe: seconds from the first file read to the model on the device (after the
 imports and, unless ``--cold``, a warm-up of what any process pays once whatever it loads: the
-device's context, bitsandbytes' first kernels; the pinned and device memory caches stay empty); the
-process's peak resident memory, that peak less what the imports alone took (the
+device's context, bitsandbytes' first kernels, the model's code; the pinned and device memory caches
+stay empty); the process's peak resident memory, that peak less what the imports alone took (the
 loading's own host memory) and, when the model is loaded to the CPU, less the loaded model too (what
 loading needed beyond its result), against the largest shard; the device's peak allocated memory.
 
@@ -47,15 +47,20 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def warm_up(device: Any) -> None:
-    """Pay the once-per-process costs outside the timing, as ``qlora_bench`` does: the device's context
-    and bitsandbytes' first kernel launches. Every recipe gets the same; memory caches stay empty."""
+def warm_up(device: Any, directory: Path) -> None:
+    """Pay the once-per-process costs outside the timing, as ``qlora_bench`` does: the device's context,
+    bitsandbytes' first kernel launches, and the model's code (transformers imports an architecture's
+    module the first time one is built: half a second). Every recipe gets the same; memory caches stay
+    empty."""
     import safetensors.torch  # noqa: F401
     import torch
     import transformers.integrations.bitsandbytes  # noqa: F401 - transformers' quantizer path
     from qlora_bench import warm_up_bitsandbytes  # a neighbour: this file's folder is on the path
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     warm_up_bitsandbytes(device)
+    with torch.device("meta"):
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
@@ -84,7 +89,7 @@ def load(recipe: str, directory: Path, device: str, bits: int, cold: bool = Fals
     facts = checkpoint_facts(directory)
     declared = facts["prequantized"]
     if not cold:
-        warm_up(target)
+        warm_up(target, directory)
     after_imports = _rss_bytes()
     if target.type == "cuda":
         torch.cuda.reset_peak_memory_stats(target)
