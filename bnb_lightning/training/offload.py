@@ -99,7 +99,7 @@ class _Saved:
         ready: torch.cuda.Event | None,
     ) -> None:
         self.device, self.ready = device, ready
-        self.host = host  # a list of flat pieces for a large tensor, in order
+        self.host = host  # or, in order, flat views of pinned pieces: a large tensor's, or one sized for a longer batch
         self.shape: torch.Size | None = None
         self.on_device: torch.Tensor | None = None  # brought back ahead of its use
         self.taken = False  # given back to the backward pass (a second use copies it again)

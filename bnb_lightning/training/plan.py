@@ -599,7 +599,6 @@ class ActivationPlanner:
             self.offload.tokens = (self._host_tokens, tokens)
             return
         release_cached_pinned_memory()  # what the last batch freed, sized for it: the host has it back
-        self.offload.tokens = (tokens, tokens)
         blocks = plan.count("offload")
         inputs = blocks * pinned_bytes(hidden.numel() * hidden.element_size())
         attention = (
@@ -622,6 +621,7 @@ class ActivationPlanner:
             )
             attention = 0
         self._host_tokens = tokens
+        self.offload.tokens = (tokens, tokens)
 
     def _attention_bytes(self, hidden: torch.Tensor, tokens: int) -> int:
         """What one block's saved attention holds for this batch (0: it cannot be saved); the attention
