@@ -11,7 +11,7 @@ from peft import LoraConfig
 from test_plan import GIB, budget_for, cost, same
 
 from bnb_lightning import QuantizationConfig, TrainingOptions, activation_planner, prepare_model
-from bnb_lightning.training.offload import pinned_bytes
+from bnb_lightning.training.offload import pinned_bytes, pinned_page
 from bnb_lightning.training.plan import choose_plan, margin_for
 
 CPU_KERNEL = "aten::_scaled_dot_product_flash_attention_for_cpu"
@@ -120,12 +120,12 @@ def test_with_saved_attention_the_blocks_not_kept_are_offloaded_before_any_is_re
     tight = budget_for(GIB + 2 * c.input + transient)
     plan = choose_plan(8, c, static=GIB, budget=tight, attention=attention, host_bytes=host)
     assert not plan.saved_attention and plan.count("offload") > 3
-    # The host's share is the pinned memory it takes, its pieces rounded up to powers of two: an
-    # input of 1 GiB + 256 MiB + 64 MiB + 16 MiB + 2 bytes takes 16 MiB more, which a host with room
-    # for just under 2 such groups does not have.
+    # The host's share is the pinned memory it takes, in whole pages: an input of 1 GiB + 256 MiB +
+    # 64 MiB + 16 MiB + 2 bytes takes 11 pages of 128 MiB, which a host with room for just under 2 such
+    # groups does not have.
     big = cost(saved=100 << 10, input=3 << 10, mlp=50 << 10, largest=12 << 10)  # in MiB: none kept
     big = dataclasses.replace(big, input=(1 << 30) + (1 << 28) + (1 << 26) + (1 << 24) + 2)
-    pinned_group = 2 * pinned_bytes(big.input)
+    pinned_group = 2 * pinned_bytes(big.input, pinned_page(big.input))
     assert pinned_group > 2 * big.input
     host = int((2 * pinned_group - 1) / 0.8)
     plan = choose_plan(8, big, static=GIB, budget=250 * GIB, attention=big.input, host_bytes=host)
@@ -238,7 +238,10 @@ def test_a_budget_plans_the_offload_within_this_processs_share_of_host_memory(to
         )  # a budget nothing fits: as many blocks offloaded as the host holds
         planner = activation_planner(model)
         # Room for 2.5 blocks' inputs and attention outputs (2 sequences of 16 tokens, float32).
-        group = pinned_bytes(2 * 16 * 64 * 4) + pinned_bytes(saved_bytes(planner._attention, 32, 4))
+        page = pinned_page(2 * 16 * 64 * 4)
+        group = pinned_bytes(2 * 16 * 64 * 4, page) + pinned_bytes(
+            saved_bytes(planner._attention, 32, 4), page
+        )
         monkeypatch.setattr(planning, "host_available", lambda group=group: int(2.5 * group / 0.8))
         planner.host_share = share  # as the callback sets it for two ranks on one machine
         model(input_ids=tokens, labels=tokens).loss.backward()
@@ -247,21 +250,25 @@ def test_a_budget_plans_the_offload_within_this_processs_share_of_host_memory(to
 
 
 @pytest.mark.parametrize("mode", ["offload", 4 * 2**20])
-def test_shorter_batches_offload_into_pieces_sized_for_the_longest_batch_planned(mode):
-    """Explicit modes and a budget alike: the offload learns the longest batch so far and this one's
-    length, so that a shorter batch asks for the pinned blocks the longer one left in torch's cache."""
+def test_shorter_batches_offload_into_pages_sized_for_the_longest_batch_planned(mode, monkeypatch):
+    """Explicit modes and a budget alike: the offload's pinned pages are sized for the longest batch so
+    far, so that a shorter batch asks for the pages the longer one left in torch's cache."""
     from conftest import VOCAB
 
+    from bnb_lightning.training import offload
+
+    monkeypatch.setattr(offload, "_SMALLEST_PAGE", 1)  # pages as small as the tiny model's inputs
     model = prepared(mode)
     planner = activation_planner(model)
     generator = torch.Generator().manual_seed(0)
     seen = []
-    for length in (16, 8, 24, 12):
+    for length in (16, 8, 40, 12):
         batch = torch.randint(0, VOCAB, (2, length), generator=generator)
         model(input_ids=batch, labels=batch).loss.backward()
-        seen.append(planner.offload.tokens)
+        seen.append(planner.offload.page)
     assert planner.plan.count("offload")
-    assert seen == [(32, 32), (32, 16), (48, 48), (48, 24)]
+    # A block's input: 32 tokens of 64 float32 values, 8 KiB (pages of 1 KiB); 80 tokens, 20 KiB (2 KiB).
+    assert seen == [1024, 1024, 2048, 2048]
 
 
 def test_a_local_world_size_that_is_not_a_count_is_refused_by_name(monkeypatch):

@@ -256,24 +256,25 @@ def test_planned_activations_give_the_same_loss_and_gradients_as_recompute(compi
     assert all(torch.equal(results["planned"][1][n], g) for n, g in results["recompute"][1].items())
 
 
-def test_a_large_offloaded_tensor_waits_in_pinned_pieces_and_comes_back_exactly():
-    from bnb_lightning.training.offload import _Offload, pinned_bytes, pinned_pieces
+def test_a_large_offloaded_tensor_waits_in_pinned_pages_and_comes_back_exactly():
+    from bnb_lightning.training.offload import _Offload, pinned_bytes
 
-    # 3 MiB and 12 bytes: pieces of 2 MiB, 1 MiB, 8 bytes and 4 bytes, where one buffer would take 4 MiB.
+    # 3 MiB and 12 bytes: two pages of 2 MiB, the second one partly filled.
     x = torch.randn(3 * 2**19 + 6, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     weight = torch.randn(x.numel(), device="cuda", dtype=torch.bfloat16)
     offload = _Offload()
-    for _ in range(2):  # the second round reuses the pinned pieces
+    assert offload.page == 2**21
+    for _ in range(2):  # the second round reuses the pinned pages
         with offload:
             y = (x * weight).sin().sum()
         saved = [member() for member in offload.group.members]
-        pieces = [s.host for s in saved if isinstance(s.host, list)]
-        assert [[p.nbytes for p in host] for host in pieces] == [pinned_pieces(x.nbytes)] * len(pieces) != []
-        assert all(p.is_pinned() for host in pieces for p in host)
+        pages = [s.host for s in saved if isinstance(s.host, list)]
+        assert [[p.nbytes for p in host] for host in pages] == [[2**21, 2**20 + 12]] * len(pages) != []
+        assert all(p.untyped_storage().nbytes() == 2**21 and p.is_pinned() for host in pages for p in host)
         y.backward()
         torch.testing.assert_close(x.grad, weight * (x * weight).cos(), rtol=0, atol=0)
         x.grad = None
-    assert pinned_pieces(x.nbytes) == [2**21, 2**20, 8, 4] and pinned_bytes(x.nbytes) == x.nbytes
+    assert pinned_bytes(x.nbytes, offload.page) == 2 * 2**21
 
 
 def test_batches_of_varying_length_reuse_the_pinned_memory_of_the_longest_and_a_longer_one_releases_it():
@@ -305,14 +306,16 @@ def test_batches_of_varying_length_reuse_the_pinned_memory_of_the_longest_and_a_
         torch.cuda.synchronize()
         return torch.cuda.host_memory_stats()
 
-    # Each block's input is 2 KiB a token: 12 MiB at 6,144 tokens, in pinned pieces of 8 and 4 MiB.
+    # Each block's input is 2 KiB a token: 12 MiB at 6,144 tokens, 6 pinned pages of 2 MiB. Shorter batches
+    # (whose final norm and loss save tensors of other shapes: not tiled under 4,096 tokens, in float32)
+    # take pages the first one freed; only buffers under a page (per-head statistics) may be new.
     held = step(6144)["allocated_bytes.current"]
-    for length in (3072, 4608, 5000, 6144):  # pieces cut to those sizes: no new pinned block
-        assert step(length)["allocated_bytes.current"] == held, length
+    for length in (3072, 4608, 5000, 6144):
+        assert step(length)["allocated_bytes.current"] - held < 2**21, length
     before = torch.cuda.host_memory_stats()["num_host_free"]
     longer = step(8192)
     assert longer["num_host_free"] > before  # the cached blocks went back to the host before its plan
-    assert step(4096)["allocated_bytes.current"] == longer["allocated_bytes.current"]
+    assert step(4096)["allocated_bytes.current"] - longer["allocated_bytes.current"] < 2**21
 
 
 def test_compiled_blocks_train_as_eager_blocks_on_a_repeated_batch():

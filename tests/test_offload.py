@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import CausalLM, TiedMLP, fit, lora, tiny_llama
 from peft import LoraConfig
+from torch import nn
 
 from bnb_lightning import BnbQuantization, QuantizationConfig, TrainingOptions, prepare_model
 from bnb_lightning.training.plan import activation_planner, remove_activation_offload, use_activation_offload
@@ -187,38 +188,35 @@ def test_the_offload_keeps_a_copy_and_gives_it_back_for_the_backward_pass():
     assert torch.equal(x.grad, 2 * x)
 
 
-def test_pinned_pieces_are_powers_of_two_that_add_up_to_the_tensor():
-    from bnb_lightning.training.offload import pinned_bytes, pinned_pieces
+def test_large_saved_tensors_wait_in_pinned_pages_of_one_size_an_eighth_of_a_block_input():
+    from bnb_lightning.training.offload import pinned_bytes, pinned_page
 
-    # torch's pinned allocator rounds each buffer up to a power of two: a 3 GiB block input in one
-    # buffer takes 4 GiB, in pieces of 2 and 1 GiB exactly its size.
-    assert pinned_pieces(3 << 30) == [2 << 30, 1 << 30] and pinned_bytes(3 << 30) == 3 << 30
-    assert pinned_pieces(1000) == [1000] and pinned_bytes(1000) == 1024  # small: one buffer
-    assert pinned_bytes(0) == 0
+    # torch's pinned cache hands a freed block out again only for a request of its size: pages of one size
+    # serve batches of any length. A 3 GiB block input (393K tokens of an 8B) waits in 12 pages of 256 MiB.
+    assert pinned_page(3 << 30) == 1 << 28 and pinned_bytes(3 << 30, 1 << 28) == 3 << 30
+    assert pinned_page(128 << 20) == 16 << 20 and pinned_page(12 << 20) == pinned_page(1000) == 2 << 20
+    assert pinned_page(1 << 40) == 1 << 28  # at most 256 MiB
+    assert pinned_bytes((12 << 20) + 2, 2 << 20) == 14 << 20  # whole pages
+    assert pinned_bytes(1000, 2 << 20) == 1024 and pinned_bytes(0, 2 << 20) == 0  # one buffer, rounded up
     generator = torch.Generator().manual_seed(0)
-    for size in torch.randint(1 << 20, 1 << 40, (200,), generator=generator).tolist():
-        size -= size % 2  # a bfloat16 tensor's bytes
-        pieces = pinned_pieces(size)
-        assert sum(pieces) == size and len(pieces) <= 4 and all(p % 2 == 0 for p in pieces)
-        assert all(p & (p - 1) == 0 for p in pieces[:-1])  # all but the last a power of two
-        assert size <= pinned_bytes(size) < size * 9 / 8
+    for size in torch.randint(16 << 20, 1 << 40, (200,), generator=generator).tolist():
+        page = pinned_page(size)
+        assert page & (page - 1) == 0 and (2 << 20) <= page <= (1 << 28)
+        assert size <= pinned_bytes(size, page) < size * 9 / 8 or page == 1 << 28  # a last page's waste
+        assert pinned_bytes(size, page) - size < page
 
 
-def test_a_shorter_batch_takes_pinned_pieces_of_the_sizes_the_longest_planned_batch_took():
-    from bnb_lightning.training.offload import pinned_bytes, pinned_layout, pinned_pieces
+def test_parameters_are_saved_as_they_are_not_copied():
+    from bnb_lightning.training.offload import _Offload
 
-    # torch's pinned cache hands a freed block out again only for a request of its size. A 3 GiB input at
-    # the longest batch waits in 2 + 1 GiB; half as long, it fills part of the 2 GiB piece, not 1 + 0.5 GiB.
-    assert pinned_layout(3 << 30, 3 << 30) == [(2 << 30, 2 << 30), (1 << 30, 1 << 30)]
-    assert pinned_layout(3 << 29, 3 << 30) == [(2 << 30, 3 << 29)]
-    assert pinned_layout(5 << 29, 3 << 30) == [(2 << 30, 2 << 30), (1 << 30, 1 << 29)]
-    assert pinned_layout(1000, 0) == [(1000, 1000)] and pinned_layout(0, 1 << 30) == []
-    generator = torch.Generator().manual_seed(0)
-    for capacity in torch.randint(1 << 20, 1 << 40, (200,), generator=generator).tolist():
-        capacity -= capacity % 2
-        nbytes = torch.randint(0, capacity + 1, (), generator=generator).item() // 2 * 2
-        layout = pinned_layout(nbytes, capacity)
-        pieces = [piece for piece, _ in layout]
-        assert pieces == pinned_pieces(capacity)[: len(pieces)]  # the sizes of the longest batch's pieces
-        assert sum(used for _, used in layout) == nbytes and all(0 < used <= piece for piece, used in layout)
-        assert sum(pinned_bytes(piece) for piece in pieces) <= pinned_bytes(capacity)  # what the plan counted
+    # A parameter (or a view of one) is on the device for the whole step: it is saved as it is, not copied.
+    hooks = _Offload()
+    weight = nn.Parameter(torch.randn(64))
+    inputs = torch.randn(64, requires_grad=True)
+    with hooks:
+        loss = (inputs * weight).sum() + (inputs[:32] * weight[:32]).sum()
+    assert len(hooks.group.members) == 2  # the inputs and a view of them
+    loss.backward()
+    twice_the_first_half = torch.cat([torch.full((32,), 2.0), torch.ones(32)])
+    torch.testing.assert_close(inputs.grad, weight.detach() * twice_the_first_half)
+    torch.testing.assert_close(weight.grad, inputs.detach() * twice_the_first_half)

@@ -13,12 +13,14 @@ The tensors saved inside one ``with`` of the hooks are a group. An offloaded blo
 output waits here too (``training/attention.py``) needs all of its group at once: the first of them
 the backward pass asks for brings back the rest and starts bringing back the group before, whole.
 
-torch's pinned-memory allocator rounds every request up to a power of two (a 3 GiB block input takes
-4 GiB), so a large tensor waits in a few pinned pieces whose sizes are powers of two (``pinned_pieces``),
-and the planner counts the host memory they take (``pinned_bytes``). That allocator keeps freed blocks
-for reuse, by size: a shorter batch's pieces are cut to the sizes of the longest batch planned for
-(``pinned_layout``), so that every batch takes the blocks the last one freed instead of new ones beside
-them, and a longer batch's new plan first gives the cached blocks back (``release_cached_pinned_memory``).
+torch's pinned-memory allocator rounds every request up to a power of two and hands a freed block out
+again only for a request of that size. So a saved tensor larger than a page waits in whole pinned pages
+of one size (``pinned_page``: about an eighth of a block's input at the longest batch planned for, a
+power of two), and one of any length or shape takes the pages an earlier one freed instead of new
+ones beside them: batches of varying length, whose final norm and loss save tensors of other shapes,
+never pin more than the longest one did. The planner counts what they take (``pinned_bytes``), and a
+longer batch's new plan first gives the cached pages back (``release_cached_pinned_memory``). Tensors
+of a few KiB (a norm's statistics) and parameters, on the device for the whole step anyway, stay there.
 """
 
 from __future__ import annotations
@@ -27,43 +29,27 @@ import warnings
 import weakref
 
 import torch
+from torch import nn
 
-# Tensors up to this size wait in one pinned buffer; larger ones in pieces.
-_ONE_PIECE_BYTES = 1 << 20
-_MOST_PIECES = 4
-
-
-def pinned_pieces(nbytes: int) -> list[int]:
-    """How many of ``nbytes`` each pinned piece holds: the largest powers of two that fit, the last
-    piece what is left (at most ``_MOST_PIECES``; what the allocator rounds the last one up to is less
-    than an eighth of the whole)."""
-    if nbytes <= _ONE_PIECE_BYTES:
-        return [nbytes]
-    pieces, rest = [], nbytes
-    while rest:
-        piece = rest if len(pieces) == _MOST_PIECES - 1 else 1 << (rest.bit_length() - 1)
-        pieces.append(piece)
-        rest -= piece
-    return pieces
+_SMALLEST_PAGE = 1 << 21
+_LARGEST_PAGE = 1 << 28
+# Saved tensors smaller than this stay on the device: a copy would cost more than the memory is worth.
+_STAYS_ON_DEVICE_BYTES = 1 << 16
 
 
-def pinned_bytes(nbytes: int) -> int:
-    """The pinned host memory a saved tensor of ``nbytes`` takes, its pieces rounded up to powers of two."""
-    return sum(1 << (piece - 1).bit_length() for piece in pinned_pieces(nbytes) if piece)
+def pinned_page(largest: int) -> int:
+    """The size of the pinned pages for a step whose largest saved tensor (a block's input at the longest
+    batch planned for) has ``largest`` bytes: the power of two at or under an eighth of it (so its last
+    page wastes less than an eighth), from 2 to 256 MiB."""
+    return min(_LARGEST_PAGE, max(_SMALLEST_PAGE, 1 << max(0, (largest // 8).bit_length() - 1)))
 
 
-def pinned_layout(nbytes: int, capacity: int) -> list[tuple[int, int]]:
-    """The pinned pieces a saved tensor of ``nbytes`` waits in, as (piece size, bytes it holds): the pieces
-    of a tensor of ``capacity`` bytes (its size at the longest batch planned for), as many as it fills. So
-    batches of any length ask torch's pinned cache for the same sizes, and never for more than
-    ``pinned_bytes(capacity)``."""
-    layout, rest = [], nbytes
-    for piece in pinned_pieces(max(nbytes, capacity)):
-        if not rest:
-            break
-        layout.append((piece, min(piece, rest)))
-        rest -= layout[-1][1]
-    return layout
+def pinned_bytes(nbytes: int, page: int) -> int:
+    """The pinned host memory a saved tensor of ``nbytes`` takes: whole pages, or, up to one page, one
+    buffer of the power of two the allocator rounds it to (counted for the few KiB that stay on the device too)."""
+    if nbytes > page:
+        return -(-nbytes // page) * page
+    return 1 << (nbytes - 1).bit_length() if nbytes else 0
 
 
 def release_cached_pinned_memory() -> None:
@@ -99,7 +85,7 @@ class _Saved:
         ready: torch.cuda.Event | None,
     ) -> None:
         self.device, self.ready = device, ready
-        self.host = host  # or, in order, flat views of pinned pieces: a large tensor's, or one sized for a longer batch
+        self.host = host  # or, in order, flat views of the pinned pages a large tensor waits in
         self.shape: torch.Size | None = None
         self.on_device: torch.Tensor | None = None  # brought back ahead of its use
         self.taken = False  # given back to the backward pass (a second use copies it again)
@@ -114,9 +100,7 @@ class _Offload(torch.autograd.graph.saved_tensors_hooks):
         self.streams: dict[torch.device, torch.cuda.Stream] = {}
         self.group: _Group | None = None
         self.pin = True
-        # The longest batch planned for and this one, in tokens (set by the planner): saved tensors take
-        # pinned pieces of the sizes they have at the longest (a block's inputs grow with its tokens).
-        self.tokens = (1, 1)
+        self.page = _SMALLEST_PAGE  # set by the planner for the longest batch it planned for
         super().__init__(self._pack, self._unpack)
 
     def __enter__(self) -> None:
@@ -130,15 +114,15 @@ class _Offload(torch.autograd.graph.saved_tensors_hooks):
         if not (tensor.is_cuda and self.pin):
             return empty(False)
         try:
-            size = tensor.element_size()
+            size, page = tensor.element_size(), self.page
             nbytes = tensor.numel() * size
-            longest, now = self.tokens
-            layout = pinned_layout(nbytes, -(-nbytes * longest // (now * size)) * size)
-            if layout in ([], [(nbytes, nbytes)]) or not tensor.is_contiguous():
+            if nbytes <= page or not tensor.is_contiguous():
                 return empty(True)
             return [
-                torch.empty(piece // size, dtype=tensor.dtype, pin_memory=True)[: used // size]
-                for piece, used in layout
+                torch.empty(page // size, dtype=tensor.dtype, pin_memory=True)[
+                    : min(page, nbytes - start) // size
+                ]
+                for start in range(0, nbytes, page)
             ]
         except RuntimeError as error:  # no pinned memory left (or none allowed, as in some containers)
             self.pin = False
@@ -155,7 +139,13 @@ class _Offload(torch.autograd.graph.saved_tensors_hooks):
             self.streams[device] = torch.cuda.Stream(device)
         return self.streams[device]
 
-    def _pack(self, tensor: torch.Tensor) -> _Saved:
+    def _pack(self, tensor: torch.Tensor) -> _Saved | torch.Tensor:
+        if (
+            isinstance(tensor, nn.Parameter)
+            or isinstance(tensor._base, nn.Parameter)
+            or (tensor.is_cuda and tensor.numel() * tensor.element_size() < _STAYS_ON_DEVICE_BYTES)
+        ):
+            return tensor  # a weight (a norm's, an output layer's), there for the whole step, or a few KiB
         host = self._host_buffer(tensor)
         if not tensor.is_cuda:
             host.copy_(tensor)  # on the CPU, a second buffer: the same round trip, without streams
@@ -207,7 +197,9 @@ class _Offload(torch.autograd.graph.saved_tensors_hooks):
         if before is not None:
             self._fetch_ahead(before.members if before.whole else before.members[-1:])
 
-    def _unpack(self, saved: _Saved) -> torch.Tensor:
+    def _unpack(self, saved: _Saved | torch.Tensor) -> torch.Tensor:
+        if isinstance(saved, torch.Tensor):
+            return saved
         if saved.device is None:
             return saved.host
         if saved.on_device is None:

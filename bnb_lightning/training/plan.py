@@ -35,7 +35,7 @@ from .blocks import checkpointable_blocks, transformers_models
 from .host_embedding import HostEmbedding, movable_embedding
 from .liger import uses_liger
 from .loss import ChunkedLossForward
-from .offload import _Offload, pinned_bytes, release_cached_pinned_memory
+from .offload import _Offload, pinned_bytes, pinned_page, release_cached_pinned_memory
 from .sharded_loss import gather_bytes, head_shard, loss_bytes, vocab_shard
 from .tiled_mlp import Tiled, block_mlp, remove_tiled_mlp, set_mlp_tile_tokens, tile_module, use_tiled_mlp
 
@@ -322,7 +322,8 @@ def choose_plan(
     # What an offloaded block sends to the host, and (twice: its own and the one prefetched) brings back;
     # and what that takes of pinned host memory.
     group = cost.input + attention
-    host_group = pinned_bytes(cost.input) + pinned_bytes(attention)
+    page = pinned_page(cost.input)
+    host_group = pinned_bytes(cost.input, page) + pinned_bytes(attention, page)
 
     def peak(keep: int, recompute: int, offload: int, saved: int, largest: int) -> int:
         transient = 2 * cost.input + 3 * largest + (saved if keep < blocks else 0)
@@ -370,7 +371,7 @@ def choose_plan(
     if not allow_offload:
         return plan(0, 0, None, cost.saved, cost.largest)
     # Offload the fewest blocks that fit (the host must hold their inputs), then tile the MLPs if needed.
-    most_offloaded = max(0, min(blocks, int(0.8 * host_bytes) // max(1, pinned_bytes(cost.input))))
+    most_offloaded = max(0, min(blocks, int(0.8 * host_bytes) // max(1, pinned_bytes(cost.input, page))))
     for tile, saved, largest in variants:
         for offload in range(1, most_offloaded + 1):
             if fits(0, blocks - offload, offload, saved, largest):
@@ -555,12 +556,12 @@ class ActivationPlanner:
             self._host_room(hidden, tokens)
             return
         if self.plan is not None and self.plan.tokens is not None and tokens <= self.plan.tokens:
-            self.offload.tokens = (self.plan.tokens, tokens)
+            self._page_for(self.plan.tokens, hidden)
             return
         if self.plan is not None and self.plan.count("offload"):
             # Its pinned blocks, cached by torch, are sized for the last plan: the host gets them back.
             release_cached_pinned_memory()
-        self.offload.tokens = (tokens, tokens)
+        self._page_for(tokens, hidden)
         self._measuring = True
         try:
             cost = measure_block(block, args, kwargs)
@@ -596,13 +597,15 @@ class ActivationPlanner:
         if plan is None or not plan.count("offload"):
             return
         if tokens <= self._host_tokens:
-            self.offload.tokens = (self._host_tokens, tokens)
+            self._page_for(self._host_tokens, hidden)
             return
         release_cached_pinned_memory()  # what the last batch freed, sized for it: the host has it back
         blocks = plan.count("offload")
-        inputs = blocks * pinned_bytes(hidden.numel() * hidden.element_size())
+        each = hidden.numel() * hidden.element_size()
+        page = pinned_page(each)
+        inputs = blocks * pinned_bytes(each, page)
         attention = (
-            blocks * pinned_bytes(self._attention_bytes(hidden, tokens)) if plan.saved_attention else 0
+            blocks * pinned_bytes(self._attention_bytes(hidden, tokens), page) if plan.saved_attention else 0
         )
         available = self._host_bytes()
         if inputs > available:
@@ -621,7 +624,12 @@ class ActivationPlanner:
             )
             attention = 0
         self._host_tokens = tokens
-        self.offload.tokens = (tokens, tokens)
+        self._page_for(tokens, hidden)
+
+    def _page_for(self, longest: int, hidden: torch.Tensor) -> None:
+        """The offload's pinned pages, sized for a block's input at the longest batch planned for, whatever
+        this batch's length (so that every batch takes the pages an earlier one freed)."""
+        self.offload.page = pinned_page(longest * hidden.shape[-1] * hidden.element_size())
 
     def _attention_bytes(self, hidden: torch.Tensor, tokens: int) -> int:
         """What one block's saved attention holds for this batch (0: it cannot be saved); the attention
