@@ -556,12 +556,12 @@ class ActivationPlanner:
             self._host_room(hidden, tokens)
             return
         if self.plan is not None and self.plan.tokens is not None and tokens <= self.plan.tokens:
-            self._page_for(self.plan.tokens, hidden)
-            return
+            return  # the offload's pages stay sized for the plan's batch, the longest
         if self.plan is not None and self.plan.count("offload"):
             # Its pinned blocks, cached by torch, are sized for the last plan: the host gets them back.
             release_cached_pinned_memory()
-        self._page_for(tokens, hidden)
+        # Pinned pages sized for this batch's block input, the longest planned: every shorter batch reuses them.
+        self.offload.page = pinned_page(hidden.numel() * hidden.element_size())
         self._measuring = True
         try:
             cost = measure_block(block, args, kwargs)
@@ -597,8 +597,7 @@ class ActivationPlanner:
         if plan is None or not plan.count("offload"):
             return
         if tokens <= self._host_tokens:
-            self._page_for(self._host_tokens, hidden)
-            return
+            return  # the offload's pages stay sized for the longest batch checked
         release_cached_pinned_memory()  # what the last batch freed, sized for it: the host has it back
         blocks = plan.count("offload")
         each = hidden.numel() * hidden.element_size()
@@ -623,13 +622,7 @@ class ActivationPlanner:
                 f"{format_bytes(available)} available."
             )
             attention = 0
-        self._host_tokens = tokens
-        self._page_for(tokens, hidden)
-
-    def _page_for(self, longest: int, hidden: torch.Tensor) -> None:
-        """The offload's pinned pages, sized for a block's input at the longest batch planned for, whatever
-        this batch's length (so that every batch takes the pages an earlier one freed)."""
-        self.offload.page = pinned_page(longest * hidden.shape[-1] * hidden.element_size())
+        self._host_tokens, self.offload.page = tokens, page
 
     def _attention_bytes(self, hidden: torch.Tensor, tokens: int) -> int:
         """What one block's saved attention holds for this batch (0: it cannot be saved); the attention
